@@ -1,0 +1,284 @@
+//! Service configuration, read from environment variables and validated once at start-up.
+//!
+//! Every setting has a variable a platform engineer can set in a chart. A missing or invalid
+//! value stops the process before it binds a port, with one line naming the variable and what
+//! is wrong with it, so a bad deploy fails fast and says why.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Why the configuration was rejected. Displayed as the single line the process prints.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{name} is required but not set")]
+    Missing { name: &'static str },
+    #[error("{name}={value:?} is invalid: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Everything a service needs to start: HTTP, databases, broker and telemetry settings.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub service_name: &'static str,
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub broker: BrokerConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// `HTTP_HOST`, default `0.0.0.0` (reachable inside a pod; the local stack sets 127.0.0.1).
+    pub host: IpAddr,
+    /// `HTTP_PORT`, default per service.
+    pub port: u16,
+    /// `HTTP_WORKERS`, default: one per CPU core.
+    pub workers: usize,
+    /// `HTTP_MAX_BODY_BYTES`, default 1 MiB: larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// `HTTP_REQUEST_TIMEOUT_MS`, default 15 s: a handler that takes longer gets 503.
+    pub request_timeout: Duration,
+    /// `HTTP_SHUTDOWN_TIMEOUT_SECS`, default 25 s: how long SIGTERM waits for in-flight requests
+    /// (below Kubernetes' default 30 s grace period, so the pod exits on its own).
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `DATABASE_WRITER_URL` (required): the primary, for writes and read-your-writes reads.
+    pub writer_url: String,
+    /// `DATABASE_READER_URL` (optional): a replica (or a `-ro` service); without it reads use the writer.
+    pub reader_url: Option<String>,
+    /// `DATABASE_MAX_CONNECTIONS`, default 10, per pool.
+    pub max_connections: u32,
+    /// `DATABASE_ACQUIRE_TIMEOUT_MS`, default 3 s: waiting longer for a pooled connection is an error.
+    pub acquire_timeout: Duration,
+    /// `DATABASE_REPLICA_MAX_LAG_MS`, default 5 s: a replica further behind is skipped.
+    pub replica_max_lag: Duration,
+    /// `DATABASE_REPLICA_CHECK_INTERVAL_MS`, default 250 ms: how often the replica is probed.
+    pub replica_check_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// `KAFKA_BOOTSTRAP_SERVERS` (required), e.g. `127.0.0.1:9092`.
+    pub bootstrap_servers: String,
+    /// `KAFKA_TIMEOUT_MS`, default 2 s: bound on broker calls such as the readiness probe.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TelemetryConfig {
+    /// `RUST_LOG`, default `info`: the log filter (tracing's EnvFilter syntax).
+    pub log_filter: String,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` (optional): traces are exported over OTLP/HTTP when set.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl ServiceConfig {
+    /// Reads the configuration from the process environment.
+    pub fn from_env(service_name: &'static str, default_port: u16) -> Result<Self, ConfigError> {
+        Self::from_lookup(service_name, default_port, |name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(
+        service_name: &'static str,
+        default_port: u16,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let env = Env { lookup: &lookup };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self {
+            service_name,
+            http: HttpConfig {
+                host: env.parsed("HTTP_HOST", IpAddr::from([0, 0, 0, 0]))?,
+                port: env.ranged("HTTP_PORT", default_port, 1, u16::MAX)?,
+                workers: env.ranged("HTTP_WORKERS", cores, 1, 256)?,
+                max_body_bytes: env.ranged("HTTP_MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)?,
+                request_timeout: env.millis("HTTP_REQUEST_TIMEOUT_MS", 15_000, 10, 600_000)?,
+                shutdown_timeout: Duration::from_secs(env.ranged(
+                    "HTTP_SHUTDOWN_TIMEOUT_SECS",
+                    25,
+                    0,
+                    3600,
+                )?),
+            },
+            database: DatabaseConfig {
+                writer_url: env.postgres_url("DATABASE_WRITER_URL")?,
+                reader_url: match env.raw("DATABASE_READER_URL") {
+                    Some(_) => Some(env.postgres_url("DATABASE_READER_URL")?),
+                    None => None,
+                },
+                max_connections: env.ranged("DATABASE_MAX_CONNECTIONS", 10, 1, 1000)?,
+                acquire_timeout: env.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 3_000, 10, 60_000)?,
+                replica_max_lag: env.millis("DATABASE_REPLICA_MAX_LAG_MS", 5_000, 0, 3_600_000)?,
+                replica_check_interval: env.millis(
+                    "DATABASE_REPLICA_CHECK_INTERVAL_MS",
+                    250,
+                    10,
+                    60_000,
+                )?,
+            },
+            broker: BrokerConfig {
+                bootstrap_servers: env.required("KAFKA_BOOTSTRAP_SERVERS")?,
+                timeout: env.millis("KAFKA_TIMEOUT_MS", 2_000, 10, 60_000)?,
+            },
+            telemetry: TelemetryConfig {
+                log_filter: env.raw("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
+                otlp_endpoint: env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            },
+        })
+    }
+}
+
+/// Typed access to variables; an empty value counts as unset.
+struct Env<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Env<'_> {
+    fn raw(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).filter(|value| !value.trim().is_empty())
+    }
+
+    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.raw(name).ok_or(ConfigError::Missing { name })
+    }
+
+    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+    {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(value) => value
+                .trim()
+                .parse()
+                .map_err(|err: T::Err| ConfigError::Invalid {
+                    name,
+                    reason: err.to_string(),
+                    value,
+                }),
+        }
+    }
+
+    fn ranged<T>(&self, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + std::fmt::Display + Copy,
+        T::Err: std::fmt::Display,
+    {
+        let value = self.parsed(name, default)?;
+        if value < min || value > max {
+            return Err(ConfigError::Invalid {
+                name,
+                value: value.to_string(),
+                reason: format!("must be between {min} and {max}"),
+            });
+        }
+        Ok(value)
+    }
+
+    fn millis(
+        &self,
+        name: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        self.ranged(name, default, min, max)
+            .map(Duration::from_millis)
+    }
+
+    fn postgres_url(&self, name: &'static str) -> Result<String, ConfigError> {
+        let value = self.required(name)?;
+        if value.starts_with("postgres://") || value.starts_with("postgresql://") {
+            Ok(value)
+        } else {
+            Err(ConfigError::Invalid {
+                name,
+                // Never echo a value that may carry a password.
+                value: "<hidden>".to_owned(),
+                reason: "must start with postgres:// or postgresql://".to_owned(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<ServiceConfig, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ServiceConfig::from_lookup("tasks", 8082, move |name| vars.get(name).cloned())
+    }
+
+    const MINIMAL: [(&str, &str); 2] = [
+        ("DATABASE_WRITER_URL", "postgres://tasks@127.0.0.1/tasks"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+    ];
+
+    #[test]
+    fn defaults_apply_when_only_required_values_are_set() {
+        let config = load(&MINIMAL).expect("minimal config is valid");
+        assert_eq!(config.http.port, 8082);
+        assert_eq!(config.http.max_body_bytes, 1 << 20);
+        assert_eq!(config.database.reader_url, None);
+        assert_eq!(
+            config.database.replica_check_interval,
+            Duration::from_millis(250)
+        );
+        assert_eq!(config.telemetry.otlp_endpoint, None);
+    }
+
+    #[test]
+    fn missing_required_variable_is_named() {
+        let err = load(&MINIMAL[..1]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "KAFKA_BOOTSTRAP_SERVERS is required but not set"
+        );
+    }
+
+    #[test]
+    fn unparsable_number_names_variable_and_value() {
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("HTTP_PORT", "eighty"));
+        let err = load(&vars).unwrap_err().to_string();
+        assert!(err.starts_with("HTTP_PORT=\"eighty\" is invalid"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_says_the_range() {
+        let mut vars = MINIMAL.to_vec();
+        vars.push(("DATABASE_MAX_CONNECTIONS", "0"));
+        let err = load(&vars).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "DATABASE_MAX_CONNECTIONS=\"0\" is invalid: must be between 1 and 1000"
+        );
+    }
+
+    #[test]
+    fn database_url_must_be_postgres_and_is_not_echoed() {
+        let err = load(&[
+            ("DATABASE_WRITER_URL", "mysql://root:secret@db/x"),
+            ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("DATABASE_WRITER_URL"), "{err}");
+        assert!(!err.contains("secret"), "{err}");
+    }
+}
