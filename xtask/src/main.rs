@@ -1,1 +1,308 @@
-fn main() {}
+//! `cargo xtask <command>`: the plain entry points for running and checking taskstream.
+//!
+//! - `up [--release]`: the whole system on this machine (databases, broker, services, edge);
+//! - `test`: format check, clippy, and every test against a real stack of its own;
+//! - `edge`: the edge proxy alone (started by `up`).
+
+mod edge;
+mod prereqs;
+mod stack;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::stack::{log_file, stop_child, Infra, StackLayout, SERVICES};
+
+/// The edge's public port.
+const EDGE_PORT: u16 = 8080;
+
+const USAGE: &str = "usage: cargo xtask <up [--release] | test | edge PORT SERVICE=URL...>";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("xtask: cannot start a runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = match args.first().map(String::as_str) {
+        Some("up") => runtime.block_on(up(args.iter().any(|arg| arg == "--release"))),
+        Some("test") => test(),
+        Some("edge") => runtime.block_on(run_edge(&args[1..])),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs a command in the workspace with inherited output; fails if it fails.
+fn cargo(args: &[&str]) -> Result<()> {
+    println!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(workspace_root())
+        .status()
+        .context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// `cargo xtask up`: builds the services, starts everything, prints `ready`, runs until
+/// Ctrl-C/SIGTERM, then stops every process it started.
+async fn up(release: bool) -> Result<()> {
+    let root = workspace_root();
+    prereqs::ensure_build_tools()?;
+    let mut build = vec!["build", "--quiet"];
+    for (service, _) in SERVICES {
+        build.extend(["--package", service]);
+    }
+    if release {
+        build.push("--release");
+    }
+    cargo(&build)?;
+
+    let infra = Infra::start(
+        &root,
+        StackLayout {
+            root: root.join(".local/up"),
+            primary_port: 55432,
+            replica_port: 55433,
+            broker_port: 9092,
+            fresh: false,
+            throwaway: false,
+        },
+    )?;
+    let logs = infra.logs_dir();
+    let profile = if release { "release" } else { "debug" };
+    let mut children: Vec<(String, Child)> = Vec::new();
+    let started = start_processes(&root, &infra, profile, &mut children).await;
+    let outcome = match started {
+        Ok(()) => {
+            println!("logs: {}", logs.display());
+            println!("ready: http://127.0.0.1:{EDGE_PORT}");
+            supervise_until_signal(&mut children).await
+        }
+        Err(err) => Err(err),
+    };
+    println!("xtask: stopping");
+    // Services and edge drain on SIGTERM; then the infrastructure goes.
+    for (_, child) in children.iter_mut().rev() {
+        stop_child(child, Signal::SIGTERM, Duration::from_secs(30));
+    }
+    infra.stop();
+    outcome
+}
+
+async fn start_processes(
+    root: &Path,
+    infra: &Infra,
+    profile: &str,
+    children: &mut Vec<(String, Child)>,
+) -> Result<()> {
+    let logs = infra.logs_dir();
+    let layout = &infra.layout;
+    for (service, port) in SERVICES {
+        let mut command = Command::new(root.join("target").join(profile).join(service));
+        command
+            .env("HTTP_HOST", "127.0.0.1")
+            .env("HTTP_PORT", port.to_string())
+            .env(
+                "DATABASE_WRITER_URL",
+                format!(
+                    "postgres://{service}@127.0.0.1:{}/{service}",
+                    layout.primary_port
+                ),
+            )
+            .env(
+                "DATABASE_READER_URL",
+                format!(
+                    "postgres://{service}@127.0.0.1:{}/{service}",
+                    layout.replica_port
+                ),
+            )
+            .env(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                format!("127.0.0.1:{}", layout.broker_port),
+            );
+        children.push((service.to_owned(), spawn_logged(command, &logs, service)?));
+    }
+    let mut edge = Command::new(std::env::current_exe()?);
+    edge.arg("edge").arg(EDGE_PORT.to_string());
+    for (service, port) in SERVICES {
+        edge.arg(format!("{service}=http://127.0.0.1:{port}"));
+    }
+    children.push(("edge".to_owned(), spawn_logged(edge, &logs, "edge")?));
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()?;
+    let checks = SERVICES
+        .iter()
+        .map(|(service, port)| {
+            (
+                service.to_string(),
+                format!("http://127.0.0.1:{port}/readyz"),
+            )
+        })
+        .chain([(
+            "edge".to_owned(),
+            format!("http://127.0.0.1:{EDGE_PORT}/healthz"),
+        )]);
+    for (name, url) in checks {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+            {
+                break;
+            }
+            if let Some(exited) = first_exited(children) {
+                bail!(
+                    "{exited} exited during start-up; see {}",
+                    logs.join(format!("{exited}.log")).display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} not ready within 60 s ({url}); see {}",
+                    logs.join(format!("{name}.log")).display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+fn spawn_logged(mut command: Command, logs: &Path, name: &str) -> Result<Child> {
+    let log = log_file(logs, name)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    local_postgres::supervise(&mut command);
+    command.spawn().with_context(|| format!("starting {name}"))
+}
+
+fn first_exited(children: &mut [(String, Child)]) -> Option<String> {
+    children
+        .iter_mut()
+        .find_map(|(name, child)| matches!(child.try_wait(), Ok(Some(_))).then(|| name.clone()))
+}
+
+async fn supervise_until_signal(children: &mut [(String, Child)]) -> Result<()> {
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+            _ = tick.tick() => {
+                if let Some(exited) = first_exited(children) {
+                    bail!("{exited} exited unexpectedly; stopping everything");
+                }
+            }
+        }
+    }
+}
+
+/// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
+/// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
+fn test() -> Result<()> {
+    let root = workspace_root();
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    prereqs::ensure_build_tools()?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // Build everything before the stack starts, so build time is not stack time.
+    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+
+    let infra = Infra::start(
+        &root,
+        StackLayout {
+            root: root.join(".local/test"),
+            primary_port: 56432,
+            replica_port: 56433,
+            broker_port: 19092,
+            fresh: true,
+            throwaway: true,
+        },
+    )?;
+    let layout = &infra.layout;
+    println!(
+        "xtask: test stack up (primary :{}, replica :{}, broker :{})",
+        layout.primary_port, layout.replica_port, layout.broker_port
+    );
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--workspace"])
+        .current_dir(&root)
+        .env(
+            "TASKSTREAM_TEST_PRIMARY_PORT",
+            layout.primary_port.to_string(),
+        )
+        .env(
+            "TASKSTREAM_TEST_REPLICA_PORT",
+            layout.replica_port.to_string(),
+        )
+        .env(
+            "TASKSTREAM_TEST_BROKER",
+            format!("127.0.0.1:{}", layout.broker_port),
+        )
+        .env("TASKSTREAM_TEST_SCRATCH", layout.root.join("scratch"))
+        .status();
+    infra.stop();
+    if !status.context("running cargo test")?.success() {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+async fn run_edge(args: &[String]) -> Result<()> {
+    let (port, upstreams) = args.split_first().context(USAGE)?;
+    let port: u16 = port.parse().context("edge PORT")?;
+    let upstreams: HashMap<String, String> = upstreams
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(service, url)| (service.to_owned(), url.trim_end_matches('/').to_owned()))
+                .with_context(|| format!("expected SERVICE=URL, got {pair:?}"))
+        })
+        .collect::<Result<_>>()?;
+    edge::run(port, upstreams).await
+}

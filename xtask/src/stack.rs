@@ -1,0 +1,224 @@
+//! The infrastructure under the services: a PostgreSQL primary, its streaming replica and a
+//! Kafka-protocol broker, all on loopback, all children of this process.
+
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use local_postgres::{ensure_service_database, PgInstall, RunningCluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::prereqs;
+
+/// The services, their default ports and their databases (one per service, same name).
+pub const SERVICES: [(&str, u16); 4] = [
+    ("auth", 8081),
+    ("tasks", 8082),
+    ("notifications", 8083),
+    ("analysis", 8084),
+];
+
+/// Where a stack lives and listens.
+pub struct StackLayout {
+    /// State folder: database clusters, broker working folder, logs.
+    pub root: PathBuf,
+    pub primary_port: u16,
+    pub replica_port: u16,
+    pub broker_port: u16,
+    /// Start from empty data instead of reusing the primary's.
+    pub fresh: bool,
+    /// Trade durability for speed (fsync off): only for throwaway test data.
+    pub throwaway: bool,
+}
+
+/// The running infrastructure; stopped in reverse order of start.
+pub struct Infra {
+    pub primary: RunningCluster,
+    pub replica: RunningCluster,
+    broker: Child,
+    pub layout: StackLayout,
+}
+
+impl Infra {
+    pub fn start(workspace: &Path, layout: StackLayout) -> Result<Self> {
+        let install = prereqs::ensure_postgres()?;
+        let broker_bin = prereqs::ensure_broker(&workspace.join(".local/bin"))?;
+        for (what, port) in [
+            ("PostgreSQL primary", layout.primary_port),
+            ("PostgreSQL replica", layout.replica_port),
+            ("broker", layout.broker_port),
+        ] {
+            ensure_port_free(what, port)?;
+        }
+        if layout.fresh && layout.root.exists() {
+            std::fs::remove_dir_all(&layout.root)
+                .with_context(|| format!("removing {}", layout.root.display()))?;
+        }
+        let logs = layout.root.join("logs");
+        std::fs::create_dir_all(&logs)?;
+
+        let mut settings = vec![
+            ("max_connections", "300"),
+            ("wal_level", "replica"),
+            ("hot_standby", "on"),
+        ];
+        if layout.throwaway {
+            settings.extend([
+                ("fsync", "off"),
+                ("synchronous_commit", "off"),
+                ("full_page_writes", "off"),
+            ]);
+        }
+
+        let primary_dir = layout.root.join("primary");
+        if !primary_dir.join("PG_VERSION").exists() {
+            install
+                .init_primary(&primary_dir)
+                .context("initdb for the primary")?;
+        }
+        let primary = install
+            .start(
+                &primary_dir,
+                layout.primary_port,
+                &settings,
+                log_file(&logs, "postgres-primary")?,
+            )
+            .context("starting the primary")?;
+        for (service, _) in SERVICES {
+            ensure_service_database(&install, layout.primary_port, service)
+                .with_context(|| format!("creating the {service} database"))?;
+        }
+
+        // Always a fresh copy: quick (seconds), and it follows whatever the primary holds now.
+        let replica_dir = layout.root.join("replica");
+        install
+            .base_backup(layout.primary_port, &replica_dir)
+            .context("pg_basebackup for the replica")?;
+        let replica = install
+            .start(
+                &replica_dir,
+                layout.replica_port,
+                &settings,
+                log_file(&logs, "postgres-replica")?,
+            )
+            .context("starting the replica")?;
+        let in_recovery = replica.query("postgres", "SELECT pg_is_in_recovery()")?;
+        if in_recovery != "t" {
+            bail!(
+                "the replica on port {} is not in recovery",
+                layout.replica_port
+            );
+        }
+
+        let broker = start_broker(&install, &broker_bin, &layout, &logs)?;
+        Ok(Self {
+            primary,
+            replica,
+            broker,
+            layout,
+        })
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.layout.root.join("logs")
+    }
+
+    /// Stops the broker, then the replica, then the primary.
+    pub fn stop(mut self) {
+        stop_child(&mut self.broker, Signal::SIGTERM, Duration::from_secs(10));
+        let _ = self.replica.stop();
+        let _ = self.primary.stop();
+    }
+}
+
+/// A log file under `logs`, truncated.
+pub fn log_file(logs: &Path, name: &str) -> Result<File> {
+    let path = logs.join(format!("{name}.log"));
+    File::create(&path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// Sends `signal` and waits up to `grace`, then kills.
+pub fn stop_child(
+    child: &mut Child,
+    signal: Signal,
+    grace: Duration,
+) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    let _ = kill(Pid::from_raw(child.id() as i32), signal);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+fn start_broker(
+    install: &PgInstall,
+    binary: &Path,
+    layout: &StackLayout,
+    logs: &Path,
+) -> Result<Child> {
+    // The broker reads a `.env` from its working folder: give it an empty one of its own.
+    let workdir = layout.root.join("broker");
+    install.prepare_dir(&workdir)?;
+    let listener = format!("tcp://127.0.0.1:{}", layout.broker_port);
+    let log = log_file(logs, "broker")?;
+    let mut command = Command::new(binary);
+    command
+        .args([
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+        ])
+        .args(["--storage-engine", "memory://tansu/"])
+        .current_dir(&workdir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // Runs unprivileged, like the databases.
+    install.run_as_server_account(&mut command);
+    local_postgres::supervise(&mut command);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let address = SocketAddr::from(([127, 0, 0, 1], layout.broker_port));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the broker exited during start-up ({status}); see {}",
+                logs.join("broker.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the broker did not open port {} within 15 s",
+                layout.broker_port
+            );
+        }
+        sleep(Duration::from_millis(50));
+    }
+    Ok(child)
+}
+
+fn ensure_port_free(what: &str, port: u16) -> Result<()> {
+    match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(_) => Ok(()),
+        Err(err) => bail!(
+            "port {port} for the {what} is taken ({err}): is another `cargo xtask up` or `cargo xtask test` running?"
+        ),
+    }
+}
