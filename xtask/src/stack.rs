@@ -62,11 +62,7 @@ impl Infra {
         let logs = layout.root.join("logs");
         std::fs::create_dir_all(&logs)?;
 
-        let mut settings = vec![
-            ("max_connections", "300"),
-            ("wal_level", "replica"),
-            ("hot_standby", "on"),
-        ];
+        let mut settings = vec![("wal_level", "replica"), ("hot_standby", "on")];
         if layout.throwaway {
             settings.extend([
                 ("fsync", "off"),

@@ -17,6 +17,8 @@ use nix::unistd::{chown, Gid, Pid, Uid, User};
 
 /// How long a server may take to accept connections after start.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections every cluster allows: four services × two pools, plus tests and tools.
+const MAX_CONNECTIONS: u32 = 300;
 /// How long a fast shutdown may take before the server is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -142,6 +144,8 @@ impl PgInstall {
                 "unix_socket_directories=",
             ])
             .args(["-c", &format!("port={port}")])
+            // Same on every cluster: a replica refuses to start with fewer than its primary.
+            .args(["-c", &format!("max_connections={MAX_CONNECTIONS}")])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

@@ -197,7 +197,12 @@ impl Database {
 
     /// A round trip to the primary, for readiness.
     pub async fn ping_writer(&self, timeout: Duration) -> Result<(), DbError> {
-        ping(&self.inner.writer, timeout).await
+        let select_one =
+            self.write(|mut conn| async move { sqlx::query("SELECT 1").execute(&mut *conn).await });
+        match tokio::time::timeout(timeout, select_one).await {
+            Ok(result) => result.map(drop),
+            Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
+        }
     }
 
     /// Starts the replica monitor (no-op without a replica). It runs until the process exits.
@@ -307,13 +312,6 @@ impl Replica {
 fn parse_url(variable: &'static str, url: &str) -> Result<PgConnectOptions, DbError> {
     url.parse::<PgConnectOptions>()
         .map_err(|source| DbError::InvalidUrl { variable, source })
-}
-
-async fn ping(pool: &PgPool, timeout: Duration) -> Result<(), DbError> {
-    match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await {
-        Ok(result) => result.map(drop).map_err(DbError::from),
-        Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
-    }
 }
 
 /// Acquires a connection from `pool` and runs `op` on it, recording pool wait and query time.

@@ -1,1 +1,293 @@
+//! Helpers for integration tests that run against the real test stack `cargo xtask test` starts:
+//! a PostgreSQL primary with a streaming replica and a Kafka-protocol broker.
+//!
+//! Tests spawn real service processes on free ports and talk to them over real sockets, with
+//! HTTP/1.1 and h2c clients. A test that needs to break the replica makes a scratch replica of
+//! its own, so tests running beside it are not disturbed.
 
+pub mod spine_checks;
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use local_postgres::{PgInstall, RunningCluster};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Addresses of the stack, passed in by `cargo xtask test`.
+#[derive(Debug, Clone)]
+pub struct TestStack {
+    pub primary_port: u16,
+    pub replica_port: u16,
+    pub broker: String,
+    scratch: PathBuf,
+}
+
+impl TestStack {
+    /// Reads the stack's addresses; panics with instructions when run outside `cargo xtask test`.
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: integration tests run against a real stack; use `cargo xtask test`")
+            })
+        };
+        let port = |name: &str| {
+            var(name)
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} is not a port"))
+        };
+        Self {
+            primary_port: port("TASKSTREAM_TEST_PRIMARY_PORT"),
+            replica_port: port("TASKSTREAM_TEST_REPLICA_PORT"),
+            broker: var("TASKSTREAM_TEST_BROKER"),
+            scratch: PathBuf::from(var("TASKSTREAM_TEST_SCRATCH")),
+        }
+    }
+
+    /// Environment for a service using `database` (its role has the same name) on the stack.
+    pub fn service_env(&self, database: &str) -> Vec<(String, String)> {
+        self.service_env_with_reader(database, self.replica_port)
+    }
+
+    /// Like [`Self::service_env`], with reads pointed at the replica on `reader_port`.
+    pub fn service_env_with_reader(
+        &self,
+        database: &str,
+        reader_port: u16,
+    ) -> Vec<(String, String)> {
+        [
+            ("HTTP_HOST", "127.0.0.1".to_owned()),
+            ("HTTP_WORKERS", "2".to_owned()),
+            (
+                "DATABASE_WRITER_URL",
+                format!(
+                    "postgres://{database}@127.0.0.1:{}/{database}",
+                    self.primary_port
+                ),
+            ),
+            (
+                "DATABASE_READER_URL",
+                format!("postgres://{database}@127.0.0.1:{reader_port}/{database}"),
+            ),
+            ("KAFKA_BOOTSTRAP_SERVERS", self.broker.clone()),
+            ("RUST_LOG", "info".to_owned()),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
+    }
+
+    /// A fresh, unique folder under the stack's scratch area.
+    pub fn scratch_dir(&self, label: &str) -> PathBuf {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = self.scratch.join(format!(
+            "{label}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        dir
+    }
+
+    /// A streaming replica of the stack's primary that only this test uses (and may stop).
+    pub fn scratch_replica(&self, label: &str) -> ScratchReplica {
+        let install = PgInstall::detect().expect("PostgreSQL binaries");
+        let root = self.scratch_dir(label);
+        let data = root.join("data");
+        install
+            .base_backup(self.primary_port, &data)
+            .expect("pg_basebackup");
+        let port = free_port();
+        let mut replica = ScratchReplica {
+            install,
+            data,
+            log: root.join("postgres.log"),
+            port,
+            running: None,
+        };
+        replica.start();
+        replica
+    }
+}
+
+/// A replica owned by one test.
+pub struct ScratchReplica {
+    install: PgInstall,
+    data: PathBuf,
+    log: PathBuf,
+    pub port: u16,
+    running: Option<RunningCluster>,
+}
+
+impl ScratchReplica {
+    /// Starts (or restarts) the server on the same port and data.
+    pub fn start(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("replica log");
+        self.running = Some(
+            self.install
+                .start(&self.data, self.port, &[], log)
+                .expect("start replica"),
+        );
+    }
+
+    /// Stops the server process (fast shutdown: its connections are cut).
+    pub fn stop(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            running.stop().expect("stop replica");
+        }
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// A client that speaks HTTP/1.1 only.
+pub fn http1_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http1_only()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http/1.1 client")
+}
+
+/// A client that speaks HTTP/2 cleartext with prior knowledge (h2c), like `curl --http2-prior-knowledge`.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("h2c client")
+}
+
+/// A service binary running as a child process on a free port, its output in a log file.
+pub struct ServiceProcess {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with exactly `env` (plus PATH and a free `HTTP_PORT`).
+    pub fn spawn(binary: impl AsRef<Path>, env: &[(String, String)], log_dir: &Path) -> Self {
+        let binary = binary.as_ref();
+        let port = free_port();
+        let name = binary
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("service");
+        let log = log_dir.join(format!("{name}-{port}.log"));
+        let file = File::create(&log).expect("service log");
+        let child = Command::new(binary)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("HTTP_PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {}: {err}", binary.display()));
+        Self { child, port, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until `/readyz` answers 200; panics with the service's log if it never does.
+    pub async fn wait_ready(&mut self) {
+        let client = http1_client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = client.get(self.url("/readyz")).send().await {
+                if response.status() == 200 {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "service exited during start-up ({status}):\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service not ready within 30 s:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).expect("send SIGTERM");
+    }
+
+    /// Waits for the process to exit; panics after `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("poll child") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service still running after {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Everything the service wrote to stdout and stderr so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `binary` with exactly `env` to completion (bounded), returning status, stdout, stderr.
+pub fn run_to_exit(binary: impl AsRef<Path>, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let mut child = Command::new(binary.as_ref())
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("poll").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process did not exit within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("collect output");
+    (
+        output.status,
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

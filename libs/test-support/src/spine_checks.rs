@@ -1,0 +1,163 @@
+//! The checks every service binary must pass, whatever its domain: the standard endpoints over
+//! both protocols, metrics, logs with trace ids, graceful exit, and strict configuration.
+
+use std::time::Duration;
+
+use reqwest::Version;
+use serde_json::Value;
+
+use crate::{h2c_client, http1_client, run_to_exit, ServiceProcess, TestStack};
+
+/// A W3C trace context the checks send, to find its trace id in the service's logs.
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// Starts `binary` against the test stack (database and role `database`) and checks `/healthz`,
+/// `/readyz`, `/metrics` and the JSON 404 over HTTP/1.1 and h2c, the trace id in its JSON logs,
+/// and a clean exit 0 on SIGTERM.
+pub async fn standard_endpoints(binary: &str, service: &str, database: &str) {
+    let stack = TestStack::from_env();
+    let mut process = ServiceProcess::spawn(
+        binary,
+        &stack.service_env(database),
+        &stack.scratch_dir(service),
+    );
+    process.wait_ready().await;
+
+    for (client, version) in [
+        (http1_client(), Version::HTTP_11),
+        (h2c_client(), Version::HTTP_2),
+    ] {
+        let health = client
+            .get(process.url("/healthz"))
+            .send()
+            .await
+            .expect("GET /healthz");
+        assert_eq!(health.version(), version);
+        assert_eq!(health.status(), 200);
+        assert_eq!(
+            health.json::<Value>().await.unwrap(),
+            serde_json::json!({"status": "ok"})
+        );
+
+        let ready = client
+            .get(process.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        assert_eq!(ready.version(), version);
+        assert_eq!(ready.status(), 200);
+        let ready: Value = ready.json().await.unwrap();
+        assert_eq!(ready["status"], "ready", "{ready}");
+        assert_eq!(ready["checks"]["writer"]["ok"], true, "{ready}");
+        assert_eq!(ready["checks"]["reader"]["target"], "replica", "{ready}");
+        assert_eq!(ready["checks"]["broker"]["ok"], true, "{ready}");
+
+        let missing = client
+            .get(process.url("/no/such/route"))
+            .header("traceparent", format!("00-{TRACE_ID}-00f067aa0ba902b7-01"))
+            .send()
+            .await
+            .expect("GET unknown route");
+        assert_eq!(missing.version(), version);
+        assert_eq!(missing.status(), 404);
+        let missing: Value = missing.json().await.unwrap();
+        assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+        assert!(missing["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/no/such/route")));
+
+        let metrics = client
+            .get(process.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(metrics.version(), version);
+        assert_eq!(metrics.status(), 200);
+        let metrics = metrics.text().await.unwrap();
+        for series in [
+            format!(
+                r#"http_requests_total{{service="{service}",method="GET",route="/healthz",status="200"}}"#
+            ),
+            format!(
+                r#"http_requests_total{{service="{service}",method="GET",route="unmatched",status="404"}}"#
+            ),
+            format!(
+                r#"http_request_duration_seconds_bucket{{service="{service}",method="GET",route="/readyz",le="0.005"}}"#
+            ),
+            format!(r#"db_pool_connections{{service="{service}",pool="writer"}}"#),
+            format!(r#"db_pool_connections_in_use{{service="{service}",pool="reader"}}"#),
+            format!(r#"db_pool_acquire_seconds_count{{service="{service}",pool="reader"}}"#),
+            format!(r#"db_query_duration_seconds_count{{service="{service}",pool="writer"}}"#),
+            format!(r#"db_replica_in_use{{service="{service}"}} 1"#),
+        ] {
+            assert!(
+                metrics.contains(&series),
+                "/metrics lacks {series}:\n{metrics}"
+            );
+        }
+    }
+
+    process.terminate();
+    let status = process.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit after SIGTERM:\n{}",
+        process.logs()
+    );
+
+    let logs = process.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"))
+        })
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["trace_id"] == TRACE_ID && line["status"] == 404),
+        "no log line carries the incoming trace id {TRACE_ID}:\n{logs}"
+    );
+}
+
+/// A bad or missing variable stops `binary` before it serves: exit code 2 and exactly one line
+/// on stderr naming the variable.
+pub fn rejects_bad_environment(binary: &str) {
+    let valid = [
+        ("DATABASE_WRITER_URL", "postgres://x@127.0.0.1:1/x"),
+        ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1"),
+    ];
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("HTTP_PORT", "not-a-port")], "HTTP_PORT"),
+        (
+            &[("HTTP_REQUEST_TIMEOUT_MS", "0")],
+            "HTTP_REQUEST_TIMEOUT_MS",
+        ),
+        (&[("DATABASE_WRITER_URL", "")], "DATABASE_WRITER_URL"),
+        (&[("RUST_LOG", "info,[[[")], "RUST_LOG"),
+    ];
+    for (overrides, variable) in cases {
+        let mut env: Vec<(&str, &str)> = valid
+            .iter()
+            .filter(|(name, _)| !overrides.iter().any(|(o, _)| o == name))
+            .copied()
+            .collect();
+        env.extend_from_slice(overrides);
+        let (status, stdout, stderr) = run_to_exit(binary, &env);
+        assert_eq!(status.code(), Some(2), "{variable}: stderr={stderr:?}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{variable}: want one line, got {stderr:?}"
+        );
+        assert!(
+            stderr.contains(variable),
+            "{variable} not named in {stderr:?}"
+        );
+        assert!(
+            stdout.is_empty(),
+            "{variable}: nothing should be served or logged: {stdout:?}"
+        );
+    }
+}
