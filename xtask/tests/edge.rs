@@ -1,0 +1,125 @@
+//! The edge proxy over real sockets: HTTP/1.1 and h2c in, routed by path to an upstream, with
+//! method, path, query, headers and body intact; JSON errors for unknown paths and dead upstreams.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use reqwest::Version;
+use serde_json::{json, Value};
+use test_support::{free_port, h2c_client, http1_client};
+
+/// Echoes what it received, as the tasks service would see it behind the edge.
+async fn echo(request: HttpRequest, body: web::Bytes) -> HttpResponse {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    HttpResponse::Created()
+        .insert_header(("x-upstream", "tasks"))
+        .json(json!({
+            "method": request.method().as_str(),
+            "path": request.path(),
+            "query": request.query_string(),
+            "authorization": header("authorization"),
+            "forwarded_for": header("x-forwarded-for"),
+            "body": String::from_utf8_lossy(&body),
+        }))
+}
+
+struct Edge(Child);
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_edge(upstreams: &[String]) -> (Edge, u16) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .arg("edge")
+        .arg(port.to_string())
+        .args(upstreams)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn edge");
+    let edge = Edge(child);
+    let client = http1_client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "edge did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (edge, port)
+}
+
+#[actix_web::test]
+async fn routes_by_path_over_http1_and_h2c() {
+    let upstream_port = free_port();
+    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
+        .workers(1)
+        .bind(("127.0.0.1", upstream_port))
+        .expect("bind upstream")
+        .run();
+    let upstream_handle = upstream.handle();
+    actix_web::rt::spawn(upstream);
+    let dead_port = free_port();
+    let (_edge, port) = start_edge(&[
+        format!("tasks=http://127.0.0.1:{upstream_port}"),
+        format!("auth=http://127.0.0.1:{dead_port}"),
+    ])
+    .await;
+
+    for (client, version) in [
+        (http1_client(), Version::HTTP_11),
+        (h2c_client(), Version::HTTP_2),
+    ] {
+        let response = client
+            .patch(format!("http://127.0.0.1:{port}/v1/tasks/42?fields=title"))
+            .header("authorization", "Bearer abc")
+            .body(r#"{"title":"new"}"#)
+            .send()
+            .await
+            .expect("request through the edge");
+        assert_eq!(response.version(), version);
+        assert_eq!(response.status(), 201);
+        assert_eq!(response.headers()["x-upstream"], "tasks");
+        let echoed: Value = response.json().await.unwrap();
+        assert_eq!(echoed["method"], "PATCH");
+        assert_eq!(echoed["path"], "/v1/tasks/42");
+        assert_eq!(echoed["query"], "fields=title");
+        assert_eq!(echoed["authorization"], "Bearer abc");
+        assert_eq!(echoed["forwarded_for"], "127.0.0.1");
+        assert_eq!(echoed["body"], r#"{"title":"new"}"#);
+
+        let unknown = client
+            .get(format!("http://127.0.0.1:{port}/v2/elsewhere"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unknown.status(), 404);
+        let unknown: Value = unknown.json().await.unwrap();
+        assert_eq!(unknown["error"]["code"], "not_found");
+
+        let dead = client
+            .get(format!("http://127.0.0.1:{port}/v1/auth/login"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(dead.status(), 502);
+        let dead: Value = dead.json().await.unwrap();
+        assert_eq!(dead["error"]["code"], "bad_gateway");
+    }
+    upstream_handle.stop(true).await;
+}
