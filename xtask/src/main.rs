@@ -4,6 +4,7 @@
 //! - `test`: format check, clippy, and every test against a real stack of its own;
 //! - `edge`: the edge proxy alone (started by `up`).
 
+mod check;
 mod edge;
 mod prereqs;
 mod stack;
@@ -20,7 +21,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::stack::{log_file, stop_child, Infra, StackLayout, SERVICES};
 
 /// The edge's public port.
-const EDGE_PORT: u16 = 8080;
+pub(crate) const EDGE_PORT: u16 = 8080;
 
 const USAGE: &str = "usage: cargo xtask <up [--release] | test | edge PORT SERVICE=URL...>";
 
@@ -35,7 +36,13 @@ fn main() -> ExitCode {
     };
     let outcome = match args.first().map(String::as_str) {
         Some("up") => runtime.block_on(up(args.iter().any(|arg| arg == "--release"))),
-        Some("test") => test(),
+        Some("test") => check::test().and_then(|mut counts| {
+            runtime.block_on(check::smoke_up())?;
+            // The two smoke runs of `cargo xtask up` count as tests too.
+            counts.passed += 2;
+            println!("summary: {counts}");
+            Ok(())
+        }),
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
         _ => {
             eprintln!("{USAGE}");
@@ -51,7 +58,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn workspace_root() -> PathBuf {
+/// This program's path. Cargo may rebuild it while it runs (`cargo test` builds xtask for its
+/// own tests), which leaves the running file unlinked; the rebuilt one at the same path is wanted.
+pub(crate) fn own_binary() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let path = exe.to_string_lossy();
+    Ok(PathBuf::from(
+        path.strip_suffix(" (deleted)").unwrap_or(&path),
+    ))
+}
+
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
@@ -59,7 +76,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Runs a command in the workspace with inherited output; fails if it fails.
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
@@ -86,17 +103,7 @@ async fn up(release: bool) -> Result<()> {
     }
     cargo(&build)?;
 
-    let infra = Infra::start(
-        &root,
-        StackLayout {
-            root: root.join(".local/up"),
-            primary_port: 55432,
-            replica_port: 55433,
-            broker_port: 9092,
-            fresh: false,
-            throwaway: false,
-        },
-    )?;
+    let infra = Infra::start(StackLayout::up(&stack::state_dir(&root)))?;
     let logs = infra.logs_dir();
     let profile = if release { "release" } else { "debug" };
     let mut children: Vec<(String, Child)> = Vec::new();
@@ -110,9 +117,20 @@ async fn up(release: bool) -> Result<()> {
         Err(err) => Err(err),
     };
     println!("xtask: stopping");
-    // Services and edge drain on SIGTERM; then the infrastructure goes.
-    for (_, child) in children.iter_mut().rev() {
-        stop_child(child, Signal::SIGTERM, Duration::from_secs(30));
+    // Services and edge drain on SIGTERM, all at once; then the infrastructure goes.
+    for (_, child) in &children {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (_, child) in children.iter_mut() {
+        stop_child(
+            child,
+            Signal::SIGTERM,
+            deadline.saturating_duration_since(Instant::now()),
+        );
     }
     infra.stop();
     outcome
@@ -151,7 +169,7 @@ async fn start_processes(
             );
         children.push((service.to_owned(), spawn_logged(command, &logs, service)?));
     }
-    let mut edge = Command::new(std::env::current_exe()?);
+    let mut edge = Command::new(own_binary()?);
     edge.arg("edge").arg(EDGE_PORT.to_string());
     for (service, port) in SERVICES {
         edge.arg(format!("{service}=http://127.0.0.1:{port}"));
@@ -233,64 +251,6 @@ async fn supervise_until_signal(children: &mut [(String, Child)]) -> Result<()> 
             }
         }
     }
-}
-
-/// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
-/// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
-fn test() -> Result<()> {
-    let root = workspace_root();
-    cargo(&["fmt", "--all", "--", "--check"])?;
-    prereqs::ensure_build_tools()?;
-    cargo(&[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--quiet",
-        "--",
-        "-D",
-        "warnings",
-    ])?;
-    // Build everything before the stack starts, so build time is not stack time.
-    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
-
-    let infra = Infra::start(
-        &root,
-        StackLayout {
-            root: root.join(".local/test"),
-            primary_port: 56432,
-            replica_port: 56433,
-            broker_port: 19092,
-            fresh: true,
-            throwaway: true,
-        },
-    )?;
-    let layout = &infra.layout;
-    println!(
-        "xtask: test stack up (primary :{}, replica :{}, broker :{})",
-        layout.primary_port, layout.replica_port, layout.broker_port
-    );
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["test", "--workspace"])
-        .current_dir(&root)
-        .env(
-            "TASKSTREAM_TEST_PRIMARY_PORT",
-            layout.primary_port.to_string(),
-        )
-        .env(
-            "TASKSTREAM_TEST_REPLICA_PORT",
-            layout.replica_port.to_string(),
-        )
-        .env(
-            "TASKSTREAM_TEST_BROKER",
-            format!("127.0.0.1:{}", layout.broker_port),
-        )
-        .env("TASKSTREAM_TEST_SCRATCH", layout.root.join("scratch"))
-        .status();
-    infra.stop();
-    if !status.context("running cargo test")?.success() {
-        bail!("tests failed");
-    }
-    Ok(())
 }
 
 async fn run_edge(args: &[String]) -> Result<()> {

@@ -36,6 +36,32 @@ pub struct StackLayout {
     pub throwaway: bool,
 }
 
+impl StackLayout {
+    /// `cargo xtask up`: the documented ports; the primary's data is kept between runs.
+    pub fn up(state_dir: &Path) -> Self {
+        Self {
+            root: state_dir.join("up"),
+            primary_port: 55432,
+            replica_port: 55433,
+            broker_port: 9092,
+            fresh: false,
+            throwaway: false,
+        }
+    }
+
+    /// `cargo xtask test`: ports of its own, so it can run beside `up`; data thrown away.
+    pub fn test(state_dir: &Path) -> Self {
+        Self {
+            root: state_dir.join("test"),
+            primary_port: 56432,
+            replica_port: 56433,
+            broker_port: 19092,
+            fresh: true,
+            throwaway: true,
+        }
+    }
+}
+
 /// The running infrastructure; stopped in reverse order of start.
 pub struct Infra {
     pub primary: RunningCluster,
@@ -45,9 +71,11 @@ pub struct Infra {
 }
 
 impl Infra {
-    pub fn start(workspace: &Path, layout: StackLayout) -> Result<Self> {
+    pub fn start(layout: StackLayout) -> Result<Self> {
         let install = prereqs::ensure_postgres()?;
-        let broker_bin = prereqs::ensure_broker(&workspace.join(".local/bin"))?;
+        // Shared by every stack under the same state folder.
+        let bin_dir = layout.root.parent().unwrap_or(&layout.root).join("bin");
+        let broker_bin = prereqs::ensure_broker(&bin_dir)?;
         for (what, port) in [
             ("PostgreSQL primary", layout.primary_port),
             ("PostgreSQL replica", layout.replica_port),
@@ -130,6 +158,31 @@ impl Infra {
         let _ = self.replica.stop();
         let _ = self.primary.stop();
     }
+}
+
+/// Where stacks keep their state: `<workspace>/.local` (git-ignored), unless the workspace sits
+/// below a folder the unprivileged server account cannot enter (a checkout under `/root`, say);
+/// then a folder under `/var/tmp` named after the workspace, so the servers can still reach it.
+pub fn state_dir(workspace: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let enterable_by_others = workspace
+        .ancestors()
+        .all(|dir| std::fs::metadata(dir).is_ok_and(|meta| meta.permissions().mode() & 0o001 != 0));
+    if !nix::unistd::Uid::effective().is_root() || enterable_by_others {
+        return workspace.join(".local");
+    }
+    let name: String = workspace
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let fallback = PathBuf::from("/var/tmp/taskstream").join(name);
+    println!(
+        "xtask: {} is not reachable by the postgres account; state goes to {}",
+        workspace.display(),
+        fallback.display()
+    );
+    fallback
 }
 
 /// A log file under `logs`, truncated.

@@ -14,7 +14,8 @@ fn main() -> ExitCode {
     service_kit::run_service("probe", 8099, |routes| {
         routes
             .route("/probe/read", web::get().to(read_from_reader))
-            .route("/probe/slow", web::get().to(slow));
+            .route("/probe/slow", web::get().to(slow))
+            .route("/probe/echo", web::post().to(echo));
     })
 }
 
@@ -43,4 +44,9 @@ async fn slow(query: web::Query<SlowQuery>) -> HttpResponse {
     tracing::info!(seq = query.seq, "probe request started");
     tokio::time::sleep(Duration::from_millis(query.ms.min(10_000))).await;
     HttpResponse::Ok().json(json!({ "seq": query.seq }))
+}
+
+/// Returns the JSON body it was sent, to exercise the body limit and JSON error handling.
+async fn echo(body: web::Json<serde_json::Value>) -> HttpResponse {
+    HttpResponse::Ok().json(body.into_inner())
 }

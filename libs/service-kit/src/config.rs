@@ -58,6 +58,9 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
     /// `DATABASE_ACQUIRE_TIMEOUT_MS`, default 3 s: waiting longer for a pooled connection is an error.
     pub acquire_timeout: Duration,
+    /// `DATABASE_STATEMENT_TIMEOUT_MS`, default 10 s: the server cancels longer statements, so a
+    /// runaway query cannot outlive the request that started it (0 turns it off).
+    pub statement_timeout: Duration,
     /// `DATABASE_REPLICA_MAX_LAG_MS`, default 5 s: a replica further behind is skipped.
     pub replica_max_lag: Duration,
     /// `DATABASE_REPLICA_CHECK_INTERVAL_MS`, default 250 ms: how often the replica is probed.
@@ -117,6 +120,12 @@ impl ServiceConfig {
                 },
                 max_connections: env.ranged("DATABASE_MAX_CONNECTIONS", 10, 1, 1000)?,
                 acquire_timeout: env.millis("DATABASE_ACQUIRE_TIMEOUT_MS", 3_000, 10, 60_000)?,
+                statement_timeout: env.millis(
+                    "DATABASE_STATEMENT_TIMEOUT_MS",
+                    10_000,
+                    0,
+                    3_600_000,
+                )?,
                 replica_max_lag: env.millis("DATABASE_REPLICA_MAX_LAG_MS", 5_000, 0, 3_600_000)?,
                 replica_check_interval: env.millis(
                     "DATABASE_REPLICA_CHECK_INTERVAL_MS",

@@ -110,13 +110,16 @@ impl Database {
             // A ping per acquire costs ~30% throughput; a dead connection instead fails its query,
             // which reads retry on the primary and writes report as 503.
             .test_before_acquire(false);
-        let writer = pool_options
-            .clone()
-            .connect_lazy_with(parse_url("DATABASE_WRITER_URL", &config.writer_url)?);
+        let writer = pool_options.clone().connect_lazy_with(parse_url(
+            "DATABASE_WRITER_URL",
+            &config.writer_url,
+            config.statement_timeout,
+        )?);
         let replica = match &config.reader_url {
             None => None,
             Some(url) => {
-                let connect_options = parse_url("DATABASE_READER_URL", url)?;
+                let connect_options =
+                    parse_url("DATABASE_READER_URL", url, config.statement_timeout)?;
                 Some(Replica {
                     pool: ArcSwap::from_pointee(
                         pool_options
@@ -309,8 +312,18 @@ impl Replica {
     }
 }
 
-fn parse_url(variable: &'static str, url: &str) -> Result<PgConnectOptions, DbError> {
+fn parse_url(
+    variable: &'static str,
+    url: &str,
+    statement_timeout: Duration,
+) -> Result<PgConnectOptions, DbError> {
     url.parse::<PgConnectOptions>()
+        .map(|options| {
+            options.options([(
+                "statement_timeout",
+                statement_timeout.as_millis().to_string(),
+            )])
+        })
         .map_err(|source| DbError::InvalidUrl { variable, source })
 }
 

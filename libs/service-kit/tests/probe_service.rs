@@ -21,7 +21,17 @@ fn probe_binary() -> PathBuf {
 }
 
 fn start_probe(stack: &TestStack, reader_port: u16, label: &str) -> ServiceProcess {
-    let env = stack.service_env_with_reader("postgres", reader_port);
+    start_probe_with(stack, reader_port, label, &[])
+}
+
+fn start_probe_with(
+    stack: &TestStack,
+    reader_port: u16,
+    label: &str,
+    extra: &[(&str, &str)],
+) -> ServiceProcess {
+    let mut env = stack.service_env_with_reader("postgres", reader_port);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     ServiceProcess::spawn(probe_binary(), &env, &stack.scratch_dir(label))
 }
 
@@ -178,6 +188,11 @@ async fn replica_outage_moves_reads_to_the_primary_and_back_without_failures() {
         .iter()
         .any(|(sent, outcome)| *sent < stopped_at && outcome == &Ok(true)));
     assert_eq!(metric_sum(&client, &probe, "db_replica_in_use").await, 1.0);
+    eprintln!(
+        "replica outage: {} reads, 0 failed; {} sent 1 s+ into the outage, all served by the primary; {fallbacks} fallbacks counted",
+        reads.len(),
+        during_outage.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -258,9 +273,70 @@ async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
         .values()
         .all(|(outcome, _)| !matches!(outcome, Ok(code) if *code != 200)));
 
+    eprintln!(
+        "SIGTERM: {} requests started by the server, all answered 200; {drained} finished after the signal",
+        started.len()
+    );
+
     let after = http1_client().get(probe.url("/healthz")).send().await;
     assert!(
         after.is_err_and(|err| err.is_connect()),
         "the port still accepts after exit"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_malformed_and_slow_requests_get_json_errors() {
+    let stack = TestStack::from_env();
+    let limits = [
+        ("HTTP_MAX_BODY_BYTES", "2048"),
+        ("HTTP_REQUEST_TIMEOUT_MS", "300"),
+    ];
+    let mut probe = start_probe_with(&stack, stack.replica_port, "limits", &limits);
+    probe.wait_ready().await;
+    let client = http1_client();
+    let error_of = |body: &Value| {
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+
+    let small = client
+        .post(probe.url("/probe/echo"))
+        .json(&serde_json::json!({"a": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(small.status(), 200);
+
+    let big = serde_json::json!({ "blob": "x".repeat(4096) });
+    let too_large = client
+        .post(probe.url("/probe/echo"))
+        .json(&big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(too_large.status(), 413);
+    assert_eq!(error_of(&too_large.json().await.unwrap()), "invalid_body");
+
+    let malformed = client
+        .post(probe.url("/probe/echo"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    assert_eq!(error_of(&malformed.json().await.unwrap()), "invalid_body");
+
+    let slow = client
+        .get(probe.url("/probe/slow?ms=3000&seq=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 503);
+    assert_eq!(slow.headers()["retry-after"], "1");
+    assert_eq!(error_of(&slow.json().await.unwrap()), "timeout");
+    assert!(metric_sum(&client, &probe, "http_request_errors_total").await >= 1.0);
 }

@@ -1,0 +1,243 @@
+//! `cargo xtask test`: formatting, lints, every test against a throwaway stack, then a smoke
+//! run of `cargo xtask up` itself, twice, exactly as a developer would use it.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use reqwest::Version;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::stack::{self, Infra, StackLayout, SERVICES};
+use crate::{cargo, own_binary, prereqs, workspace_root, EDGE_PORT};
+
+/// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
+/// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
+pub fn test() -> Result<TestCounts> {
+    let root = workspace_root();
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    prereqs::ensure_build_tools()?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--quiet",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    // Build everything before the stack starts, so build time is not stack time.
+    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+
+    let infra = Infra::start(StackLayout::test(&stack::state_dir(&root)))?;
+    let layout = &infra.layout;
+    println!(
+        "xtask: test stack up (primary :{}, replica :{}, broker :{})",
+        layout.primary_port, layout.replica_port, layout.broker_port
+    );
+    let mut cargo_test = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["test", "--workspace"])
+        .current_dir(&root)
+        .env(
+            "TASKSTREAM_TEST_PRIMARY_PORT",
+            layout.primary_port.to_string(),
+        )
+        .env(
+            "TASKSTREAM_TEST_REPLICA_PORT",
+            layout.replica_port.to_string(),
+        )
+        .env(
+            "TASKSTREAM_TEST_BROKER",
+            format!("127.0.0.1:{}", layout.broker_port),
+        )
+        .env("TASKSTREAM_TEST_SCRATCH", layout.root.join("scratch"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Echo the output and add up the per-binary summaries for one closing line.
+    let mut counts = TestCounts::default();
+    if let Some(stdout) = cargo_test.stdout.take() {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            println!("{line}");
+            counts.add_summary(&line);
+        }
+    }
+    let status = cargo_test.wait();
+    infra.stop();
+    if !status.context("running cargo test")?.success() || counts.failed > 0 {
+        println!("summary: {counts}");
+        bail!("tests failed");
+    }
+    Ok(counts)
+}
+
+/// Passed and failed tests, added up over cargo's `test result:` lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TestCounts {
+    pub passed: u32,
+    pub failed: u32,
+}
+
+impl TestCounts {
+    /// Adds `test result: ok. 3 passed; 0 failed; ...` to the totals; other lines change nothing.
+    fn add_summary(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut words = part.split_whitespace();
+            match (
+                words.next().and_then(|n| n.parse::<u32>().ok()),
+                words.next(),
+            ) {
+                (Some(n), Some("passed")) => self.passed += n,
+                (Some(n), Some("failed")) => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for TestCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} passed, {} failed", self.passed, self.failed)
+    }
+}
+
+/// Starts `cargo xtask up` (this binary), waits for `ready`, checks the acceptance points over
+/// real sockets, sends SIGTERM and expects a clean exit; twice, to prove a rerun reuses its data.
+pub async fn smoke_up() -> Result<()> {
+    for round in 1..=2 {
+        let h1 = reqwest::Client::builder()
+            .http1_only()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        println!("xtask: smoke run {round}/2 of `cargo xtask up`");
+        let mut up = tokio::process::Command::new(own_binary()?)
+            .arg("up")
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting xtask up")?;
+        let mut lines = BufReader::new(up.stdout.take().context("stdout of xtask up")?).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(300), async {
+            while let Some(line) = lines.next_line().await? {
+                println!("  | {line}");
+                if line == format!("ready: http://127.0.0.1:{EDGE_PORT}") {
+                    return Ok(true);
+                }
+            }
+            Ok::<_, std::io::Error>(false)
+        })
+        .await;
+        ensure!(
+            matches!(ready, Ok(Ok(true))),
+            "`cargo xtask up` never printed ready"
+        );
+
+        // Through the edge over h2c: the tasks service itself answers (its 404 names the method).
+        let routed = h2c
+            .get(format!("http://127.0.0.1:{EDGE_PORT}/v1/tasks"))
+            .send()
+            .await?;
+        ensure!(
+            routed.version() == Version::HTTP_2,
+            "edge did not answer over HTTP/2"
+        );
+        let body = routed.text().await?;
+        ensure!(
+            body.contains("no route for GET /v1/tasks"),
+            "edge did not reach tasks: {body}"
+        );
+        for (service, port) in SERVICES {
+            for (client, version) in [(&h1, Version::HTTP_11), (&h2c, Version::HTTP_2)] {
+                for path in ["/healthz", "/readyz", "/metrics"] {
+                    let response = client
+                        .get(format!("http://127.0.0.1:{port}{path}"))
+                        .send()
+                        .await?;
+                    ensure!(
+                        response.status() == 200 && response.version() == version,
+                        "{service} {path} over {version:?}: {}",
+                        response.status()
+                    );
+                }
+            }
+        }
+        let up_layout = StackLayout::up(Path::new("."));
+        let replica = Command::new("psql")
+            .args([
+                "--host=127.0.0.1",
+                "--username=postgres",
+                "-Atc",
+                "select pg_is_in_recovery()",
+            ])
+            .arg(format!("--port={}", up_layout.replica_port))
+            .output()
+            .context("running psql")?;
+        ensure!(
+            String::from_utf8_lossy(&replica.stdout).trim() == "t",
+            "port {} is not a replica",
+            up_layout.replica_port
+        );
+
+        // actix-web does not send HTTP/2 GOAWAY on shutdown (actix/actix-web#3169): an idle h2
+        // connection would hold the drain until HTTP_SHUTDOWN_TIMEOUT_SECS. Close ours first.
+        drop((h1, h2c));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(up.id().context("xtask up pid")? as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let status = tokio::time::timeout(Duration::from_secs(90), async {
+            while lines.next_line().await.ok().flatten().is_some() {}
+            up.wait().await
+        })
+        .await
+        .context("`cargo xtask up` did not stop within 90 s of SIGTERM")??;
+        if !status.success() {
+            bail!("`cargo xtask up` exited with {status} after SIGTERM");
+        }
+        let service_ports = SERVICES.iter().map(|(_, port)| *port);
+        let infra_ports = [
+            up_layout.primary_port,
+            up_layout.replica_port,
+            up_layout.broker_port,
+        ];
+        for port in service_ports.chain(infra_ports).chain([EDGE_PORT]) {
+            ensure!(
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+                "port {port} still open after `cargo xtask up` stopped"
+            );
+        }
+    }
+    println!("xtask: smoke test of `cargo xtask up` passed (2 runs)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TestCounts;
+
+    #[test]
+    fn adds_up_cargo_summaries_and_ignores_other_lines() {
+        let mut counts = TestCounts::default();
+        counts.add_summary("test result: ok. 3 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.4s");
+        counts.add_summary(
+            "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        counts.add_summary("test a_test_named_5_passed ... ok");
+        assert_eq!(
+            counts,
+            TestCounts {
+                passed: 4,
+                failed: 2
+            }
+        );
+        assert_eq!(counts.to_string(), "4 passed, 2 failed");
+    }
+}
