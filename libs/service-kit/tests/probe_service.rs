@@ -340,3 +340,76 @@ async fn oversized_malformed_and_slow_requests_get_json_errors() {
     assert_eq!(error_of(&slow.json().await.unwrap()), "timeout");
     assert!(metric_sum(&client, &probe, "http_request_errors_total").await >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_are_exported_over_otlp_with_the_incoming_trace_id() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    use std::sync::Mutex;
+
+    // A stand-in collector that keeps every OTLP/HTTP trace export it receives.
+    let received: Arc<Mutex<Vec<web::Bytes>>> = Arc::default();
+    let collector_port = test_support::free_port();
+    let sink = received.clone();
+    let collector = HttpServer::new(move || {
+        let sink = sink.clone();
+        App::new().route(
+            "/v1/traces",
+            web::post().to(move |body: web::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(body);
+                    HttpResponse::Ok().finish()
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", collector_port))
+    .expect("bind collector")
+    .run();
+    let collector_handle = collector.handle();
+    tokio::spawn(collector);
+
+    let stack = TestStack::from_env();
+    let endpoint = format!("http://127.0.0.1:{collector_port}");
+    let otlp = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    let mut probe = start_probe_with(&stack, stack.replica_port, "otlp", &otlp);
+    probe.wait_ready().await;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let response = http1_client()
+        .get(probe.url("/probe/read"))
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // SIGTERM flushes the batch of spans before the process exits.
+    probe.terminate();
+    assert_eq!(
+        probe.wait_exit(Duration::from_secs(30)).await.code(),
+        Some(0)
+    );
+    let trace_id_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let exports = received.lock().unwrap().clone();
+    assert!(
+        !exports.is_empty(),
+        "no OTLP export reached the collector:\n{}",
+        probe.logs()
+    );
+    assert!(
+        exports
+            .iter()
+            .any(|body| body.windows(16).any(|window| window == trace_id_bytes)),
+        "no exported span carries the incoming trace id"
+    );
+    assert!(
+        exports
+            .iter()
+            .any(|body| body.windows(5).any(|window| window == b"probe")),
+        "service.name missing"
+    );
+    collector_handle.stop(false).await;
+}

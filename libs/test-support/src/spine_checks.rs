@@ -113,6 +113,13 @@ pub async fn standard_endpoints(binary: &str, service: &str, database: &str) {
             serde_json::from_str(line).unwrap_or_else(|_| panic!("log line is not JSON: {line}"))
         })
         .collect();
+    // No OTLP endpoint is configured: telemetry must stay silent, with no export errors.
+    assert!(
+        !lines.iter().any(|line| line["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("opentelemetry"))),
+        "OpenTelemetry logged without an endpoint:\n{logs}"
+    );
     assert!(
         lines
             .iter()
