@@ -58,6 +58,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Where cargo puts build output (honours `CARGO_TARGET_DIR` and `build.target-dir`).
+fn target_dir() -> Result<PathBuf> {
+    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--format-version=1", "--no-deps", "--offline"])
+        .current_dir(workspace_root())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("parsing cargo metadata")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("cargo metadata has no target_directory")
+}
+
 /// This program's path. Cargo may rebuild it while it runs (`cargo test` builds xtask for its
 /// own tests), which leaves the running file unlinked; the rebuilt one at the same path is wanted.
 pub(crate) fn own_binary() -> Result<PathBuf> {
@@ -107,7 +123,7 @@ async fn up(release: bool) -> Result<()> {
     let logs = infra.logs_dir();
     let profile = if release { "release" } else { "debug" };
     let mut children: Vec<(String, Child)> = Vec::new();
-    let started = start_processes(&root, &infra, profile, &mut children).await;
+    let started = start_processes(&infra, profile, &mut children).await;
     let outcome = match started {
         Ok(()) => {
             println!("logs: {}", logs.display());
@@ -137,15 +153,15 @@ async fn up(release: bool) -> Result<()> {
 }
 
 async fn start_processes(
-    root: &Path,
     infra: &Infra,
     profile: &str,
     children: &mut Vec<(String, Child)>,
 ) -> Result<()> {
     let logs = infra.logs_dir();
     let layout = &infra.layout;
+    let target_dir = target_dir()?;
     for (service, port) in SERVICES {
-        let mut command = Command::new(root.join("target").join(profile).join(service));
+        let mut command = Command::new(target_dir.join(profile).join(service));
         command
             .env("HTTP_HOST", "127.0.0.1")
             .env("HTTP_PORT", port.to_string())
