@@ -10,7 +10,7 @@ use reqwest::Version;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
-use crate::{cargo, own_binary, prereqs, workspace_root, EDGE_PORT};
+use crate::{cargo, cargo_command, own_binary, prereqs, workspace_root, EDGE_PORT};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
 /// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
@@ -36,9 +36,8 @@ pub fn test() -> Result<TestCounts> {
         "xtask: test stack up (primary :{}, replica :{}, broker :{})",
         layout.primary_port, layout.replica_port, layout.broker_port
     );
-    let mut cargo_test = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cargo_test = cargo_command()
         .args(["test", "--workspace"])
-        .current_dir(&root)
         .env(
             "TASKSTREAM_TEST_PRIMARY_PORT",
             layout.primary_port.to_string(),

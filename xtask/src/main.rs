@@ -15,10 +15,12 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::Signal;
+use local_postgres::database_url;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::stack::{log_file, stop_child, Infra, StackLayout, SERVICES};
+use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 
 /// The edge's public port.
 pub(crate) const EDGE_PORT: u16 = 8080;
@@ -58,11 +60,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// A `cargo` command: the same cargo that runs xtask, in the workspace root.
+pub(crate) fn cargo_command() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(workspace_root());
+    command
+}
+
 /// Where cargo puts build output (honours `CARGO_TARGET_DIR` and `build.target-dir`).
 fn target_dir() -> Result<PathBuf> {
-    let output = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let output = cargo_command()
         .args(["metadata", "--format-version=1", "--no-deps", "--offline"])
-        .current_dir(workspace_root())
         .stderr(Stdio::inherit())
         .output()
         .context("running cargo metadata")?;
@@ -94,9 +102,8 @@ pub(crate) fn workspace_root() -> PathBuf {
 /// Runs a command in the workspace with inherited output; fails if it fails.
 pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     println!("xtask: cargo {}", args.join(" "));
-    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let status = cargo_command()
         .args(args)
-        .current_dir(workspace_root())
         .status()
         .context("running cargo")?;
     if !status.success() {
@@ -135,18 +142,11 @@ async fn up(release: bool) -> Result<()> {
     println!("xtask: stopping");
     // Services and edge drain on SIGTERM, all at once; then the infrastructure goes.
     for (_, child) in &children {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            Signal::SIGTERM,
-        );
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    for (_, child) in children.iter_mut() {
-        stop_child(
-            child,
-            Signal::SIGTERM,
-            deadline.saturating_duration_since(Instant::now()),
-        );
+    for (_, child) in &mut children {
+        let _ = local_postgres::wait_or_kill(child, deadline);
     }
     infra.stop();
     outcome
@@ -167,17 +167,11 @@ async fn start_processes(
             .env("HTTP_PORT", port.to_string())
             .env(
                 "DATABASE_WRITER_URL",
-                format!(
-                    "postgres://{service}@127.0.0.1:{}/{service}",
-                    layout.primary_port
-                ),
+                database_url(layout.primary_port, service),
             )
             .env(
                 "DATABASE_READER_URL",
-                format!(
-                    "postgres://{service}@127.0.0.1:{}/{service}",
-                    layout.replica_port
-                ),
+                database_url(layout.replica_port, service),
             )
             .env(
                 "KAFKA_BOOTSTRAP_SERVERS",

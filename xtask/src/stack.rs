@@ -9,9 +9,8 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use local_postgres::{ensure_service_database, PgInstall, RunningCluster};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use local_postgres::{ensure_service_database, stop_child, PgInstall, RunningCluster};
+use nix::sys::signal::Signal;
 
 use crate::prereqs;
 
@@ -154,7 +153,7 @@ impl Infra {
 
     /// Stops the broker, then the replica, then the primary.
     pub fn stop(mut self) {
-        stop_child(&mut self.broker, Signal::SIGTERM, Duration::from_secs(10));
+        let _ = stop_child(&mut self.broker, Signal::SIGTERM, Duration::from_secs(10));
         let _ = self.replica.stop();
         let _ = self.primary.stop();
     }
@@ -189,27 +188,6 @@ pub fn state_dir(workspace: &Path) -> PathBuf {
 pub fn log_file(logs: &Path, name: &str) -> Result<File> {
     let path = logs.join(format!("{name}.log"));
     File::create(&path).with_context(|| format!("creating {}", path.display()))
-}
-
-/// Sends `signal` and waits up to `grace`, then kills.
-pub fn stop_child(
-    child: &mut Child,
-    signal: Signal,
-    grace: Duration,
-) -> Option<std::process::ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Some(status);
-    }
-    let _ = kill(Pid::from_raw(child.id() as i32), signal);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    child.wait().ok()
 }
 
 fn start_broker(

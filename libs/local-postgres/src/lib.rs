@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -185,14 +185,6 @@ pub struct RunningCluster {
 }
 
 impl RunningCluster {
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Runs `sql` through `psql` as the superuser; returns the unaligned output.
     pub fn query(&self, database: &str, sql: &str) -> io::Result<String> {
         query(&self.install, self.port, database, sql)
@@ -200,20 +192,7 @@ impl RunningCluster {
 
     /// Fast shutdown: clients are disconnected, the server exits cleanly.
     pub fn stop(&mut self) -> io::Result<()> {
-        if self.child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while self.child.try_wait()?.is_none() {
-            if Instant::now() > deadline {
-                self.child.kill()?;
-                self.child.wait()?;
-                break;
-            }
-            sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        stop_child(&mut self.child, Signal::SIGINT, STOP_TIMEOUT).map(drop)
     }
 }
 
@@ -234,6 +213,33 @@ pub fn supervise(command: &mut Command) {
         command
             .pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from));
     }
+}
+
+/// Sends `signal` to `child`, waits up to `grace` for it to exit, then kills it.
+pub fn stop_child(child: &mut Child, signal: Signal, grace: Duration) -> io::Result<ExitStatus> {
+    if child.try_wait()?.is_none() {
+        let _ = kill(Pid::from_raw(child.id() as i32), signal);
+    }
+    wait_or_kill(child, Instant::now() + grace)
+}
+
+/// Waits for `child` to exit until `deadline`, then kills it.
+pub fn wait_or_kill(child: &mut Child, deadline: Instant) -> io::Result<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            return child.wait();
+        }
+        sleep(Duration::from_millis(50));
+    }
+}
+
+/// The URL of `database` on a local cluster, as its own role (see [`ensure_service_database`]).
+pub fn database_url(port: u16, database: &str) -> String {
+    format!("postgres://{database}@127.0.0.1:{port}/{database}")
 }
 
 /// Runs `sql` through `psql` against 127.0.0.1:`port`.

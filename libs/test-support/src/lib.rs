@@ -64,14 +64,11 @@ impl TestStack {
             ("HTTP_WORKERS", "2".to_owned()),
             (
                 "DATABASE_WRITER_URL",
-                format!(
-                    "postgres://{database}@127.0.0.1:{}/{database}",
-                    self.primary_port
-                ),
+                local_postgres::database_url(self.primary_port, database),
             ),
             (
                 "DATABASE_READER_URL",
-                format!("postgres://{database}@127.0.0.1:{reader_port}/{database}"),
+                local_postgres::database_url(reader_port, database),
             ),
             ("KAFKA_BOOTSTRAP_SERVERS", self.broker.clone()),
             ("RUST_LOG", "info".to_owned()),
