@@ -46,6 +46,10 @@ pub struct HttpConfig {
     /// `HTTP_SHUTDOWN_TIMEOUT_SECS`, default 25 s: how long SIGTERM waits for in-flight requests
     /// (below Kubernetes' default 30 s grace period, so the pod exits on its own).
     pub shutdown_timeout: Duration,
+    /// `HTTP_TRUST_FORWARDED_FOR`, default false: take the client address from the last
+    /// `X-Forwarded-For` entry (the one the ingress added). Only safe when nothing but the
+    /// ingress can reach the pod, as the network policies ensure in the cluster.
+    pub trust_forwarded_for: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -84,18 +88,12 @@ pub struct TelemetryConfig {
 }
 
 impl ServiceConfig {
-    /// Reads the configuration from the process environment.
-    pub fn from_env(service_name: &'static str, default_port: u16) -> Result<Self, ConfigError> {
-        Self::from_lookup(service_name, default_port, |name| std::env::var(name).ok())
-    }
-
-    /// Reads the configuration through `lookup`, so tests need not touch the process environment.
-    pub fn from_lookup(
+    /// Reads the spine's settings from `env`.
+    pub fn from_env(
+        env: &Env,
         service_name: &'static str,
         default_port: u16,
-        lookup: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
-        let env = Env { lookup: &lookup };
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Self {
             service_name,
@@ -111,6 +109,7 @@ impl ServiceConfig {
                     0,
                     3600,
                 )?),
+                trust_forwarded_for: env.flag("HTTP_TRUST_FORWARDED_FOR", false)?,
             },
             database: DatabaseConfig {
                 writer_url: env.postgres_url("DATABASE_WRITER_URL")?,
@@ -146,21 +145,61 @@ impl ServiceConfig {
     }
 }
 
-/// Typed access to variables; an empty value counts as unset.
-struct Env<'a> {
-    lookup: &'a dyn Fn(&str) -> Option<String>,
+/// Typed access to variables, shared by the spine and each service's own settings so every
+/// variable is checked the same way; an empty value counts as unset.
+pub struct Env {
+    lookup: Box<Lookup>,
 }
 
-impl Env<'_> {
-    fn raw(&self, name: &str) -> Option<String> {
+type Lookup = dyn Fn(&str) -> Option<String>;
+
+impl Env {
+    /// The process environment.
+    pub fn from_process() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Variables answered by `lookup`, so tests need not touch the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String> + 'static) -> Self {
+        Self {
+            lookup: Box::new(lookup),
+        }
+    }
+
+    /// A fixed set of variables (tests).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        let vars: std::collections::HashMap<String, String> = pairs
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect();
+        Self::from_lookup(move |name| vars.get(name).cloned())
+    }
+
+    pub fn raw(&self, name: &str) -> Option<String> {
         (self.lookup)(name).filter(|value| !value.trim().is_empty())
     }
 
-    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
         self.raw(name).ok_or(ConfigError::Missing { name })
     }
 
-    fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`).
+    pub fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self.raw(name) {
+            None => Ok(default),
+            Some(value) => match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err(ConfigError::Invalid {
+                    name,
+                    value,
+                    reason: "must be true or false".to_owned(),
+                }),
+            },
+        }
+    }
+
+    pub fn parsed<T>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
     where
         T: FromStr,
         T::Err: std::fmt::Display,
@@ -178,7 +217,13 @@ impl Env<'_> {
         }
     }
 
-    fn ranged<T>(&self, name: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    pub fn ranged<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        min: T,
+        max: T,
+    ) -> Result<T, ConfigError>
     where
         T: FromStr + PartialOrd + std::fmt::Display + Copy,
         T::Err: std::fmt::Display,
@@ -194,7 +239,7 @@ impl Env<'_> {
         Ok(value)
     }
 
-    fn millis(
+    pub fn millis(
         &self,
         name: &'static str,
         default: u64,
@@ -205,7 +250,7 @@ impl Env<'_> {
             .map(Duration::from_millis)
     }
 
-    fn postgres_url(&self, name: &'static str) -> Result<String, ConfigError> {
+    pub fn postgres_url(&self, name: &'static str) -> Result<String, ConfigError> {
         let value = self.required(name)?;
         if value.starts_with("postgres://") || value.starts_with("postgresql://") {
             Ok(value)
@@ -223,14 +268,9 @@ impl Env<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn load(vars: &[(&str, &str)]) -> Result<ServiceConfig, ConfigError> {
-        let vars: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        ServiceConfig::from_lookup("tasks", 8082, move |name| vars.get(name).cloned())
+        ServiceConfig::from_env(&Env::from_pairs(vars), "tasks", 8082)
     }
 
     const MINIMAL: [(&str, &str); 2] = [
@@ -249,6 +289,22 @@ mod tests {
             Duration::from_millis(250)
         );
         assert_eq!(config.telemetry.otlp_endpoint, None);
+        assert!(!config.http.trust_forwarded_for);
+    }
+
+    #[test]
+    fn flags_accept_true_and_false_only() {
+        let with_flag = |value| {
+            let mut vars = MINIMAL.to_vec();
+            vars.push(("HTTP_TRUST_FORWARDED_FOR", value));
+            load(&vars)
+        };
+        assert!(with_flag("yes").unwrap().http.trust_forwarded_for);
+        assert!(!with_flag("false").unwrap().http.trust_forwarded_for);
+        assert_eq!(
+            with_flag("maybe").unwrap_err().to_string(),
+            "HTTP_TRUST_FORWARDED_FOR=\"maybe\" is invalid: must be true or false"
+        );
     }
 
     #[test]

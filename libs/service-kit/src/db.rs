@@ -6,14 +6,20 @@
 //! within a second and taken back as soon as it is healthy. A read that fails on the replica with
 //! a connection error is retried once on the primary, so the caller never sees the outage.
 //!
-//! Writes, transactions and reads that must see the caller's own latest write use the writer.
+//! Writes and transactions use the writer. Read-your-writes: a committed transaction returns its
+//! position in the write-ahead log ([`Lsn`]), which services hand to the client as a consistency
+//! token; a read given such a token goes to the replica only once the replica has replayed at
+//! least that far, and to the primary until then.
 
+use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use futures_util::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres};
@@ -21,11 +27,18 @@ use sqlx::{Connection, PgConnection, Postgres};
 use crate::config::DatabaseConfig;
 use crate::metrics as names;
 
-/// Replay lag in seconds; 0 when everything received has been replayed (an idle replica is not
-/// "behind" just because nothing was written lately) or when the server is not a replica at all.
-const REPLICA_LAG_SQL: &str = "SELECT CASE \
+/// Replay lag in seconds, and how far the server has replayed (its own WAL position when it is
+/// not a replica at all). Lag is 0 when everything received has been replayed: an idle replica
+/// is not "behind" just because nothing was written lately.
+const REPLICA_STATE_SQL: &str = "SELECT CASE \
      WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-     ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8";
+     ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8, \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+      ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::int8";
+
+/// The primary's WAL insert position: after a commit returns, it lies at or past the commit
+/// record, so a replica that has replayed this far sees the commit (flushed or not).
+const INSERT_LSN_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
 
 /// Upper bound on one health probe, so a hung replica is noticed as fast as a dead one.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
@@ -72,6 +85,31 @@ pub fn is_connection_error(err: &sqlx::Error) -> bool {
     }
 }
 
+/// A position in the primary's write-ahead log, written like PostgreSQL does (`16/B374D848`).
+/// Clients treat it as an opaque consistency token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xFFFF_FFFF)
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a consistency token (expected two hexadecimal parts like 16/B374D848)")]
+pub struct InvalidLsn;
+
+impl FromStr for Lsn {
+    type Err = InvalidLsn;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (high, low) = text.trim().split_once('/').ok_or(InvalidLsn)?;
+        let part = |hex: &str| u32::from_str_radix(hex, 16).map_err(|_| InvalidLsn);
+        Ok(Lsn((u64::from(part(high)?) << 32) | u64::from(part(low)?)))
+    }
+}
+
 /// Which server answered a read, as reported by `/readyz`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadTarget {
@@ -95,6 +133,8 @@ struct Replica {
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     in_use: AtomicBool,
+    /// WAL position the replica had replayed at the last probe.
+    replayed: AtomicU64,
     max_lag: Duration,
     check_interval: Duration,
 }
@@ -130,6 +170,8 @@ impl Database {
                     pool_options,
                     // Optimistic until the first probe says otherwise; a failed read falls back anyway.
                     in_use: AtomicBool::new(true),
+                    // Unknown until the first probe: reads with a consistency token use the primary.
+                    replayed: AtomicU64::new(0),
                     max_lag: config.replica_max_lag,
                     check_interval: config.replica_check_interval,
                 })
@@ -164,25 +206,106 @@ impl Database {
         F: Fn(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        if let Some(replica) = &self.inner.replica {
-            if replica.in_use.load(Ordering::Relaxed) {
-                let pool = replica.pool.load_full();
-                match run_timed(&pool, "reader", &op).await {
-                    Err(err) if is_connection_error(&err) => {
-                        replica.mark_unusable(&format!("read failed: {err}"));
-                        metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_failed")
-                            .increment(1);
-                    }
-                    result => return result.map_err(DbError::from),
-                }
-            } else {
-                metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "replica_unusable")
+        self.read_after(None, op).await
+    }
+
+    /// Like [`Self::read`], but the answer reflects every write up to `token` (read-your-writes):
+    /// the replica serves it only if it had replayed that far at its last probe.
+    pub async fn read_after<T, F, Fut>(&self, token: Option<Lsn>, op: F) -> Result<T, DbError>
+    where
+        F: Fn(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        self.route_read(token, &op).await.map(|(value, _)| value)
+    }
+
+    /// Like [`Self::read_after`] for a lookup that may find nothing: a miss on the replica is
+    /// confirmed on the primary, since the row may just not be replayed yet (created a moment ago,
+    /// perhaps from another device, without a consistency token). Misses are rare, so this costs
+    /// little, and "not found" is never an artefact of replication lag.
+    pub async fn read_one<T, F, Fut>(&self, token: Option<Lsn>, op: F) -> Result<Option<T>, DbError>
+    where
+        F: Fn(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
+    {
+        match self.route_read(token, &op).await? {
+            (None, ReadTarget::Replica) => {
+                metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "missing_on_replica")
                     .increment(1);
+                run_timed(&self.inner.writer, "writer", op)
+                    .await
+                    .map_err(DbError::from)
+            }
+            (found, _) => Ok(found),
+        }
+    }
+
+    /// Runs a read where it belongs and says which server answered.
+    async fn route_read<T, F, Fut>(
+        &self,
+        token: Option<Lsn>,
+        op: &F,
+    ) -> Result<(T, ReadTarget), DbError>
+    where
+        F: Fn(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        if let Some(replica) = &self.inner.replica {
+            let skip_reason = if !replica.in_use.load(Ordering::Relaxed) {
+                Some("replica_unusable")
+            } else if token.is_some_and(|token| replica.replayed() < token) {
+                Some("read_your_writes")
+            } else {
+                None
+            };
+            match skip_reason {
+                None => {
+                    let pool = replica.pool.load_full();
+                    match run_timed(&pool, "reader", op).await {
+                        Err(err) if is_connection_error(&err) => {
+                            replica.mark_unusable(&format!("read failed: {err}"));
+                            metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_failed")
+                                .increment(1);
+                        }
+                        result => {
+                            return result
+                                .map(|value| (value, ReadTarget::Replica))
+                                .map_err(DbError::from)
+                        }
+                    }
+                }
+                Some(reason) => {
+                    metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => reason).increment(1)
+                }
             }
         }
         run_timed(&self.inner.writer, "writer", op)
             .await
+            .map(|value| (value, ReadTarget::Primary))
             .map_err(DbError::from)
+    }
+
+    /// Runs `op` in a transaction on the primary and commits it; returns `op`'s value and the WAL
+    /// position that reflects the commit (the client's consistency token). An error from `op`
+    /// rolls the transaction back.
+    pub async fn transaction<T, E, F>(&self, op: F) -> Result<(T, Lsn), E>
+    where
+        E: From<DbError>,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
+    {
+        let waiting = Instant::now();
+        let mut conn = self.inner.writer.acquire().await.map_err(DbError::from)?;
+        metrics::histogram!(names::DB_POOL_WAIT, "pool" => "writer").record(waiting.elapsed());
+        let running = Instant::now();
+        let mut tx = conn.begin().await.map_err(DbError::from)?;
+        let value = op(&mut tx).await?;
+        tx.commit().await.map_err(DbError::from)?;
+        let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(DbError::from)?;
+        metrics::histogram!(names::DB_QUERY_DURATION, "pool" => "writer").record(running.elapsed());
+        Ok((value, Lsn(lsn as u64)))
     }
 
     /// Where plain reads go right now.
@@ -253,31 +376,31 @@ impl Database {
 }
 
 impl Replica {
+    fn replayed(&self) -> Lsn {
+        Lsn(self.replayed.load(Ordering::Acquire))
+    }
+
     async fn check(&self) {
         let was_in_use = self.in_use.load(Ordering::Relaxed);
-        let lag = if was_in_use {
+        let state_query = || sqlx::query_as::<_, (f64, i64)>(REPLICA_STATE_SQL);
+        let state = if was_in_use {
             let pool = self.pool.load_full();
-            tokio::time::timeout(
-                PROBE_TIMEOUT,
-                sqlx::query_scalar::<_, f64>(REPLICA_LAG_SQL).fetch_one(&*pool),
-            )
-            .await
+            tokio::time::timeout(PROBE_TIMEOUT, state_query().fetch_one(&*pool)).await
         } else {
             // While out of use, probe on a fresh connection: pooled ones may be dead sockets.
             tokio::time::timeout(PROBE_TIMEOUT, async {
                 let mut conn = PgConnection::connect_with(&self.connect_options).await?;
-                let lag = sqlx::query_scalar::<_, f64>(REPLICA_LAG_SQL)
-                    .fetch_one(&mut conn)
-                    .await;
+                let state = state_query().fetch_one(&mut conn).await;
                 let _ = conn.close().await;
-                lag
+                state
             })
             .await
         };
-        let verdict = match lag {
+        let verdict = match state {
             Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
             Ok(Err(err)) => Err(err.to_string()),
-            Ok(Ok(lag)) => {
+            Ok(Ok((lag, replayed))) => {
+                self.replayed.store(replayed as u64, Ordering::Release);
                 metrics::gauge!(names::DB_REPLICA_LAG).set(lag);
                 if lag > self.max_lag.as_secs_f64() {
                     Err(format!("lag {lag:.3}s exceeds {:?}", self.max_lag))
@@ -340,4 +463,20 @@ where
     let result = op(conn).await;
     metrics::histogram!(names::DB_QUERY_DURATION, "pool" => label).record(running.elapsed());
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsn_reads_and_writes_postgres_notation() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(lsn, Lsn((0x16 << 32) | 0xB374_D848));
+        assert_eq!(lsn.to_string(), "16/B374D848");
+        assert!(Lsn(5) < "0/6".parse().unwrap());
+        for bad in ["", "16", "16/", "/1", "xyz/1", "1/2/3", "123456789/0"] {
+            assert_eq!(bad.parse::<Lsn>(), Err(InvalidLsn), "{bad:?}");
+        }
+    }
 }

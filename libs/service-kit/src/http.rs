@@ -6,6 +6,7 @@
 //! lets in-flight requests finish (up to `HTTP_SHUTDOWN_TIMEOUT_SECS`), then returns.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,15 +14,18 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tracing_actix_web::TracingLogger;
 
+use crate::access_token::TokenError;
 use crate::broker::BrokerProbe;
 use crate::config::ServiceConfig;
-use crate::db::{Database, ReadTarget};
+use crate::db::{Database, DbError, Lsn, ReadTarget};
 use crate::metrics as names;
+use crate::workers::PoolError;
+use crate::Service;
 
 /// How long `/readyz` waits for each dependency before calling it failed.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,7 +38,8 @@ pub struct AppContext {
     pub metrics: PrometheusHandle,
 }
 
-/// An error as clients see it: a status and `{"error": {"code": "...", "message": "..."}}`.
+/// An error as clients see it: a status and `{"error": {"code": "...", "message": "..."}}`, with
+/// `details` naming each invalid field when the input broke several rules.
 ///
 /// Each service maps its domain errors into this type, so the wire format lives here only.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +47,32 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub retry_after_secs: Option<u32>,
+    pub details: Vec<FieldIssue>,
+    headers: Vec<(header::HeaderName, String)>,
+}
+
+/// One invalid input field and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+pub struct FieldIssue {
+    pub field: String,
+    pub message: String,
+}
+
+/// The body of every error answer, as the OpenAPI documents describe it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, machine-readable: `invalid_input`, `unauthorized`, `rate_limited`, ...
+    pub code: String,
+    /// For people: what is wrong and, where it helps, what to do.
+    pub message: String,
+    /// Present on `invalid_input`: every field that broke a rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<Vec<FieldIssue>>,
 }
 
 impl ApiError {
@@ -51,26 +81,78 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            retry_after_secs: None,
+            details: Vec::new(),
+            headers: Vec::new(),
         }
     }
 
     /// Adds `Retry-After`, for 429 and 503 answers.
-    pub fn retry_after(mut self, secs: u32) -> Self {
-        self.retry_after_secs = Some(secs);
+    pub fn retry_after(self, secs: u64) -> Self {
+        self.with_header(header::RETRY_AFTER, secs.max(1).to_string())
+    }
+
+    /// Sets a header on the answer (replacing an earlier value of the same header).
+    pub fn with_header(mut self, name: header::HeaderName, value: impl Into<String>) -> Self {
+        self.headers.retain(|(existing, _)| *existing != name);
+        self.headers.push((name, value.into()));
         self
+    }
+
+    pub fn header(&self, name: &header::HeaderName) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// 400 `invalid_input` naming every field in `details`.
+    pub fn invalid_input(details: Vec<FieldIssue>) -> Self {
+        let message = details
+            .iter()
+            .map(|issue| format!("{}: {}", issue.field, issue.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self {
+            details,
+            ..Self::bad_request("invalid_input", message)
+        }
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
+
+    /// 401 with `WWW-Authenticate: Bearer`, as RFC 6750 asks.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+            .with_header(header::WWW_AUTHENTICATE, "Bearer")
+    }
+
+    pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+            .retry_after(retry_after_secs)
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
+    }
+
+    /// A fault on our side; the message is logged, never sent: it may name internals.
+    pub fn internal(message: impl fmt::Display) -> Self {
+        tracing::error!(error = %message, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "something went wrong on our side; it has been logged",
+        )
     }
 }
 
@@ -93,18 +175,156 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.status);
-        if let Some(secs) = self.retry_after_secs {
-            response.insert_header((header::RETRY_AFTER, secs.to_string()));
+        for (name, value) in &self.headers {
+            response.insert_header((name.clone(), value.as_str()));
         }
-        response.json(json!({ "error": { "code": self.code, "message": self.message } }))
+        let mut error = json!({ "code": self.code, "message": self.message });
+        if !self.details.is_empty() {
+            error["details"] = json!(self.details);
+        }
+        response.json(json!({ "error": error }))
     }
 }
 
-/// Serves `routes` plus the standard endpoints until SIGTERM/SIGINT, then drains and returns.
-pub async fn serve<F>(context: AppContext, routes: F) -> std::io::Result<()>
-where
-    F: Fn(&mut web::ServiceConfig) + Send + Clone + 'static,
-{
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unavailable(_) => Self::unavailable("the database is unavailable; try again"),
+            other => Self::internal(other),
+        }
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(err: PoolError) -> Self {
+        match err {
+            PoolError::Busy { .. } => Self::unavailable("the server is busy; try again shortly"),
+            PoolError::Failed { .. } => Self::internal(err),
+        }
+    }
+}
+
+impl From<TokenError> for ApiError {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::KeysUnavailable(_) => {
+                tracing::warn!(error = %err, "cannot verify access tokens");
+                Self::unavailable("access tokens cannot be verified right now; try again")
+            }
+            TokenError::Missing => Self::unauthorized("unauthorized", err.to_string()),
+            _ => Self::unauthorized("invalid_token", err.to_string()).with_header(
+                header::WWW_AUTHENTICATE,
+                format!("Bearer error=\"invalid_token\", error_description=\"{err}\""),
+            ),
+        }
+    }
+}
+
+impl From<validator::ValidationErrors> for ApiError {
+    fn from(errors: validator::ValidationErrors) -> Self {
+        let mut details: Vec<FieldIssue> = errors
+            .field_errors()
+            .into_iter()
+            .flat_map(|(field, issues)| {
+                issues.iter().map(move |issue| FieldIssue {
+                    field: field.to_string(),
+                    message: issue
+                        .message
+                        .as_ref()
+                        .map_or_else(|| describe(issue), |m| m.to_string()),
+                })
+            })
+            .collect();
+        // HashMap order is arbitrary; answers should not be.
+        details.sort_by(|a, b| a.field.cmp(&b.field));
+        Self::invalid_input(details)
+    }
+}
+
+/// Words for a rule without its own message; `length` names its bounds.
+fn describe(issue: &validator::ValidationError) -> String {
+    let bound = |name: &str| issue.params.get(name).map(|value| value.to_string());
+    match (&*issue.code, bound("min"), bound("max")) {
+        ("length", Some(min), Some(max)) => format!("must be {min} to {max} characters long"),
+        ("length", Some(min), None) => format!("must be at least {min} characters long"),
+        ("length", None, Some(max)) => format!("must be at most {max} characters long"),
+        (code, _, _) => format!("breaks the rule `{code}`"),
+    }
+}
+
+/// A route path whose unsupported methods get a JSON 405 naming the method, like every other
+/// error, instead of actix's empty one.
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+    let message = format!(
+        "{} is not supported on {}",
+        request.method(),
+        request.path()
+    );
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    )
+    .error_response()
+}
+
+/// The client's address: the peer, or behind a trusted ingress (`HTTP_TRUST_FORWARDED_FOR`)
+/// the last `X-Forwarded-For` entry, which the ingress itself appended.
+pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {
+    let trust_forwarded = request
+        .app_data::<web::Data<AppContext>>()
+        .is_some_and(|context| context.config.http.trust_forwarded_for);
+    if trust_forwarded {
+        let forwarded = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .last()
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.rsplit(',').next())
+            .and_then(|last| last.trim().parse().ok());
+        if forwarded.is_some() {
+            return forwarded;
+        }
+    }
+    request.peer_addr().map(|address| address.ip())
+}
+
+/// Header carrying the consistency token: set on answers to writes, echoed by clients on reads.
+pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
+
+/// The consistency token a client sent back (read-your-writes), if any; a malformed one is a 400.
+pub struct ReadAfter(pub Option<Lsn>);
+
+impl FromRequest for ReadAfter {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(request: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let token = match request.headers().get(CONSISTENCY_TOKEN_HEADER) {
+            None => Ok(ReadAfter(None)),
+            Some(value) => value
+                .to_str()
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .map(|lsn| ReadAfter(Some(lsn)))
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_consistency_token",
+                        format!("{CONSISTENCY_TOKEN_HEADER} must be a value this API returned"),
+                    )
+                }),
+        };
+        std::future::ready(token)
+    }
+}
+
+/// Serves the service's routes plus the standard endpoints until SIGTERM/SIGINT, then drains
+/// and returns.
+pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io::Result<()> {
     let http = context.config.http.clone();
     let context = web::Data::new(context);
     HttpServer::new(move || {
@@ -132,7 +352,8 @@ where
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(render_metrics))
-            .configure(routes.clone())
+            .app_data(web::Data::from(service.clone()))
+            .configure(|routes| service.routes(routes))
             .default_service(web::to(not_found))
     })
     .workers(http.workers)

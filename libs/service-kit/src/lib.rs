@@ -4,55 +4,126 @@
 //! - [`telemetry`]: JSON logs with trace ids, OTLP traces;
 //! - [`metrics`]: the Prometheus recorder and the shared metric names;
 //! - [`http`]: the HTTP/1.1 + h2c server, standard endpoints, error responses, graceful shutdown;
-//! - [`db`]: writer and reader pools with replica fallback;
-//! - [`broker`]: the Kafka reachability probe.
+//! - [`db`]: writer and reader pools with replica fallback and read-your-writes;
+//! - [`broker`]: the Kafka reachability probe;
+//! - [`access_token`]: verifying auth's access tokens (JWKS fetched and cached);
+//! - [`workers`]: bounded worker pools for CPU-heavy work.
 //!
-//! A service's `main` is one call to [`run_service`] with its routes.
+//! A service implements [`Service`] and its `main` is `service_kit::run::<TheService>()`, which
+//! also gives the binary its `migrate` subcommand.
 
+pub mod access_token;
 pub mod broker;
 pub mod config;
 pub mod db;
 pub mod http;
 pub mod metrics;
 pub mod telemetry;
+pub mod workers;
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 pub use actix_web;
 pub use sqlx;
+use sqlx::migrate::Migrator;
+use sqlx::Connection;
 
 use crate::broker::BrokerProbe;
-use crate::config::ServiceConfig;
+use crate::config::{ConfigError, Env, ServiceConfig, TelemetryConfig};
 use crate::db::Database;
 use crate::http::AppContext;
 
 /// Exit code for configuration errors, distinct from runtime failures (1).
 const EXIT_BAD_CONFIG: u8 = 2;
 
-/// Reads the configuration, starts telemetry, connects pools and serves until SIGTERM.
+/// What a service adds to the spine: its settings, migrations, state and routes.
+pub trait Service: Sized + Send + Sync + 'static {
+    /// Name in logs, metrics and messages.
+    const NAME: &'static str;
+    /// Port used when `HTTP_PORT` is not set.
+    const DEFAULT_PORT: u16;
+    /// The service's own settings.
+    type Settings: Send + 'static;
+
+    /// Reads the service's own variables; a bad one stops the process before it serves.
+    fn settings(env: &Env) -> Result<Self::Settings, ConfigError>;
+
+    /// The schema migrations `<binary> migrate` applies (run once per deploy, never at start-up).
+    fn migrations() -> Option<&'static Migrator> {
+        None
+    }
+
+    /// Builds the service's state once the pools exist.
+    fn start(
+        settings: Self::Settings,
+        context: &AppContext,
+    ) -> impl Future<Output = Result<Self, String>>;
+
+    /// Registers the routes (on every HTTP worker). Handlers reach the state as `web::Data<Self>`;
+    /// anything else they extract (a token verifier, say) is registered here as app data.
+    fn routes(&self, routes: &mut actix_web::web::ServiceConfig);
+}
+
+/// The whole process: `<binary>` serves until SIGTERM; `<binary> migrate` applies the
+/// migrations to `DATABASE_WRITER_URL` and exits.
 ///
 /// Configuration problems print one line to stderr naming the variable and exit with code 2;
 /// other start-up failures exit with 1; a graceful shutdown exits with 0.
-pub fn run_service<F>(service_name: &'static str, default_port: u16, routes: F) -> ExitCode
-where
-    F: Fn(&mut actix_web::web::ServiceConfig) + Send + Clone + 'static,
-{
-    let fail = |code: u8, message: &dyn std::fmt::Display| {
-        eprintln!("{service_name}: {message}");
-        ExitCode::from(code)
+pub fn run<S: Service>() -> ExitCode {
+    let command = std::env::args().nth(1);
+    match command.as_deref() {
+        None => serve::<S>(),
+        Some("migrate") => migrate::<S>(),
+        Some(other) => {
+            eprintln!(
+                "{}: unknown command {other:?}; usage: {0} [migrate]",
+                S::NAME
+            );
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+fn fail(service: &str, code: u8, message: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("{service}: {message}");
+    ExitCode::from(code)
+}
+
+fn serve<S: Service>() -> ExitCode {
+    let env = Env::from_process();
+    let settings = ServiceConfig::from_env(&env, S::NAME, S::DEFAULT_PORT)
+        .and_then(|config| Ok((config, S::settings(&env)?)));
+    let (config, settings) = match settings {
+        Ok((config, settings)) => (Arc::new(config), settings),
+        Err(err) => {
+            return fail(
+                S::NAME,
+                EXIT_BAD_CONFIG,
+                &format_args!("configuration error: {err}"),
+            )
+        }
     };
-    let config = match ServiceConfig::from_env(service_name, default_port) {
-        Ok(config) => Arc::new(config),
-        Err(err) => return fail(EXIT_BAD_CONFIG, &format_args!("configuration error: {err}")),
-    };
-    let _telemetry = match telemetry::init(service_name, &config.telemetry) {
+    let _telemetry = match telemetry::init(S::NAME, &config.telemetry) {
         Ok(guard) => guard,
-        Err(err) => return fail(EXIT_BAD_CONFIG, &format_args!("configuration error: {err}")),
+        Err(err) => {
+            return fail(
+                S::NAME,
+                EXIT_BAD_CONFIG,
+                &format_args!("configuration error: {err}"),
+            )
+        }
     };
-    let metrics = match metrics::install(service_name) {
+    let metrics = match metrics::install(S::NAME) {
         Ok(handle) => handle,
-        Err(err) => return fail(1, &format_args!("cannot install metrics recorder: {err}")),
+        Err(err) => {
+            return fail(
+                S::NAME,
+                1,
+                &format_args!("cannot install metrics recorder: {err}"),
+            )
+        }
     };
 
     let outcome = actix_web::rt::System::new().block_on(async move {
@@ -60,18 +131,20 @@ where
         let db = Database::connect_lazy(&config.database).map_err(|err| err.to_string())?;
         let broker = BrokerProbe::new(&config.broker).map_err(|err| err.to_string())?;
         db.spawn_replica_monitor();
-        tracing::info!(
-            host = %config.http.host,
-            port = config.http.port,
-            "{service_name} listening (HTTP/1.1 and h2c)"
-        );
         let context = AppContext {
             config: config.clone(),
             db: db.clone(),
             broker,
             metrics,
         };
-        http::serve(context, routes)
+        let service = S::start(settings, &context).await?;
+        tracing::info!(
+            host = %config.http.host,
+            port = config.http.port,
+            "{} listening (HTTP/1.1 and h2c)",
+            S::NAME
+        );
+        http::serve(context, Arc::new(service))
             .await
             .map_err(|err| format!("HTTP server on port {}: {err}", config.http.port))?;
         tracing::info!("in-flight requests drained; closing database pools");
@@ -80,12 +153,79 @@ where
     });
     match outcome {
         Ok(()) => {
-            tracing::info!("{service_name} stopped");
+            tracing::info!("{} stopped", S::NAME);
             ExitCode::SUCCESS
         }
         Err(err) => {
-            tracing::error!(error = %err, "{service_name} failed");
-            fail(1, &err)
+            tracing::error!(error = %err, "{} failed", S::NAME);
+            fail(S::NAME, 1, &err)
+        }
+    }
+}
+
+/// `<binary> migrate`: applies the service's pending migrations on the primary and exits. Only
+/// `DATABASE_WRITER_URL` (and `RUST_LOG`) matter. Concurrent runs are safe: the migrator holds
+/// an advisory lock while it works.
+fn migrate<S: Service>() -> ExitCode {
+    let env = Env::from_process();
+    let url = match env.postgres_url("DATABASE_WRITER_URL") {
+        Ok(url) => url,
+        Err(err) => {
+            return fail(
+                S::NAME,
+                EXIT_BAD_CONFIG,
+                &format_args!("configuration error: {err}"),
+            )
+        }
+    };
+    let logs = TelemetryConfig {
+        log_filter: env.raw("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
+        otlp_endpoint: None,
+    };
+    let _telemetry = match telemetry::init(S::NAME, &logs) {
+        Ok(guard) => guard,
+        Err(err) => {
+            return fail(
+                S::NAME,
+                EXIT_BAD_CONFIG,
+                &format_args!("configuration error: {err}"),
+            )
+        }
+    };
+    let Some(migrator) = S::migrations() else {
+        tracing::info!("{} has no migrations", S::NAME);
+        return ExitCode::SUCCESS;
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| err.to_string())
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&url)
+                    .await
+                    .map_err(|err| format!("cannot connect to DATABASE_WRITER_URL: {err}"))?;
+                migrator
+                    .run(&mut conn)
+                    .await
+                    .map_err(|err| format!("migration failed: {err}"))?;
+                let _ = conn.close().await;
+                Ok(())
+            })
+        });
+    match outcome {
+        Ok(()) => {
+            let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+            tracing::info!(
+                migrations = migrator.iter().count(),
+                version = latest,
+                "database schema is up to date"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "migrate failed");
+            fail(S::NAME, 1, &err)
         }
     }
 }

@@ -27,6 +27,16 @@ pub const DB_REPLICA_FALLBACK: &str = "db_replica_fallback_total";
 pub const DB_REPLICA_IN_USE: &str = "db_replica_in_use";
 /// Replay lag of the replica as last measured, in seconds.
 pub const DB_REPLICA_LAG: &str = "db_replica_lag_seconds";
+/// Access tokens refused, by `reason` (`expired`, `invalid`, `unknown_key`, ...).
+pub const ACCESS_TOKENS_REJECTED: &str = "access_tokens_rejected_total";
+/// Jobs waiting in a worker pool's queue, by `pool`.
+pub const WORKER_POOL_QUEUE_DEPTH: &str = "worker_pool_queue_depth";
+/// Threads of a worker pool, by `pool`.
+pub const WORKER_POOL_WORKERS: &str = "worker_pool_workers";
+/// Time a job waited in the queue before a worker took it, by `pool`.
+pub const WORKER_POOL_WAIT: &str = "worker_pool_wait_seconds";
+/// Jobs refused because the queue was full (answered 503), by `pool`.
+pub const WORKER_POOL_REJECTED: &str = "worker_pool_rejected_total";
 
 /// Latency buckets from 1 ms to 10 s: fine below 100 ms where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[

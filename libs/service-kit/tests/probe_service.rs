@@ -13,11 +13,7 @@ use test_support::{http1_client, ServiceProcess, TestStack};
 
 /// The probe is an example of this package; cargo builds it next to the test binaries.
 fn probe_binary() -> PathBuf {
-    let deps = std::env::current_exe().expect("test binary path");
-    deps.parent()
-        .and_then(|dir| dir.parent())
-        .expect("target profile dir")
-        .join("examples/probe_service")
+    test_support::workspace_binary("examples/probe_service")
 }
 
 fn start_probe(stack: &TestStack, reader_port: u16, label: &str) -> ServiceProcess {
@@ -55,20 +51,7 @@ async fn read_role(client: &reqwest::Client, probe: &ServiceProcess) -> Result<b
 
 /// Sum of every series of `name` in the service's `/metrics`.
 async fn metric_sum(client: &reqwest::Client, probe: &ServiceProcess, name: &str) -> f64 {
-    let text = client
-        .get(probe.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|line| {
-            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    test_support::metric_sum(client, &probe.url("/metrics"), name).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -143,6 +143,56 @@ impl ScratchReplica {
     }
 }
 
+/// A binary cargo built into the same profile folder as the running test (`target/debug/<name>`),
+/// e.g. `auth`, or `examples/probe_service`. `cargo xtask test` builds them all first.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let test_binary = std::env::current_exe().expect("test binary path");
+    let path = test_binary
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile folder")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A name no other test run uses, for usernames and the like: `prefix` + a unique suffix,
+/// lower-case letters and digits only.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    format!(
+        "{prefix}{:x}{:x}{}",
+        std::process::id(),
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Sum of every series of the metric `name` in the Prometheus text at `metrics_url`.
+pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
+    let text = client
+        .get(metrics_url)
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|line| {
+            line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

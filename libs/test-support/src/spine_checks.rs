@@ -11,16 +11,19 @@ use crate::{h2c_client, http1_client, run_to_exit, ServiceProcess, TestStack};
 /// A W3C trace context the checks send, to find its trace id in the service's logs.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-/// Starts `binary` against the test stack (database and role `database`) and checks `/healthz`,
-/// `/readyz`, `/metrics` and the JSON 404 over HTTP/1.1 and h2c, the trace id in its JSON logs,
-/// and a clean exit 0 on SIGTERM.
-pub async fn standard_endpoints(binary: &str, service: &str, database: &str) {
+/// Starts `binary` against the test stack (database and role `database`, plus the service's own
+/// variables `extra`) and checks `/healthz`, `/readyz`, `/metrics` and the JSON 404 over HTTP/1.1
+/// and h2c, the trace id in its JSON logs, and a clean exit 0 on SIGTERM.
+pub async fn standard_endpoints(
+    binary: &str,
+    service: &str,
+    database: &str,
+    extra: &[(&str, &str)],
+) {
     let stack = TestStack::from_env();
-    let mut process = ServiceProcess::spawn(
-        binary,
-        &stack.service_env(database),
-        &stack.scratch_dir(service),
-    );
+    let mut env = stack.service_env(database);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut process = ServiceProcess::spawn(binary, &env, &stack.scratch_dir(service));
     process.wait_ready().await;
 
     for (client, version) in [
@@ -129,12 +132,14 @@ pub async fn standard_endpoints(binary: &str, service: &str, database: &str) {
 }
 
 /// A bad or missing variable stops `binary` before it serves: exit code 2 and exactly one line
-/// on stderr naming the variable.
-pub fn rejects_bad_environment(binary: &str) {
-    let valid = [
+/// on stderr naming the variable. `service_valid` completes a valid environment with the
+/// service's own required variables.
+pub fn rejects_bad_environment(binary: &str, service_valid: &[(&str, &str)]) {
+    let mut valid = vec![
         ("DATABASE_WRITER_URL", "postgres://x@127.0.0.1:1/x"),
         ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:1"),
     ];
+    valid.extend_from_slice(service_valid);
     let cases: [(&[(&str, &str)], &str); 4] = [
         (&[("HTTP_PORT", "not-a-port")], "HTTP_PORT"),
         (

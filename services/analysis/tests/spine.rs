@@ -4,10 +4,11 @@ use test_support::spine_checks;
 
 #[tokio::test]
 async fn serves_standard_endpoints_over_http1_and_h2c() {
-    spine_checks::standard_endpoints(env!("CARGO_BIN_EXE_analysis"), "analysis", "analysis").await;
+    spine_checks::standard_endpoints(env!("CARGO_BIN_EXE_analysis"), "analysis", "analysis", &[])
+        .await;
 }
 
 #[test]
 fn rejects_bad_environment_with_one_line() {
-    spine_checks::rejects_bad_environment(env!("CARGO_BIN_EXE_analysis"));
+    spine_checks::rejects_bad_environment(env!("CARGO_BIN_EXE_analysis"), &[]);
 }

@@ -3,9 +3,29 @@
 
 use std::process::ExitCode;
 
-/// Port used when `HTTP_PORT` is not set.
-const DEFAULT_PORT: u16 = 8083;
+use service_kit::actix_web::web;
+use service_kit::config::{ConfigError, Env};
+use service_kit::http::AppContext;
+use service_kit::Service;
+
+struct Notifications;
+
+impl Service for Notifications {
+    const NAME: &'static str = "notifications";
+    const DEFAULT_PORT: u16 = 8083;
+    type Settings = ();
+
+    fn settings(_: &Env) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    async fn start(_: (), _: &AppContext) -> Result<Self, String> {
+        Ok(Self)
+    }
+
+    fn routes(&self, _: &mut web::ServiceConfig) {}
+}
 
 fn main() -> ExitCode {
-    service_kit::run_service("notifications", DEFAULT_PORT, |_routes| {})
+    service_kit::run::<Notifications>()
 }

@@ -8,11 +8,12 @@ async fn serves_standard_endpoints_over_http1_and_h2c() {
         env!("CARGO_BIN_EXE_notifications"),
         "notifications",
         "notifications",
+        &[],
     )
     .await;
 }
 
 #[test]
 fn rejects_bad_environment_with_one_line() {
-    spine_checks::rejects_bad_environment(env!("CARGO_BIN_EXE_notifications"));
+    spine_checks::rejects_bad_environment(env!("CARGO_BIN_EXE_notifications"), &[]);
 }

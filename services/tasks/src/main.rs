@@ -3,9 +3,29 @@
 
 use std::process::ExitCode;
 
-/// Port used when `HTTP_PORT` is not set.
-const DEFAULT_PORT: u16 = 8082;
+use service_kit::actix_web::web;
+use service_kit::config::{ConfigError, Env};
+use service_kit::http::AppContext;
+use service_kit::Service;
+
+struct Tasks;
+
+impl Service for Tasks {
+    const NAME: &'static str = "tasks";
+    const DEFAULT_PORT: u16 = 8082;
+    type Settings = ();
+
+    fn settings(_: &Env) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    async fn start(_: (), _: &AppContext) -> Result<Self, String> {
+        Ok(Self)
+    }
+
+    fn routes(&self, _: &mut web::ServiceConfig) {}
+}
 
 fn main() -> ExitCode {
-    service_kit::run_service("tasks", DEFAULT_PORT, |_routes| {})
+    service_kit::run::<Tasks>()
 }

@@ -1,0 +1,575 @@
+//! Access tokens: the claims auth signs, and their verification in every service.
+//!
+//! Access tokens are short-lived JWTs that auth signs with an Ed25519 key (EdDSA), naming the key
+//! in the `kid` header. Other services verify them locally against auth's published keys (its
+//! JWKS), fetched over HTTP and cached, so no request waits on auth. Only EdDSA is accepted:
+//! `alg: none`, HMAC tokens (including ones keyed with a public key) and unknown keys are
+//! rejected, and issuer, audience and expiry are checked. A handler that takes [`Authenticated`]
+//! runs only for a valid token and learns whose it is.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, FromRequest, HttpRequest};
+use arc_swap::ArcSwap;
+use futures_util::future::LocalBoxFuture;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::{ConfigError, Env};
+use crate::http::ApiError;
+use crate::metrics as names;
+
+/// Tolerated clock difference between auth and the verifying service.
+const CLOCK_LEEWAY_SECS: u64 = 30;
+/// Tokens naming an unknown key trigger at most one JWKS fetch this often, so forged tokens
+/// cannot make a service hammer auth; failed refreshes of stale keys are retried this often too.
+const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
+/// While no keys were ever fetched, requests try again at most this often, so an auth outage
+/// at start-up is not met with a fetch per request.
+const RETRY_WITHOUT_KEYS: Duration = Duration::from_secs(1);
+
+/// What an access token says. `sub` is the user id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessClaims {
+    pub sub: Uuid,
+    pub iss: String,
+    pub aud: String,
+    /// Issued at, seconds since the Unix epoch.
+    pub iat: i64,
+    /// Expires at, seconds since the Unix epoch.
+    pub exp: i64,
+    /// Unique token id, for tracing a token through logs.
+    pub jti: Uuid,
+}
+
+/// Who issues tokens and for whom: shared by auth (signing) and every verifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRules {
+    /// `AUTH_JWT_ISSUER`, default `taskstream-auth`.
+    pub issuer: String,
+    /// `AUTH_JWT_AUDIENCE`, default `taskstream`.
+    pub audience: String,
+}
+
+impl TokenRules {
+    pub fn from_env(env: &Env) -> Self {
+        Self {
+            issuer: env
+                .raw("AUTH_JWT_ISSUER")
+                .unwrap_or_else(|| "taskstream-auth".to_owned()),
+            audience: env
+                .raw("AUTH_JWT_AUDIENCE")
+                .unwrap_or_else(|| "taskstream".to_owned()),
+        }
+    }
+}
+
+/// Where a service that is not auth finds the keys.
+#[derive(Debug, Clone)]
+pub struct RemoteKeysSettings {
+    /// `AUTH_JWKS_URL` (required), e.g. `http://auth:8081/v1/auth/jwks`.
+    pub jwks_url: String,
+    /// `AUTH_JWKS_REFRESH_SECS`, default 300: how long fetched keys are used before re-fetching
+    /// (a token signed by a key not yet seen triggers a fetch at once).
+    pub refresh_after: Duration,
+    /// `AUTH_JWKS_TIMEOUT_MS`, default 2000: bound on one fetch.
+    pub timeout: Duration,
+}
+
+impl RemoteKeysSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let jwks_url = env.required("AUTH_JWKS_URL")?;
+        if !(jwks_url.starts_with("http://") || jwks_url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                name: "AUTH_JWKS_URL",
+                value: jwks_url,
+                reason: "must be an http:// or https:// URL".to_owned(),
+            });
+        }
+        Ok(Self {
+            jwks_url,
+            refresh_after: Duration::from_secs(env.ranged(
+                "AUTH_JWKS_REFRESH_SECS",
+                300,
+                1,
+                86_400,
+            )?),
+            timeout: env.millis("AUTH_JWKS_TIMEOUT_MS", 2_000, 10, 60_000)?,
+        })
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    #[error("an access token is required: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the access token is malformed")]
+    Malformed,
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token was signed by an unknown key")]
+    UnknownKey,
+    #[error("the access token is invalid: {0}")]
+    Invalid(String),
+    /// No keys to check against (auth unreachable since start-up): not the client's fault.
+    #[error("signing keys unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
+impl TokenError {
+    fn metric_reason(&self) -> &'static str {
+        match self {
+            TokenError::Missing => "missing",
+            TokenError::Malformed => "malformed",
+            TokenError::Expired => "expired",
+            TokenError::UnknownKey => "unknown_key",
+            TokenError::Invalid(_) => "invalid",
+            TokenError::KeysUnavailable(_) => "keys_unavailable",
+        }
+    }
+}
+
+/// Keys by key id, and when they were fetched.
+struct KeyRing {
+    keys: HashMap<String, DecodingKey>,
+    fetched_at: Option<Instant>,
+}
+
+struct RemoteKeys {
+    settings: RemoteKeysSettings,
+    client: reqwest::Client,
+    /// Held while fetching, so concurrent requests share one fetch.
+    fetches: tokio::sync::Mutex<FetchLog>,
+}
+
+/// When fetches were last tried.
+#[derive(Default)]
+struct FetchLog {
+    /// Any attempt.
+    any: Option<Instant>,
+    /// Attempts made because a token named a key we did not know.
+    for_unknown_key: Option<Instant>,
+}
+
+fn within(at: Option<Instant>, interval: Duration) -> bool {
+    at.is_some_and(|at| at.elapsed() < interval)
+}
+
+/// Verifies access tokens. Register it as `web::Data<TokenVerifier>` for [`Authenticated`].
+pub struct TokenVerifier {
+    validation: Validation,
+    ring: ArcSwap<KeyRing>,
+    remote: Option<RemoteKeys>,
+}
+
+impl TokenVerifier {
+    /// A verifier with fixed keys (auth verifying its own tokens).
+    pub fn with_keys(jwks: &JwkSet, rules: &TokenRules) -> Self {
+        Self {
+            validation: validation(rules),
+            ring: ArcSwap::from_pointee(KeyRing {
+                keys: decoding_keys(jwks),
+                fetched_at: None,
+            }),
+            remote: None,
+        }
+    }
+
+    /// A verifier that fetches auth's JWKS on first use and keeps it fresh.
+    pub fn remote(settings: RemoteKeysSettings, rules: &TokenRules) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .build()
+            .map_err(|err| format!("cannot build the JWKS client: {err}"))?;
+        Ok(Self {
+            validation: validation(rules),
+            ring: ArcSwap::from_pointee(KeyRing {
+                keys: HashMap::new(),
+                fetched_at: None,
+            }),
+            remote: Some(RemoteKeys {
+                settings,
+                client,
+                fetches: tokio::sync::Mutex::new(FetchLog::default()),
+            }),
+        })
+    }
+
+    /// Checks `token` and returns its claims.
+    pub async fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let outcome = self.check(token).await;
+        if let Err(err) = &outcome {
+            metrics::counter!(names::ACCESS_TOKENS_REJECTED, "reason" => err.metric_reason())
+                .increment(1);
+        }
+        outcome
+    }
+
+    async fn check(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        // Unknown algorithms (`none` included) fail to parse here.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Invalid("no key id (kid) in the header".to_owned()))?;
+        self.refresh_if_stale().await?;
+        let key = match self.key(&kid) {
+            Some(key) => key,
+            None => {
+                self.refetch_for_unknown_key().await;
+                self.key(&kid).ok_or(TokenError::UnknownKey)?
+            }
+        };
+        jsonwebtoken::decode::<AccessClaims>(token, &key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|err| match err.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::InvalidSignature => TokenError::Invalid("bad signature".to_owned()),
+                ErrorKind::InvalidIssuer => TokenError::Invalid("wrong issuer".to_owned()),
+                ErrorKind::InvalidAudience => TokenError::Invalid("wrong audience".to_owned()),
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    TokenError::Invalid(format!("claim {claim} is missing"))
+                }
+                _ => TokenError::Malformed,
+            })
+    }
+
+    fn key(&self, kid: &str) -> Option<DecodingKey> {
+        self.ring.load().keys.get(kid).cloned()
+    }
+
+    /// Fetches keys when there are none yet (waiting for it) or when they are old (one request
+    /// fetches while the others go on with the keys they have).
+    async fn refresh_if_stale(&self) -> Result<(), TokenError> {
+        let Some(remote) = &self.remote else {
+            return Ok(());
+        };
+        let fetched_at = self.ring.load().fetched_at;
+        match fetched_at {
+            None => {
+                let mut log = remote.fetches.lock().await;
+                if self.ring.load().fetched_at.is_some() {
+                    return Ok(()); // another request fetched them while we waited
+                }
+                if within(log.any, RETRY_WITHOUT_KEYS) {
+                    return Err(TokenError::KeysUnavailable(
+                        "the last attempt to fetch them failed moments ago".to_owned(),
+                    ));
+                }
+                log.any = Some(Instant::now());
+                self.fetch(remote)
+                    .await
+                    .map_err(TokenError::KeysUnavailable)
+            }
+            Some(fetched) if fetched.elapsed() > remote.settings.refresh_after => {
+                if let Ok(mut log) = remote.fetches.try_lock() {
+                    if !within(log.any, MIN_REFETCH_INTERVAL) {
+                        log.any = Some(Instant::now());
+                        if let Err(err) = self.fetch(remote).await {
+                            tracing::warn!(error = %err, "JWKS refresh failed; keeping the keys we have");
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// A key id we do not know may be a freshly rotated key: fetch again, at most every
+    /// [`MIN_REFETCH_INTERVAL`] for this reason.
+    async fn refetch_for_unknown_key(&self) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        let mut log = remote.fetches.lock().await;
+        if !within(log.for_unknown_key, MIN_REFETCH_INTERVAL) {
+            let now = Some(Instant::now());
+            (log.any, log.for_unknown_key) = (now, now);
+            if let Err(err) = self.fetch(remote).await {
+                tracing::warn!(error = %err, "JWKS fetch for an unknown key id failed");
+            }
+        }
+    }
+
+    async fn fetch(&self, remote: &RemoteKeys) -> Result<(), String> {
+        let url = &remote.settings.jwks_url;
+        let response = remote
+            .client
+            .get(url)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|err| format!("GET {url}: {err}"))?;
+        let jwks: JwkSet = response
+            .json()
+            .await
+            .map_err(|err| format!("GET {url}: not a JWKS: {err}"))?;
+        let keys = decoding_keys(&jwks);
+        if keys.is_empty() {
+            return Err(format!("GET {url}: no usable EdDSA keys"));
+        }
+        tracing::info!(keys = keys.len(), "fetched signing keys");
+        self.ring.store(std::sync::Arc::new(KeyRing {
+            keys,
+            fetched_at: Some(Instant::now()),
+        }));
+        Ok(())
+    }
+}
+
+fn validation(rules: &TokenRules) -> Validation {
+    let mut validation = Validation::new(Algorithm::EdDSA);
+    validation.set_issuer(&[&rules.issuer]);
+    validation.set_audience(&[&rules.audience]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.leeway = CLOCK_LEEWAY_SECS;
+    validation
+}
+
+/// The EdDSA keys of `jwks` that have a key id; anything else is ignored.
+fn decoding_keys(jwks: &JwkSet) -> HashMap<String, DecodingKey> {
+    jwks.keys
+        .iter()
+        .filter(|jwk| matches!(jwk.common.key_algorithm, Some(KeyAlgorithm::EdDSA)))
+        .filter_map(|jwk| {
+            let kid = jwk.common.key_id.clone()?;
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            Some((kid, key))
+        })
+        .collect()
+}
+
+/// The caller, proven by a valid `Authorization: Bearer` access token. Extracting it answers
+/// 401 (with `WWW-Authenticate`) for a missing or bad token.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user_id: Uuid,
+    pub claims: AccessClaims,
+}
+
+impl FromRequest for Authenticated {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(request: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let verifier = request.app_data::<web::Data<TokenVerifier>>().cloned();
+        let token = bearer_token(request);
+        Box::pin(async move {
+            let verifier = verifier
+                .ok_or_else(|| ApiError::internal("no TokenVerifier registered as app data"))?;
+            let token = token.inspect_err(|missing| {
+                metrics::counter!(names::ACCESS_TOKENS_REJECTED, "reason" => missing.metric_reason())
+                    .increment(1);
+            })?;
+            let claims = verifier.verify(&token).await?;
+            Ok(Authenticated {
+                user_id: claims.sub,
+                claims,
+            })
+        })
+    }
+}
+
+fn bearer_token(request: &HttpRequest) -> Result<String, TokenError> {
+    let value = request
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?
+        .to_str()
+        .map_err(|_| TokenError::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(TokenError::Missing)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::Missing);
+    }
+    Ok(token.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    use jsonwebtoken::jwk::Jwk;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    fn rules() -> TokenRules {
+        TokenRules {
+            issuer: "taskstream-auth".into(),
+            audience: "taskstream".into(),
+        }
+    }
+
+    /// A fresh Ed25519 key: the signing half, and its public JWK under `kid`.
+    fn key_pair(kid: &str) -> (EncodingKey, Jwk) {
+        let signing = ed25519_dalek::SigningKey::generate(&mut rand_core::OsRng);
+        // PKCS#8 v1 (private key only), the form `openssl genpkey` writes.
+        let der = ed25519_dalek::pkcs8::KeypairBytes {
+            secret_key: signing.to_bytes(),
+            public_key: None,
+        }
+        .to_pkcs8_der()
+        .unwrap();
+        let encoding = EncodingKey::from_ed_der(der.as_bytes());
+        let mut jwk = Jwk::from_encoding_key(&encoding, Algorithm::EdDSA).unwrap();
+        jwk.common.key_id = Some(kid.to_owned());
+        (encoding, jwk)
+    }
+
+    fn claims(expires_in: i64) -> AccessClaims {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        AccessClaims {
+            sub: Uuid::new_v4(),
+            iss: "taskstream-auth".into(),
+            aud: "taskstream".into(),
+            iat: now,
+            exp: now + expires_in,
+            jti: Uuid::new_v4(),
+        }
+    }
+
+    fn sign(claims: &AccessClaims, key: &EncodingKey, kid: Option<&str>) -> String {
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = kid.map(str::to_owned);
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    }
+
+    fn verifier_for(jwks: Vec<Jwk>) -> TokenVerifier {
+        TokenVerifier::with_keys(&JwkSet { keys: jwks }, &rules())
+    }
+
+    #[tokio::test]
+    async fn accepts_a_valid_token_and_returns_its_claims() {
+        let (key, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk]);
+        let claims = claims(600);
+        assert_eq!(
+            verifier.verify(&sign(&claims, &key, Some("k1"))).await,
+            Ok(claims)
+        );
+    }
+
+    #[tokio::test]
+    async fn accepts_tokens_of_every_published_key() {
+        let (old_key, old_jwk) = key_pair("old");
+        let (new_key, new_jwk) = key_pair("new");
+        let verifier = verifier_for(vec![old_jwk, new_jwk]);
+        for (key, kid) in [(&old_key, "old"), (&new_key, "new")] {
+            assert!(verifier
+                .verify(&sign(&claims(600), key, Some(kid)))
+                .await
+                .is_ok());
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_expired_tokens_beyond_the_leeway() {
+        let (key, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk]);
+        let token = sign(&claims(-(CLOCK_LEEWAY_SECS as i64) - 5), &key, Some("k1"));
+        assert_eq!(verifier.verify(&token).await, Err(TokenError::Expired));
+    }
+
+    #[tokio::test]
+    async fn rejects_wrong_issuer_or_audience() {
+        let (key, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk]);
+        let mut foreign_issuer = claims(600);
+        foreign_issuer.iss = "someone-else".into();
+        let mut foreign_audience = claims(600);
+        foreign_audience.aud = "another-app".into();
+        for (claims, reason) in [
+            (foreign_issuer, "wrong issuer"),
+            (foreign_audience, "wrong audience"),
+        ] {
+            assert_eq!(
+                verifier.verify(&sign(&claims, &key, Some("k1"))).await,
+                Err(TokenError::Invalid(reason.into()))
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_tokens_signed_by_another_key() {
+        let (_, published) = key_pair("k1");
+        let (forger, _) = key_pair("k1");
+        let verifier = verifier_for(vec![published]);
+        let same_kid = sign(&claims(600), &forger, Some("k1"));
+        assert_eq!(
+            verifier.verify(&same_kid).await,
+            Err(TokenError::Invalid("bad signature".into()))
+        );
+        let unknown_kid = sign(&claims(600), &forger, Some("k2"));
+        assert_eq!(
+            verifier.verify(&unknown_kid).await,
+            Err(TokenError::UnknownKey)
+        );
+        let no_kid = sign(&claims(600), &forger, None);
+        assert!(matches!(
+            verifier.verify(&no_kid).await,
+            Err(TokenError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn rejects_alg_none_and_hmac_keyed_with_the_public_key() {
+        let (_, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk.clone()]);
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+
+        let unsigned = format!(
+            "{}.{}.",
+            b64(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#),
+            b64(serde_json::to_string(&claims(600)).unwrap().as_bytes())
+        );
+        assert_eq!(verifier.verify(&unsigned).await, Err(TokenError::Malformed));
+
+        let jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(public) = &jwk.algorithm else {
+            panic!("an Ed25519 JWK");
+        };
+        let public_bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(&public.x)
+            .unwrap();
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let hmac = jsonwebtoken::encode(
+            &header,
+            &claims(600),
+            &EncodingKey::from_secret(&public_bytes),
+        )
+        .unwrap();
+        assert_eq!(
+            verifier.verify(&hmac).await,
+            Err(TokenError::Invalid(
+                "algorithm HS256 is not accepted".into()
+            ))
+        );
+    }
+
+    #[tokio::test]
+    async fn rejects_garbage() {
+        let (_, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk]);
+        for token in ["", "abc", "a.b.c", "....."] {
+            assert_eq!(
+                verifier.verify(token).await,
+                Err(TokenError::Malformed),
+                "{token:?}"
+            );
+        }
+    }
+}

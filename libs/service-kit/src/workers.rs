@@ -1,0 +1,166 @@
+//! Bounded worker pools for CPU-heavy work such as password hashing.
+//!
+//! A pool has a fixed number of threads and a fixed-size queue. A job that finds the queue full
+//! is refused at once ([`PoolError::Busy`], answered as 503 with `Retry-After`), so a burst costs
+//! bounded memory and bounded threads instead of piling up. The threads run at a lower CPU
+//! priority than the HTTP workers, so while the pool is saturated the rest of the process still
+//! gets the CPU it needs to answer other requests quickly.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use crate::metrics as names;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PoolError {
+    /// Every worker is busy and the queue is full: the caller should try again shortly.
+    #[error("the {pool} worker pool is saturated")]
+    Busy { pool: &'static str },
+    /// The job panicked, or the pool's threads are gone.
+    #[error("a job in the {pool} worker pool failed")]
+    Failed { pool: &'static str },
+}
+
+/// A fixed set of threads fed by a bounded queue. Dropping the pool lets its threads finish
+/// the queued jobs and exit.
+pub struct WorkerPool {
+    name: &'static str,
+    sender: Sender<Job>,
+}
+
+impl WorkerPool {
+    /// Starts `workers` threads named after `name`, with room for `queue` waiting jobs. The
+    /// threads' niceness is raised by `nice` (0 leaves it as is; Linux only).
+    pub fn start(
+        name: &'static str,
+        workers: usize,
+        queue: usize,
+        nice: i32,
+    ) -> std::io::Result<Self> {
+        let (sender, receiver) = crossbeam_channel::bounded::<Job>(queue);
+        for index in 0..workers {
+            let receiver: Receiver<Job> = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn(move || {
+                    lower_priority(nice);
+                    for job in receiver.iter() {
+                        metrics::gauge!(names::WORKER_POOL_QUEUE_DEPTH, "pool" => name)
+                            .set(receiver.len() as f64);
+                        // A panicking job must not take the worker with it; its caller sees
+                        // `Failed` because the job's reply channel is dropped unanswered.
+                        let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                    }
+                })?;
+        }
+        metrics::gauge!(names::WORKER_POOL_WORKERS, "pool" => name).set(workers as f64);
+        Ok(Self { name, sender })
+    }
+
+    /// Queues `job` and waits for its result without blocking the async runtime.
+    pub async fn run<T, F>(&self, job: F) -> Result<T, PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let name = self.name;
+        let (reply, result) = tokio::sync::oneshot::channel();
+        let queued_at = Instant::now();
+        let job: Job = Box::new(move || {
+            metrics::histogram!(names::WORKER_POOL_WAIT, "pool" => name)
+                .record(queued_at.elapsed());
+            // The caller may have given up (client gone): nothing to do then.
+            let _ = reply.send(job());
+        });
+        match self.sender.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!(names::WORKER_POOL_REJECTED, "pool" => name).increment(1);
+                return Err(PoolError::Busy { pool: name });
+            }
+            Err(TrySendError::Disconnected(_)) => return Err(PoolError::Failed { pool: name }),
+        }
+        metrics::gauge!(names::WORKER_POOL_QUEUE_DEPTH, "pool" => name)
+            .set(self.sender.len() as f64);
+        result.await.map_err(|_| PoolError::Failed { pool: name })
+    }
+}
+
+/// Raises the calling thread's niceness: on Linux `setpriority(PRIO_PROCESS, 0, …)` applies to
+/// the calling thread only, not the whole process.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority has no memory-safety preconditions; failure leaves the priority as is,
+    // which only costs the fairness this is an optimisation for.
+    let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn runs_jobs_and_returns_their_results() {
+        let pool = WorkerPool::start("test-run", 2, 8, 0).unwrap();
+        let results =
+            futures_util::future::join_all((0..8u64).map(|n| pool.run(move || n * n))).await;
+        let squares: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+        assert_eq!(squares, vec![0, 1, 4, 9, 16, 25, 36, 49]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refuses_work_when_the_queue_is_full() {
+        let pool = Arc::new(WorkerPool::start("test-full", 1, 1, 0).unwrap());
+        let gate = Arc::new(Barrier::new(2));
+        // The only worker takes a job that waits at the gate...
+        let (started, running) = tokio::sync::oneshot::channel();
+        let held = tokio::spawn({
+            let (pool, gate) = (pool.clone(), gate.clone());
+            async move {
+                pool.run(move || {
+                    let _ = started.send(());
+                    gate.wait();
+                    "first"
+                })
+                .await
+            }
+        });
+        running.await.unwrap();
+        // ...a second job fills the one-slot queue...
+        let queued = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(|| "second").await }
+        });
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while pool.sender.is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("second job queued");
+        // ...so a third is refused at once, and the first two still complete.
+        assert_eq!(
+            pool.run(|| "third").await,
+            Err(PoolError::Busy { pool: "test-full" })
+        );
+        gate.wait();
+        assert_eq!(held.await.unwrap(), Ok("first"));
+        assert_eq!(queued.await.unwrap(), Ok("second"));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_job_fails_alone() {
+        let pool = WorkerPool::start("test-panic", 1, 4, 0).unwrap();
+        let failed = pool.run(|| -> u8 { panic!("boom") }).await;
+        assert_eq!(failed, Err(PoolError::Failed { pool: "test-panic" }));
+        assert_eq!(pool.run(|| 7).await, Ok(7));
+    }
+}
