@@ -38,6 +38,18 @@ pub fn test() -> Result<TestCounts> {
         "xtask: test stack up (primary :{}, replica :{}, broker :{})",
         layout.primary_port, layout.replica_port, layout.broker_port
     );
+    // As a deploy does: the schema is in place before any service starts.
+    let migrated = crate::target_dir().and_then(|target| {
+        crate::bootstrap::migrate_all(
+            &target.join("debug"),
+            layout.primary_port,
+            &infra.logs_dir(),
+        )
+    });
+    if let Err(err) = migrated {
+        infra.stop();
+        return Err(err);
+    }
     let mut cargo_test = cargo_command()
         .args(["test", "--workspace"])
         .env(

@@ -6,6 +6,7 @@
 //!   part of `test`);
 //! - `edge`: the edge proxy alone (started by `up`).
 
+mod bootstrap;
 mod check;
 mod deploy_check;
 mod edge;
@@ -18,7 +19,6 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use local_postgres::database_url;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::signal::unix::{signal, SignalKind};
@@ -73,7 +73,7 @@ pub(crate) fn cargo_command() -> Command {
 }
 
 /// Where cargo puts build output (honours `CARGO_TARGET_DIR` and `build.target-dir`).
-fn target_dir() -> Result<PathBuf> {
+pub(crate) fn target_dir() -> Result<PathBuf> {
     let output = cargo_command()
         .args(["metadata", "--format-version=1", "--no-deps", "--offline"])
         .stderr(Stdio::inherit())
@@ -164,24 +164,12 @@ async fn start_processes(
 ) -> Result<()> {
     let logs = infra.logs_dir();
     let layout = &infra.layout;
-    let target_dir = target_dir()?;
+    let binaries = target_dir()?.join(profile);
+    bootstrap::migrate_all(&binaries, layout.primary_port, &logs)?;
+    let auth_keys = bootstrap::auth_keys(&binaries, &layout.root)?;
     for (service, port) in SERVICES {
-        let mut command = Command::new(target_dir.join(profile).join(service));
-        command
-            .env("HTTP_HOST", "127.0.0.1")
-            .env("HTTP_PORT", port.to_string())
-            .env(
-                "DATABASE_WRITER_URL",
-                database_url(layout.primary_port, service),
-            )
-            .env(
-                "DATABASE_READER_URL",
-                database_url(layout.replica_port, service),
-            )
-            .env(
-                "KAFKA_BOOTSTRAP_SERVERS",
-                format!("127.0.0.1:{}", layout.broker_port),
-            );
+        let mut command = Command::new(binaries.join(service));
+        command.envs(bootstrap::service_env(service, port, layout, &auth_keys));
         children.push((service.to_owned(), spawn_logged(command, &logs, service)?));
     }
     let mut edge = Command::new(own_binary()?);

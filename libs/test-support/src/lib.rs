@@ -5,6 +5,7 @@
 //! HTTP/1.1 and h2c clients. A test that needs to break the replica makes a scratch replica of
 //! its own, so tests running beside it are not disturbed.
 
+pub mod auth;
 pub mod spine_checks;
 
 use std::fs::File;

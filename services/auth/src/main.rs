@@ -1,31 +1,92 @@
-//! The auth service. Its domain routes arrive with their issues; until then it runs the shared
-//! spine: configuration, telemetry, health, readiness, metrics and graceful shutdown.
+//! The auth service: accounts, login sessions and the keys every other service verifies access
+//! tokens with.
+//!
+//! `auth` serves; `auth migrate` applies the migrations; `auth keygen <dir> <key-id>` writes a new
+//! Ed25519 signing key. Layers: [`routes`] → [`handlers`] (with [`api`] bodies) → [`domain`] →
+//! [`storage`].
 
+mod api;
+mod domain;
+mod handlers;
+mod keys;
+mod routes;
+mod settings;
+mod storage;
+
+use std::path::Path;
 use std::process::ExitCode;
 
+use service_kit::access_token::TokenVerifier;
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
 use service_kit::http::AppContext;
+use service_kit::sqlx::migrate::Migrator;
 use service_kit::Service;
 
-struct Auth;
+use crate::domain::Accounts;
+use crate::settings::AuthSettings;
+
+static MIGRATIONS: Migrator = sqlx::migrate!();
+
+struct Auth {
+    accounts: web::Data<Accounts>,
+    /// Auth checks its own tokens with the same verifier other services use, fed its own keys.
+    verifier: web::Data<TokenVerifier>,
+}
 
 impl Service for Auth {
     const NAME: &'static str = "auth";
     const DEFAULT_PORT: u16 = 8081;
-    type Settings = ();
+    type Settings = AuthSettings;
 
-    fn settings(_: &Env) -> Result<(), ConfigError> {
-        Ok(())
+    fn settings(env: &Env) -> Result<AuthSettings, ConfigError> {
+        AuthSettings::from_env(env)
     }
 
-    async fn start(_: (), _: &AppContext) -> Result<Self, String> {
-        Ok(Self)
+    fn migrations() -> Option<&'static Migrator> {
+        Some(&MIGRATIONS)
     }
 
-    fn routes(&self, _: &mut web::ServiceConfig) {}
+    async fn start(settings: AuthSettings, context: &AppContext) -> Result<Self, String> {
+        let verifier = web::Data::new(TokenVerifier::with_keys(
+            settings.keys.jwks(),
+            &settings.rules,
+        ));
+        let accounts = web::Data::new(Accounts::new(context.db.clone(), settings)?);
+        Accounts::spawn_housekeeping(accounts.clone().into_inner());
+        Ok(Self { accounts, verifier })
+    }
+
+    fn routes(&self, routes: &mut web::ServiceConfig) {
+        routes
+            .app_data(self.accounts.clone())
+            .app_data(self.verifier.clone());
+        routes::configure(routes);
+    }
 }
 
 fn main() -> ExitCode {
-    service_kit::run::<Auth>()
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("keygen") => keygen(&args[1..]),
+        _ => service_kit::run::<Auth>(),
+    }
+}
+
+/// `auth keygen <dir> <key-id>`: a new signing key for `AUTH_JWT_KEYS_DIR`.
+fn keygen(args: &[String]) -> ExitCode {
+    let [dir, key_id] = args else {
+        eprintln!("usage: auth keygen <dir> <key-id>");
+        return ExitCode::from(2);
+    };
+    match keys::generate(Path::new(dir), key_id) {
+        Ok(path) => {
+            println!("{}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("auth keygen: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }

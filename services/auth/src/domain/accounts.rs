@@ -1,0 +1,308 @@
+//! The account operations: signup, login, refresh, logout, profile.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
+use jsonwebtoken::jwk::JwkSet;
+use service_kit::access_token::{AccessClaims, TokenRules};
+use service_kit::db::{Database, Lsn};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::login_limits::LoginLimits;
+use super::passwords::Passwords;
+use super::rules::normalize_username;
+use super::sessions::{hash_presented, RefreshToken};
+use super::AuthError;
+use crate::keys::SigningKeys;
+use crate::settings::AuthSettings;
+use crate::storage;
+
+/// An account as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq, service_kit::sqlx::FromRow)]
+pub struct User {
+    pub id: Uuid,
+    pub username: String,
+    pub nickname: Option<String>,
+    pub avatar_url: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// Signup input, already checked against the rules.
+pub struct NewAccount {
+    pub username: String,
+    pub password: String,
+    pub nickname: Option<String>,
+}
+
+/// Profile fields to change: absent leaves a field as is, `Some(None)` clears it.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileChange {
+    pub nickname: Option<Option<String>>,
+    pub avatar_url: Option<Option<String>>,
+}
+
+/// What a successful login or refresh returns.
+#[derive(Debug)]
+pub struct TokenPair {
+    pub access_token: String,
+    pub refresh_token: String,
+    /// Seconds the access token is valid for.
+    pub expires_in: u64,
+}
+
+/// How presenting a refresh token turned out.
+enum Rotation {
+    Rotated { user_id: Uuid },
+    Reused { user_id: Uuid },
+    Unusable,
+}
+
+/// The account operations and everything they need.
+pub struct Accounts {
+    db: Database,
+    passwords: Passwords,
+    limits: LoginLimits,
+    keys: SigningKeys,
+    rules: TokenRules,
+    access_token_ttl: Duration,
+    refresh_token_ttl: Duration,
+}
+
+impl Accounts {
+    pub fn new(db: Database, settings: AuthSettings) -> Result<Self, String> {
+        Ok(Self {
+            db,
+            passwords: Passwords::start(settings.password_workers, settings.password_queue)?,
+            limits: LoginLimits::new(
+                settings.login_limit_per_username,
+                settings.login_limit_per_client,
+            ),
+            keys: settings.keys,
+            rules: settings.rules,
+            access_token_ttl: settings.access_token_ttl,
+            refresh_token_ttl: settings.refresh_token_ttl,
+        })
+    }
+
+    /// Creates an account; returns it with the consistency token of the write.
+    pub async fn signup(&self, account: NewAccount) -> Result<(User, Lsn), AuthError> {
+        let username = normalize_username(&account.username);
+        // A taken name is answered at once, without spending a password hash on it.
+        let taken = {
+            let username = username.clone();
+            self.db
+                .write(
+                    |mut conn| async move { storage::username_exists(&mut conn, &username).await },
+                )
+                .await?
+        };
+        if taken {
+            return Err(AuthError::UsernameTaken(username));
+        }
+        let password_hash = self.passwords.hash(account.password).await?;
+        let (inserted, lsn) = {
+            let username = username.clone();
+            self.db
+                .transaction(move |tx| {
+                    async move {
+                        storage::insert_user(
+                            tx,
+                            Uuid::now_v7(),
+                            &username,
+                            &password_hash,
+                            account.nickname.as_deref(),
+                        )
+                        .await
+                        .map_err(AuthError::from)
+                    }
+                    .boxed()
+                })
+                .await?
+        };
+        // `None`: someone took the name between our check and our insert.
+        let user = inserted.ok_or(AuthError::UsernameTaken(username))?;
+        tracing::info!(user_id = %user.id, "account created");
+        Ok((user, lsn))
+    }
+
+    /// Checks the credentials and starts a session. Unknown users and wrong passwords take the
+    /// same path and the same time, and get the same answer.
+    pub async fn login(
+        &self,
+        username: &str,
+        password: String,
+        client: Option<IpAddr>,
+    ) -> Result<TokenPair, AuthError> {
+        let username = normalize_username(username);
+        self.limits
+            .attempt(&username, client)
+            .map_err(AuthError::RateLimited)?;
+        // Read on the primary: a login right after signup must find the account.
+        let found = self
+            .db
+            .write(|mut conn| async move { storage::find_credentials(&mut conn, &username).await })
+            .await?;
+        let (user_id, stored_hash) = found.unzip();
+        let matches = self.passwords.verify(password, stored_hash).await?;
+        match user_id {
+            Some(user_id) if matches => self.start_session(user_id).await,
+            _ => Err(AuthError::InvalidCredentials),
+        }
+    }
+
+    async fn start_session(&self, user_id: Uuid) -> Result<TokenPair, AuthError> {
+        let refresh = RefreshToken::generate();
+        let (hash, ttl) = (refresh.hash, self.refresh_token_ttl.as_secs());
+        self.db
+            .transaction(move |tx| {
+                async move {
+                    let family = storage::create_family(tx, user_id).await?;
+                    storage::insert_refresh_token(tx, &hash, family, ttl).await?;
+                    Ok::<_, AuthError>(())
+                }
+                .boxed()
+            })
+            .await?;
+        self.token_pair(user_id, refresh.token)
+    }
+
+    /// Rotates a refresh token: the presented one dies, a new pair is issued. Presenting a token
+    /// that was already rotated revokes its whole session (someone else may hold it).
+    pub async fn refresh(&self, presented: &str) -> Result<TokenPair, AuthError> {
+        let hash = hash_presented(presented).ok_or(AuthError::RefreshTokenInvalid)?;
+        let next = RefreshToken::generate();
+        let (next_hash, ttl) = (next.hash, self.refresh_token_ttl.as_secs());
+        let (rotation, _) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    let Some(current) = storage::lock_refresh_token(tx, &hash).await? else {
+                        return Ok(Rotation::Unusable);
+                    };
+                    if current.family_revoked {
+                        return Ok(Rotation::Unusable);
+                    }
+                    if current.used {
+                        // Committed, even though the caller gets an error.
+                        storage::revoke_family(tx, current.family_id, "reuse").await?;
+                        return Ok(Rotation::Reused {
+                            user_id: current.user_id,
+                        });
+                    }
+                    if current.expired {
+                        return Ok(Rotation::Unusable);
+                    }
+                    storage::mark_used(tx, &hash).await?;
+                    storage::insert_refresh_token(tx, &next_hash, current.family_id, ttl).await?;
+                    Ok::<_, AuthError>(Rotation::Rotated {
+                        user_id: current.user_id,
+                    })
+                }
+                .boxed()
+            })
+            .await?;
+        match rotation {
+            Rotation::Rotated { user_id } => self.token_pair(user_id, next.token),
+            Rotation::Reused { user_id } => {
+                tracing::warn!(%user_id, "refresh token reused: session revoked");
+                Err(AuthError::RefreshTokenReused)
+            }
+            Rotation::Unusable => Err(AuthError::RefreshTokenInvalid),
+        }
+    }
+
+    /// Ends the session of `presented`. Idempotent: an unknown or dead token changes nothing.
+    pub async fn logout(&self, presented: &str) -> Result<(), AuthError> {
+        let Some(hash) = hash_presented(presented) else {
+            return Ok(());
+        };
+        self.db
+            .write(|mut conn| async move {
+                storage::revoke_family_of_token(&mut conn, &hash, "logout").await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The caller's account, from a replica unless `read_after` says it is not there yet.
+    pub async fn profile(&self, user_id: Uuid, read_after: Option<Lsn>) -> Result<User, AuthError> {
+        self.db
+            .read_one(read_after, |mut conn| async move {
+                storage::find_user(&mut conn, user_id).await
+            })
+            .await?
+            .ok_or(AuthError::AccountGone)
+    }
+
+    pub async fn update_profile(
+        &self,
+        user_id: Uuid,
+        change: ProfileChange,
+    ) -> Result<(User, Lsn), AuthError> {
+        let (user, lsn) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    storage::update_profile(tx, user_id, &change)
+                        .await
+                        .map_err(AuthError::from)
+                }
+                .boxed()
+            })
+            .await?;
+        Ok((user.ok_or(AuthError::AccountGone)?, lsn))
+    }
+
+    pub fn jwks(&self) -> &JwkSet {
+        self.keys.jwks()
+    }
+
+    /// Periodic chores, for the life of the process: forget idle rate-limit keys, delete
+    /// long-expired refresh tokens.
+    pub fn spawn_housekeeping(accounts: std::sync::Arc<Self>) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                accounts.limits.forget_idle();
+                let deleted = accounts
+                    .db
+                    .write(|mut conn| async move {
+                        storage::delete_expired_tokens(&mut conn, 10_000).await
+                    })
+                    .await;
+                match deleted {
+                    Ok(0) => {}
+                    Ok(count) => tracing::info!(count, "deleted expired refresh tokens"),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "cleaning expired refresh tokens failed")
+                    }
+                }
+            }
+        });
+    }
+
+    fn token_pair(&self, user_id: Uuid, refresh_token: String) -> Result<TokenPair, AuthError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs()) as i64;
+        let ttl = self.access_token_ttl.as_secs();
+        let claims = AccessClaims {
+            sub: user_id,
+            iss: self.rules.issuer.clone(),
+            aud: self.rules.audience.clone(),
+            iat: now,
+            exp: now + ttl as i64,
+            jti: Uuid::new_v4(),
+        };
+        Ok(TokenPair {
+            access_token: self.keys.sign(&claims)?,
+            refresh_token,
+            expires_in: ttl,
+        })
+    }
+}

@@ -1,0 +1,93 @@
+//! Which path and method reach which handler, and the OpenAPI document that describes them.
+
+use std::sync::OnceLock;
+
+use service_kit::actix_web::{web, HttpResponse};
+use service_kit::http::{resource, ErrorBody};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::api::{
+    LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest, TokenResponse, UserProfile,
+};
+use crate::handlers;
+
+pub fn configure(routes: &mut web::ServiceConfig) {
+    routes
+        .service(resource("/v1/auth/signup").route(web::post().to(handlers::signup)))
+        .service(resource("/v1/auth/login").route(web::post().to(handlers::login)))
+        .service(resource("/v1/auth/refresh").route(web::post().to(handlers::refresh)))
+        .service(resource("/v1/auth/logout").route(web::post().to(handlers::logout)))
+        .service(resource("/v1/auth/jwks").route(web::get().to(handlers::jwks)))
+        .service(resource("/v1/auth/openapi.json").route(web::get().to(openapi)))
+        .service(
+            resource("/v1/users/me")
+                .route(web::get().to(handlers::me))
+                .route(web::patch().to(handlers::update_me)),
+        );
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "taskstream auth",
+        version = "1",
+        description = "Accounts, sessions and the keys other services verify access tokens with. \
+            Errors are always `{\"error\": {\"code\", \"message\"}}`."
+    ),
+    paths(
+        handlers::signup,
+        handlers::login,
+        handlers::refresh,
+        handlers::logout,
+        handlers::me,
+        handlers::update_me,
+        handlers::jwks,
+    ),
+    components(schemas(
+        SignupRequest,
+        LoginRequest,
+        RefreshTokenRequest,
+        ProfilePatch,
+        UserProfile,
+        TokenResponse,
+        ErrorBody
+    )),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "accounts", description = "Signup and the caller's profile"),
+        (name = "sessions", description = "Login, refresh-token rotation, logout"),
+        (name = "keys", description = "Public keys for verifying access tokens"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// `GET /v1/auth/openapi.json`, built once.
+async fn openapi() -> HttpResponse {
+    static DOCUMENT: OnceLock<String> = OnceLock::new();
+    let document = DOCUMENT.get_or_init(|| {
+        ApiDoc::openapi()
+            .to_json()
+            .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"))
+    });
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(document.as_str())
+}

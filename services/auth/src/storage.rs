@@ -1,0 +1,198 @@
+//! auth's SQL. Every function runs on a connection it is given, so the domain decides what runs
+//! on the primary, on a replica, or inside one transaction.
+
+use service_kit::sqlx::{self, PgConnection};
+use uuid::Uuid;
+
+use crate::domain::{ProfileChange, User};
+
+const USER_COLUMNS: &str = "id, username, nickname, avatar_url, created_at, updated_at";
+
+pub async fn username_exists(conn: &mut PgConnection, username: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
+        .bind(username)
+        .fetch_one(conn)
+        .await
+}
+
+/// Inserts the account, or returns `None` when the username was taken in the meantime.
+pub async fn insert_user(
+    conn: &mut PgConnection,
+    id: Uuid,
+    username: &str,
+    password_hash: &str,
+    nickname: Option<&str>,
+) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO users (id, username, password_hash, nickname) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (username) DO NOTHING RETURNING {USER_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(username)
+    .bind(password_hash)
+    .bind(nickname)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The id and password hash of `username`, if the account exists.
+pub async fn find_credentials(
+    conn: &mut PgConnection,
+    username: &str,
+) -> sqlx::Result<Option<(Uuid, String)>> {
+    sqlx::query_as("SELECT id, password_hash FROM users WHERE username = $1")
+        .bind(username)
+        .fetch_optional(conn)
+        .await
+}
+
+pub async fn find_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Applies the fields present in `change` (a present `None` clears the field).
+pub async fn update_profile(
+    conn: &mut PgConnection,
+    id: Uuid,
+    change: &ProfileChange,
+) -> sqlx::Result<Option<User>> {
+    sqlx::query_as(&format!(
+        "UPDATE users SET \
+           nickname = CASE WHEN $2 THEN $3 ELSE nickname END, \
+           avatar_url = CASE WHEN $4 THEN $5 ELSE avatar_url END, \
+           updated_at = now() \
+         WHERE id = $1 RETURNING {USER_COLUMNS}"
+    ))
+    .bind(id)
+    .bind(change.nickname.is_some())
+    .bind(change.nickname.clone().flatten())
+    .bind(change.avatar_url.is_some())
+    .bind(change.avatar_url.clone().flatten())
+    .fetch_optional(conn)
+    .await
+}
+
+/// Starts a session (refresh-token family) for `user_id`.
+pub async fn create_family(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Uuid> {
+    sqlx::query_scalar(
+        "INSERT INTO refresh_token_families (id, user_id) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(Uuid::now_v7())
+    .bind(user_id)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn insert_refresh_token(
+    conn: &mut PgConnection,
+    token_hash: &[u8; 32],
+    family_id: Uuid,
+    ttl_secs: u64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, family_id, expires_at) \
+         VALUES ($1, $2, now() + $3 * interval '1 second')",
+    )
+    .bind(&token_hash[..])
+    .bind(family_id)
+    .bind(ttl_secs as f64)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// A presented refresh token as stored, with its family.
+#[derive(sqlx::FromRow)]
+pub struct StoredRefreshToken {
+    pub family_id: Uuid,
+    pub user_id: Uuid,
+    pub used: bool,
+    pub expired: bool,
+    pub family_revoked: bool,
+}
+
+/// Finds the token and locks it and its family until the transaction ends, so two refreshes
+/// with the same token (or a refresh and a logout) are decided one after the other.
+pub async fn lock_refresh_token(
+    conn: &mut PgConnection,
+    token_hash: &[u8; 32],
+) -> sqlx::Result<Option<StoredRefreshToken>> {
+    sqlx::query_as(
+        "SELECT t.family_id, f.user_id, t.used_at IS NOT NULL AS used, \
+                t.expires_at <= now() AS expired, f.revoked_at IS NOT NULL AS family_revoked \
+         FROM refresh_tokens t JOIN refresh_token_families f ON f.id = t.family_id \
+         WHERE t.token_hash = $1 FOR UPDATE",
+    )
+    .bind(&token_hash[..])
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn mark_used(conn: &mut PgConnection, token_hash: &[u8; 32]) -> sqlx::Result<()> {
+    sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1")
+        .bind(&token_hash[..])
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+pub async fn revoke_family(
+    conn: &mut PgConnection,
+    family_id: Uuid,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = $2 \
+         WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(family_id)
+    .bind(reason)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Ends the session the token belongs to; a token we do not know changes nothing.
+pub async fn revoke_family_of_token(
+    conn: &mut PgConnection,
+    token_hash: &[u8; 32],
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = $2 \
+         WHERE id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $1) \
+           AND revoked_at IS NULL",
+    )
+    .bind(&token_hash[..])
+    .bind(reason)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Deletes up to `batch` refresh tokens that expired more than a day ago, then the sessions
+/// left without tokens; returns how many tokens went. Small batches keep locks short.
+pub async fn delete_expired_tokens(conn: &mut PgConnection, batch: i64) -> sqlx::Result<u64> {
+    let deleted = sqlx::query(
+        "DELETE FROM refresh_tokens WHERE token_hash IN ( \
+           SELECT token_hash FROM refresh_tokens \
+           WHERE expires_at < now() - interval '1 day' LIMIT $1)",
+    )
+    .bind(batch)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if deleted > 0 {
+        sqlx::query(
+            "DELETE FROM refresh_token_families f \
+             WHERE f.created_at < now() - interval '1 day' \
+               AND NOT EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family_id = f.id)",
+        )
+        .execute(conn)
+        .await?;
+    }
+    Ok(deleted)
+}

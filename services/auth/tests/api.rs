@@ -1,0 +1,996 @@
+//! auth's HTTP API against the real stack: every endpoint and error, token rotation and reuse
+//! detection, forged tokens, rate limits, and a login storm beside normal traffic. Each test runs
+//! its own auth process (own signing key, own limits) on the shared primary + replica.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+use test_support::auth::{keygen, AuthServer, Session, KEY_ID};
+use test_support::{http1_client, metric_sum, unique_name, TestStack};
+
+/// An answer: status, headers, JSON body (`null` when empty).
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    async fn from(response: reqwest::Response) -> Self {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text}"))
+        };
+        Self {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The field names listed in `error.details`.
+    fn invalid_fields(&self) -> BTreeSet<String> {
+        self.body["error"]["details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|issue| issue["field"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+async fn post(client: &reqwest::Client, url: String, body: Value) -> Answer {
+    Answer::from(client.post(url).json(&body).send().await.expect("POST")).await
+}
+
+async fn get_me(auth: &AuthServer, client: &reqwest::Client, token: &str) -> Answer {
+    Answer::from(
+        client
+            .get(auth.url("/v1/users/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /v1/users/me"),
+    )
+    .await
+}
+
+async fn start(label: &str) -> AuthServer {
+    AuthServer::start(&TestStack::from_env(), label, &[]).await
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The JSON part of a JWT at `index` (0: header, 1: claims).
+fn jwt_part(token: &str, index: usize) -> Value {
+    let part = token.split('.').nth(index).expect("JWT part");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url")).expect("JSON")
+}
+
+#[tokio::test]
+async fn signup_creates_an_account_that_logs_in_and_reads_its_profile() {
+    let auth = start("signup").await;
+    let client = http1_client();
+    let username = unique_name("Ada_");
+    let password = "correct horse battery staple";
+
+    let created = post(
+        &client,
+        auth.url("/v1/auth/signup"),
+        json!({ "username": username, "password": password, "nickname": "Ada" }),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["username"], username.to_lowercase());
+    assert_eq!(created.body["nickname"], "Ada");
+    assert_eq!(created.body["avatar_url"], Value::Null);
+    assert!(created.body["id"].as_str().is_some_and(|id| id.len() == 36));
+    assert_eq!(created.header("location"), Some("/v1/users/me"));
+    assert!(created.header("x-consistency-token").is_some());
+    assert!(created.body.get("password_hash").is_none());
+
+    // Usernames are case-insensitive.
+    let login = post(
+        &client,
+        auth.url("/v1/auth/login"),
+        json!({ "username": username.to_uppercase(), "password": password }),
+    )
+    .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    assert_eq!(login.body["token_type"], "Bearer");
+    assert_eq!(login.body["expires_in"], 900);
+    assert_eq!(login.header("cache-control"), Some("no-store"));
+    let access = login.body["access_token"].as_str().unwrap();
+    let header = jwt_part(access, 0);
+    assert_eq!(header["alg"], "EdDSA");
+    assert_eq!(header["kid"], KEY_ID);
+    let claims = jwt_part(access, 1);
+    assert_eq!(claims["sub"], created.body["id"]);
+    assert_eq!(claims["iss"], "taskstream-auth");
+    assert_eq!(claims["aud"], "taskstream");
+    assert_eq!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+        900
+    );
+
+    let me = get_me(&auth, &client, access).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["id"], created.body["id"]);
+    assert_eq!(me.body["username"], username.to_lowercase());
+
+    let logs = auth.process.logs();
+    assert!(!logs.contains(password), "the password appears in the logs");
+}
+
+#[tokio::test]
+async fn signup_rejects_taken_names_and_bad_input_with_the_fields_named() {
+    let auth = start("signup-errors").await;
+    let client = http1_client();
+    let taken = unique_name("taken");
+    let ok = post(
+        &client,
+        auth.url("/v1/auth/signup"),
+        json!({ "username": taken, "password": "long enough" }),
+    )
+    .await;
+    assert_eq!(ok.status, 201);
+    let again = post(
+        &client,
+        auth.url("/v1/auth/signup"),
+        json!({ "username": taken.to_uppercase(), "password": "long enough" }),
+    )
+    .await;
+    assert_eq!(again.status, 409, "{}", again.body);
+    assert_eq!(again.code(), "username_taken");
+
+    let fresh = unique_name("fresh");
+    let cases = [
+        (
+            json!({ "username": "ab", "password": "long enough" }),
+            vec!["username"],
+        ),
+        (
+            json!({ "username": "_leading", "password": "long enough" }),
+            vec!["username"],
+        ),
+        (
+            json!({ "username": "has space", "password": "long enough" }),
+            vec!["username"],
+        ),
+        (
+            json!({ "username": "x".repeat(31), "password": "long enough" }),
+            vec!["username"],
+        ),
+        (
+            json!({ "username": fresh, "password": "short" }),
+            vec!["password"],
+        ),
+        (
+            json!({ "username": fresh, "password": "p".repeat(129) }),
+            vec!["password"],
+        ),
+        (
+            json!({ "username": fresh, "password": "long enough", "nickname": "n".repeat(31) }),
+            vec!["nickname"],
+        ),
+        (
+            json!({ "username": fresh, "password": "long enough", "nickname": "  " }),
+            vec!["nickname"],
+        ),
+        (
+            json!({ "username": "a", "password": "b" }),
+            vec!["password", "username"],
+        ),
+    ];
+    for (body, fields) in cases {
+        let answer = post(&client, auth.url("/v1/auth/signup"), body.clone()).await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.body);
+        assert_eq!(answer.code(), "invalid_input", "{body}");
+        let expected: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+        assert_eq!(answer.invalid_fields(), expected, "{body}: {}", answer.body);
+        for field in fields {
+            assert!(
+                answer.body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(field),
+                "message names {field}: {}",
+                answer.body
+            );
+        }
+    }
+
+    // Bodies that are not the documented shape.
+    for (body, content_type) in [
+        ("not json", "application/json"),
+        (r#"{"username": "fine_name"}"#, "application/json"),
+        (
+            r#"{"username": "fine_name", "password": "long enough", "admin": true}"#,
+            "application/json",
+        ),
+        (
+            r#"{"username": 42, "password": "long enough"}"#,
+            "application/json",
+        ),
+    ] {
+        let answer = Answer::from(
+            client
+                .post(auth.url("/v1/auth/signup"))
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.body);
+        assert_eq!(answer.code(), "invalid_body", "{body}");
+    }
+
+    // Nothing was half-written: the rejected name is still free.
+    let later = post(
+        &client,
+        auth.url("/v1/auth/signup"),
+        json!({ "username": fresh, "password": "long enough" }),
+    )
+    .await;
+    assert_eq!(later.status, 201, "{}", later.body);
+}
+
+#[tokio::test]
+async fn simultaneous_signups_for_one_name_create_one_account() {
+    let auth = Arc::new(start("signup-race").await);
+    let username = unique_name("race");
+    let attempts = (0..6).map(|_| {
+        let (auth, username) = (auth.clone(), username.clone());
+        tokio::spawn(async move {
+            post(
+                &http1_client(),
+                auth.url("/v1/auth/signup"),
+                json!({ "username": username, "password": "long enough" }),
+            )
+            .await
+            .status
+        })
+    });
+    let mut statuses: Vec<u16> = futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409]);
+}
+
+#[tokio::test]
+async fn login_failures_look_the_same_for_unknown_users_and_wrong_passwords() {
+    let auth = start("enumeration").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "enum").await;
+
+    let mut unknown_times = Vec::new();
+    let mut wrong_times = Vec::new();
+    let mut bodies = BTreeSet::new();
+    // Interleaved, so both kinds see the same machine load.
+    for _ in 0..7 {
+        for (username, times) in [
+            (unique_name("nobody"), &mut unknown_times),
+            (session.username.clone(), &mut wrong_times),
+        ] {
+            let started = Instant::now();
+            let answer = post(
+                &client,
+                auth.url("/v1/auth/login"),
+                json!({ "username": username, "password": "not the password" }),
+            )
+            .await;
+            times.push(started.elapsed());
+            assert_eq!(answer.status, 401, "{}", answer.body);
+            bodies.insert(answer.body.to_string());
+        }
+    }
+    assert_eq!(bodies.len(), 1, "different answers: {bodies:?}");
+    assert!(bodies
+        .iter()
+        .next()
+        .unwrap()
+        .contains("invalid_credentials"));
+
+    // Both do one full password hash: their medians are of the same order. Without the decoy
+    // hash, an unknown user would answer an order of magnitude faster.
+    let median = |times: &mut Vec<Duration>| {
+        times.sort();
+        times[times.len() / 2]
+    };
+    let (unknown, wrong) = (median(&mut unknown_times), median(&mut wrong_times));
+    let ratio = unknown.as_secs_f64() / wrong.as_secs_f64();
+    assert!(
+        (1.0 / 3.0..3.0).contains(&ratio),
+        "unknown user {unknown:?} vs wrong password {wrong:?}"
+    );
+}
+
+#[tokio::test]
+async fn refresh_rotates_tokens_and_reuse_revokes_the_whole_session() {
+    let auth = start("refresh").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "rotate").await;
+
+    let first = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": session.refresh_token }),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let second_refresh = first.body["refresh_token"].as_str().unwrap().to_owned();
+    assert_ne!(second_refresh, session.refresh_token);
+    let new_access = first.body["access_token"].as_str().unwrap();
+    assert_eq!(get_me(&auth, &client, new_access).await.status, 200);
+
+    // The rotated-away token is presented again (say, by a thief): the session is revoked...
+    let reused = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": session.refresh_token }),
+    )
+    .await;
+    assert_eq!(reused.status, 401, "{}", reused.body);
+    assert_eq!(reused.code(), "refresh_token_reused");
+    // ...so the legitimate newer token is dead too.
+    let after = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": second_refresh }),
+    )
+    .await;
+    assert_eq!(after.status, 401, "{}", after.body);
+    assert_eq!(after.code(), "invalid_refresh_token");
+
+    // Other sessions of the same user are untouched.
+    let other = auth
+        .login(&client, &session.username, &session.password)
+        .await;
+    let other_refresh = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": other["refresh_token"] }),
+    )
+    .await;
+    assert_eq!(other_refresh.status, 200, "{}", other_refresh.body);
+
+    for token in ["", "garbage", &"A".repeat(43), &"x".repeat(300)] {
+        let answer = post(
+            &client,
+            auth.url("/v1/auth/refresh"),
+            json!({ "refresh_token": token }),
+        )
+        .await;
+        let expected = if token.is_empty() || token.len() > 256 {
+            400
+        } else {
+            401
+        };
+        assert_eq!(answer.status, expected, "{token:?}: {}", answer.body);
+    }
+}
+
+#[tokio::test]
+async fn simultaneous_refreshes_with_one_token_let_exactly_one_through() {
+    let auth = Arc::new(start("refresh-race").await);
+    let session = auth.signup_and_login(&http1_client(), "refrace").await;
+    let attempts = (0..4).map(|_| {
+        let (auth, token) = (auth.clone(), session.refresh_token.clone());
+        tokio::spawn(async move {
+            post(
+                &http1_client(),
+                auth.url("/v1/auth/refresh"),
+                json!({ "refresh_token": token }),
+            )
+            .await
+            .status
+        })
+    });
+    let statuses: Vec<u16> = futures_util::future::join_all(attempts)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 401),
+        "{statuses:?}"
+    );
+}
+
+#[tokio::test]
+async fn logout_ends_the_session_and_is_idempotent() {
+    let auth = start("logout").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "logout").await;
+    let body = json!({ "refresh_token": session.refresh_token });
+
+    let out = post(&client, auth.url("/v1/auth/logout"), body.clone()).await;
+    assert_eq!(out.status, 204, "{}", out.body);
+    let refresh = post(&client, auth.url("/v1/auth/refresh"), body.clone()).await;
+    assert_eq!(refresh.status, 401);
+    assert_eq!(refresh.code(), "invalid_refresh_token");
+    assert_eq!(
+        post(&client, auth.url("/v1/auth/logout"), body)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        post(
+            &client,
+            auth.url("/v1/auth/logout"),
+            json!({ "refresh_token": "never issued" })
+        )
+        .await
+        .status,
+        204
+    );
+    let missing = post(&client, auth.url("/v1/auth/logout"), json!({})).await;
+    assert_eq!(missing.status, 400);
+}
+
+#[tokio::test]
+async fn profile_updates_are_validated_and_read_back() {
+    let auth = start("profile").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "profile").await;
+    let patch = |body: Value| {
+        let request = client
+            .patch(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .json(&body);
+        async move { Answer::from(request.send().await.unwrap()).await }
+    };
+
+    let changed =
+        patch(json!({ "nickname": "Grace", "avatar_url": "https://cdn.example.com/g.png" })).await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    assert_eq!(changed.body["nickname"], "Grace");
+    assert_eq!(changed.body["avatar_url"], "https://cdn.example.com/g.png");
+    let token = changed.header("x-consistency-token").unwrap().to_owned();
+
+    // With the token from the write, the read reflects it whatever the replica has replayed.
+    let read = Answer::from(
+        client
+            .get(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .header("x-consistency-token", &token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(read.status, 200);
+    assert_eq!(read.body["nickname"], "Grace");
+
+    // Absent fields stay; null clears.
+    let cleared = patch(json!({ "avatar_url": null })).await;
+    assert_eq!(cleared.status, 200, "{}", cleared.body);
+    assert_eq!(cleared.body["nickname"], "Grace");
+    assert_eq!(cleared.body["avatar_url"], Value::Null);
+    let unchanged = patch(json!({})).await;
+    assert_eq!(unchanged.body["nickname"], "Grace");
+
+    for (body, field) in [
+        (json!({ "avatar_url": "javascript:alert(1)" }), "avatar_url"),
+        (
+            json!({ "avatar_url": "ftp://example.com/a.png" }),
+            "avatar_url",
+        ),
+        (
+            json!({ "avatar_url": format!("https://example.com/{}", "a".repeat(190)) }),
+            "avatar_url",
+        ),
+        (json!({ "nickname": "n".repeat(31) }), "nickname"),
+        (json!({ "nickname": "" }), "nickname"),
+        (json!({ "nickname": "bell\u{7}" }), "nickname"),
+    ] {
+        let answer = patch(body.clone()).await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.body);
+        assert_eq!(
+            answer.invalid_fields(),
+            BTreeSet::from([field.to_owned()]),
+            "{body}"
+        );
+    }
+    let unknown = patch(json!({ "username": "new-name" })).await;
+    assert_eq!(unknown.status, 400);
+    assert_eq!(unknown.code(), "invalid_body");
+
+    let bad_token = Answer::from(
+        client
+            .get(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .header("x-consistency-token", "yesterday")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bad_token.status, 400);
+    assert_eq!(bad_token.code(), "invalid_consistency_token");
+
+    // Rejected changes wrote nothing: read back with the token of the last accepted write.
+    let final_state = Answer::from(
+        client
+            .get(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .header(
+                "x-consistency-token",
+                unchanged.header("x-consistency-token").unwrap(),
+            )
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(final_state.body["nickname"], "Grace");
+    assert_eq!(final_state.body["avatar_url"], Value::Null);
+}
+
+#[tokio::test]
+async fn forged_expired_and_malformed_access_tokens_are_rejected() {
+    let auth = start("forgery").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "victim").await;
+    let real_key = EncodingKey::from_ed_pem(
+        &std::fs::read(auth.keys_dir.join(format!("{KEY_ID}.pem"))).unwrap(),
+    )
+    .unwrap();
+    let claims = |expires_in: i64, audience: &str| {
+        json!({
+            "sub": session.user_id, "iss": "taskstream-auth", "aud": audience,
+            "iat": now_secs(), "exp": now_secs() + expires_in, "jti": uuid::Uuid::new_v4(),
+        })
+    };
+    let sign = |claims: &Value, key: &EncodingKey, algorithm: Algorithm| {
+        let mut header = Header::new(algorithm);
+        header.kid = Some(KEY_ID.to_owned());
+        jsonwebtoken::encode(&header, claims, key).unwrap()
+    };
+
+    // The real key with honest claims works: the failures below are the forgeries'.
+    assert_eq!(
+        get_me(
+            &auth,
+            &client,
+            &sign(&claims(600, "taskstream"), &real_key, Algorithm::EdDSA)
+        )
+        .await
+        .status,
+        200
+    );
+
+    let other_dir = TestStack::from_env().scratch_dir("forger").join("keys");
+    let forger_key =
+        EncodingKey::from_ed_pem(&std::fs::read(keygen(&other_dir, KEY_ID)).unwrap()).unwrap();
+    let jwks: Value = client
+        .get(auth.url("/v1/auth/jwks"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let public_key = URL_SAFE_NO_PAD
+        .decode(jwks["keys"][0]["x"].as_str().unwrap())
+        .unwrap();
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(json!({ "alg": "none", "typ": "JWT", "kid": KEY_ID }).to_string()),
+        URL_SAFE_NO_PAD.encode(claims(600, "taskstream").to_string())
+    );
+
+    let cases = [
+        (
+            "expired",
+            sign(&claims(-120, "taskstream"), &real_key, Algorithm::EdDSA),
+            "expired",
+        ),
+        (
+            "another key",
+            sign(&claims(600, "taskstream"), &forger_key, Algorithm::EdDSA),
+            "bad signature",
+        ),
+        (
+            "wrong audience",
+            sign(&claims(600, "elsewhere"), &real_key, Algorithm::EdDSA),
+            "wrong audience",
+        ),
+        ("alg none", unsigned, "malformed"),
+        (
+            "HS256 keyed with the public key",
+            sign(
+                &claims(600, "taskstream"),
+                &EncodingKey::from_secret(&public_key),
+                Algorithm::HS256,
+            ),
+            "algorithm HS256",
+        ),
+        ("garbage", "not-a-jwt".to_owned(), "malformed"),
+    ];
+    for (case, token, reason) in cases {
+        let answer = get_me(&auth, &client, &token).await;
+        assert_eq!(answer.status, 401, "{case}: {}", answer.body);
+        assert_eq!(answer.code(), "invalid_token", "{case}");
+        assert!(
+            answer.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(reason),
+            "{case}: {}",
+            answer.body
+        );
+        assert!(
+            answer
+                .header("www-authenticate")
+                .is_some_and(|h| h.starts_with("Bearer error=\"invalid_token\"")),
+            "{case}: {:?}",
+            answer.headers
+        );
+    }
+
+    let anonymous = Answer::from(client.get(auth.url("/v1/users/me")).send().await.unwrap()).await;
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(anonymous.code(), "unauthorized");
+    assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"));
+
+    let metrics = auth.url("/metrics");
+    assert!(metric_sum(&client, &metrics, "access_tokens_rejected_total").await >= 7.0);
+}
+
+#[tokio::test]
+async fn jwks_publishes_only_public_keys_and_rotation_keeps_earlier_tokens_valid() {
+    let stack = TestStack::from_env();
+    let client = http1_client();
+    let first = start("rotation-1").await;
+    let before: Session = first.signup_and_login(&client, "rotation").await;
+    let keys_dir = first.keys_dir.clone();
+    drop(first);
+
+    // Rotation: a second key joins the folder and becomes the signer.
+    keygen(&keys_dir, "test-key-2");
+    let rotated = AuthServer::start_with_keys(
+        &stack,
+        &stack.scratch_dir("rotation-2"),
+        keys_dir,
+        "test-key-2",
+        &[],
+    )
+    .await;
+    let jwks = Answer::from(
+        client
+            .get(rotated.url("/v1/auth/jwks"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(jwks.status, 200);
+    assert!(jwks
+        .header("cache-control")
+        .is_some_and(|c| c.contains("max-age")));
+    let keys = jwks.body["keys"].as_array().unwrap();
+    let kids: BTreeSet<&str> = keys.iter().map(|k| k["kid"].as_str().unwrap()).collect();
+    assert_eq!(kids, BTreeSet::from([KEY_ID, "test-key-2"]));
+    for key in keys {
+        assert_eq!(key["kty"], "OKP");
+        assert_eq!(key["crv"], "Ed25519");
+        assert_eq!(key["alg"], "EdDSA");
+        assert_eq!(key["use"], "sig");
+        assert!(
+            key.get("d").is_none(),
+            "private key material published: {key}"
+        );
+    }
+
+    assert_eq!(
+        get_me(&rotated, &client, &before.access_token).await.status,
+        200,
+        "a token of the previous key still works"
+    );
+    let after = rotated
+        .login(&client, &before.username, &before.password)
+        .await;
+    let token = after["access_token"].as_str().unwrap();
+    assert_eq!(jwt_part(token, 0)["kid"], "test-key-2");
+    assert_eq!(get_me(&rotated, &client, token).await.status, 200);
+}
+
+#[tokio::test]
+async fn logins_are_rate_limited_per_username_and_per_client() {
+    let auth = AuthServer::start(
+        &TestStack::from_env(),
+        "rate-limits",
+        &[
+            ("AUTH_LOGIN_LIMIT_PER_USERNAME", "3"),
+            ("AUTH_LOGIN_LIMIT_PER_CLIENT", "5"),
+            ("HTTP_TRUST_FORWARDED_FOR", "true"),
+        ],
+    )
+    .await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "limited").await;
+    let attempt = |username: String, password: &str, client_ip: &str| {
+        let request = client
+            .post(auth.url("/v1/auth/login"))
+            .header("x-forwarded-for", format!("203.0.113.9, {client_ip}"))
+            .json(&json!({ "username": username, "password": password }));
+        async move { Answer::from(request.send().await.unwrap()).await }
+    };
+
+    // Per username: the signup helper's login used one of three attempts.
+    for _ in 0..2 {
+        let answer = attempt(session.username.clone(), "wrong", "10.1.0.1").await;
+        assert_eq!(answer.status, 401, "{}", answer.body);
+    }
+    let limited = attempt(session.username.clone(), &session.password, "10.1.0.2").await;
+    assert_eq!(
+        limited.status, 429,
+        "even the right password: {}",
+        limited.body
+    );
+    assert_eq!(limited.code(), "rate_limited");
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+
+    // Per client address (the last X-Forwarded-For entry, as the ingress appends it).
+    for _ in 0..5 {
+        let answer = attempt(unique_name("guess"), "wrong", "10.2.0.1").await;
+        assert_eq!(answer.status, 401, "{}", answer.body);
+    }
+    let blocked = attempt(unique_name("guess"), "wrong", "10.2.0.1").await;
+    assert_eq!(blocked.status, 429, "{}", blocked.body);
+    assert_eq!(
+        attempt(unique_name("guess"), "wrong", "10.2.0.2")
+            .await
+            .status,
+        401,
+        "another client is not affected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn profile_reads_are_served_while_200_logins_burst() {
+    let auth = AuthServer::start(
+        &TestStack::from_env(),
+        "login-burst",
+        &[
+            ("AUTH_LOGIN_LIMIT_PER_USERNAME", "100000"),
+            ("AUTH_LOGIN_LIMIT_PER_CLIENT", "100000"),
+            // Room for the whole burst: every login is hashed, none refused.
+            ("AUTH_PASSWORD_QUEUE", "256"),
+        ],
+    )
+    .await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "burst").await;
+    let auth = Arc::new(auth);
+
+    let burst_running = Arc::new(AtomicBool::new(true));
+    let reader = {
+        let (auth, running, token) = (
+            auth.clone(),
+            burst_running.clone(),
+            session.access_token.clone(),
+        );
+        tokio::spawn(async move {
+            let client = http1_client();
+            let mut reads = Vec::new();
+            // Bounded: stops with the burst, or after 60 s / 10,000 reads whatever happens.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while running.load(Ordering::Relaxed)
+                && Instant::now() < deadline
+                && reads.len() < 10_000
+            {
+                let started = Instant::now();
+                let status = get_me(&auth, &client, &token).await.status;
+                // Counted only if the burst was still running when the answer came.
+                reads.push((status, started.elapsed(), running.load(Ordering::Relaxed)));
+            }
+            reads
+        })
+    };
+
+    let burst_started = Instant::now();
+    let logins = (0..200).map(|_| {
+        let (auth, session) = (auth.clone(), session.clone());
+        tokio::spawn(async move {
+            post(
+                &http1_client(),
+                auth.url("/v1/auth/login"),
+                json!({ "username": session.username, "password": session.password }),
+            )
+            .await
+            .status
+        })
+    });
+    let login_statuses: Vec<u16> = futures_util::future::join_all(logins)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let burst_took = burst_started.elapsed();
+    burst_running.store(false, Ordering::Relaxed);
+    let reads = reader.await.unwrap();
+
+    assert!(
+        login_statuses.iter().all(|s| *s == 200),
+        "{login_statuses:?}"
+    );
+    let during: Vec<Duration> = reads
+        .iter()
+        .filter(|(_, _, in_burst)| *in_burst)
+        .map(|(status, took, _)| {
+            assert_eq!(*status, 200);
+            *took
+        })
+        .collect();
+    assert!(
+        during.len() >= 10,
+        "only {} profile reads were answered during a {burst_took:?} login burst",
+        during.len()
+    );
+    let mut sorted = during.clone();
+    sorted.sort();
+    let percentile = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize];
+    println!(
+        "login burst: 200 logins in {burst_took:?} ({:.0}/s); {} GET /v1/users/me served meanwhile, p50 {:?} p99 {:?} max {:?}",
+        200.0 / burst_took.as_secs_f64(),
+        sorted.len(),
+        percentile(0.5),
+        percentile(0.99),
+        sorted.last().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_full_password_queue_answers_503_with_retry_after_and_recovers() {
+    let auth = Arc::new(
+        AuthServer::start(
+            &TestStack::from_env(),
+            "queue-full",
+            &[
+                ("AUTH_PASSWORD_WORKERS", "1"),
+                ("AUTH_PASSWORD_QUEUE", "1"),
+                ("AUTH_LOGIN_LIMIT_PER_USERNAME", "1000"),
+                ("AUTH_LOGIN_LIMIT_PER_CLIENT", "1000"),
+            ],
+        )
+        .await,
+    );
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "queue").await;
+    let logins = (0..30).map(|_| {
+        let (auth, session) = (auth.clone(), session.clone());
+        tokio::spawn(async move {
+            post(
+                &http1_client(),
+                auth.url("/v1/auth/login"),
+                json!({ "username": session.username, "password": session.password }),
+            )
+            .await
+        })
+    });
+    let answers: Vec<Answer> = futures_util::future::join_all(logins)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
+    assert!(
+        !refused.is_empty(),
+        "30 logins on one worker with one queue slot: none refused"
+    );
+    assert!(answers.iter().any(|a| a.status == 200));
+    assert!(answers.iter().all(|a| a.status == 200 || a.status == 503));
+    for answer in refused {
+        assert_eq!(answer.code(), "unavailable");
+        assert_eq!(answer.header("retry-after"), Some("1"));
+    }
+    assert!(metric_sum(&client, &auth.url("/metrics"), "worker_pool_rejected_total").await >= 1.0);
+    // Once the storm passes, logins work again.
+    auth.login(&client, &session.username, &session.password)
+        .await;
+}
+
+#[tokio::test]
+async fn wrong_methods_get_a_json_405() {
+    let auth = start("methods").await;
+    let answer = Answer::from(
+        http1_client()
+            .get(auth.url("/v1/auth/login"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(answer.status, 405);
+    assert_eq!(answer.code(), "method_not_allowed");
+}
+
+#[tokio::test]
+async fn openapi_describes_every_route() {
+    let auth = start("openapi").await;
+    let document: Value = http1_client()
+        .get(auth.url("/v1/auth/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(document["openapi"].as_str().unwrap().starts_with("3.1"));
+    let operations: BTreeSet<String> = document["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, item)| {
+            item.as_object()
+                .unwrap()
+                .keys()
+                .map(move |method| format!("{} {path}", method.to_uppercase()))
+        })
+        .collect();
+    let expected: BTreeSet<String> = [
+        "POST /v1/auth/signup",
+        "POST /v1/auth/login",
+        "POST /v1/auth/refresh",
+        "POST /v1/auth/logout",
+        "GET /v1/auth/jwks",
+        "GET /v1/users/me",
+        "PATCH /v1/users/me",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(operations, expected);
+    let schemas = &document["components"]["schemas"];
+    for schema in [
+        "SignupRequest",
+        "TokenResponse",
+        "UserProfile",
+        "ErrorBody",
+        "ProfilePatch",
+    ] {
+        assert!(schemas.get(schema).is_some(), "missing schema {schema}");
+    }
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+}
