@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use reqwest::Version;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
-use crate::{cargo, cargo_command, own_binary, prereqs, workspace_root, EDGE_PORT};
+use crate::up_process::RunningUp;
+use crate::{cargo, cargo_command, prereqs, workspace_root, EDGE_PORT};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
 /// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
@@ -134,27 +134,7 @@ pub async fn smoke_up() -> Result<()> {
             .timeout(Duration::from_secs(10))
             .build()?;
         println!("xtask: smoke run {round}/2 of `cargo xtask up`");
-        let mut up = tokio::process::Command::new(own_binary()?)
-            .arg("up")
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting xtask up")?;
-        let mut lines = BufReader::new(up.stdout.take().context("stdout of xtask up")?).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(300), async {
-            while let Some(line) = lines.next_line().await? {
-                println!("  | {line}");
-                if line == format!("ready: http://127.0.0.1:{EDGE_PORT}") {
-                    return Ok(true);
-                }
-            }
-            Ok::<_, std::io::Error>(false)
-        })
-        .await;
-        ensure!(
-            matches!(ready, Ok(Ok(true))),
-            "`cargo xtask up` never printed ready"
-        );
+        let up = RunningUp::start(false, &[]).await?;
 
         // Through the edge over h2c: the tasks service itself answers (its 404 names the method).
         let routed = h2c
@@ -202,22 +182,9 @@ pub async fn smoke_up() -> Result<()> {
             up_layout.replica_port
         );
 
-        // actix-web does not send HTTP/2 GOAWAY on shutdown (actix/actix-web#3169): an idle h2
-        // connection would hold the drain until HTTP_SHUTDOWN_TIMEOUT_SECS. Close ours first.
+        // Idle h2c connections would hold the services' drain (see `RunningUp::stop`).
         drop((h1, h2c));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(up.id().context("xtask up pid")? as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )?;
-        let status = tokio::time::timeout(Duration::from_secs(90), async {
-            while lines.next_line().await.ok().flatten().is_some() {}
-            up.wait().await
-        })
-        .await
-        .context("`cargo xtask up` did not stop within 90 s of SIGTERM")??;
-        if !status.success() {
-            bail!("`cargo xtask up` exited with {status} after SIGTERM");
-        }
+        up.stop().await?;
         let service_ports = SERVICES.iter().map(|(_, port)| *port);
         let infra_ports = [
             up_layout.primary_port,

@@ -4,14 +4,17 @@
 //! - `test`: format check, clippy, and every test against a real stack of its own;
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
 //!   part of `test`);
+//! - `load <scenario> [--smoke]`: a k6 scenario from `loadtest/` against a fresh `up --release`;
 //! - `edge`: the edge proxy alone (started by `up`).
 
 mod bootstrap;
 mod check;
 mod deploy_check;
 mod edge;
+mod load;
 mod prereqs;
 mod stack;
+mod up_process;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +32,7 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 pub(crate) const EDGE_PORT: u16 = 8080;
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release] | test | deploy-check | edge PORT SERVICE=URL...>";
+    "usage: cargo xtask <up [--release] | test | deploy-check | load SCENARIO [--smoke] | edge PORT SERVICE=URL...>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +53,12 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Some("deploy-check") => deploy_check::run().map(|_| ()),
+        Some("load") => match args.get(1) {
+            Some(scenario) => {
+                runtime.block_on(load::run(scenario, args.iter().any(|arg| arg == "--smoke")))
+            }
+            None => Err(anyhow::anyhow!("{USAGE}")),
+        },
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
         _ => {
             eprintln!("{USAGE}");

