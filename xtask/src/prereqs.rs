@@ -207,8 +207,14 @@ pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
     }
     std::fs::create_dir_all(dir)?;
     let download = || {
+        // As root, apt would hand the download to its `_apt` user, who cannot write here.
+        let sandbox = if nix::unistd::Uid::effective().is_root() {
+            "APT::Sandbox::User=root"
+        } else {
+            "APT::Sandbox::User=_apt"
+        };
         Command::new("apt-get")
-            .args(["download", "-qq", "prometheus"])
+            .args(["download", "-qq", "-o", sandbox, "prometheus"])
             .current_dir(dir)
             .status()
             .is_ok_and(|status| status.success())
