@@ -73,6 +73,8 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
             )
             .default_service(web::to(forward))
     })
+    // Head and streamed body go out as separate writes: no Nagle delay between them.
+    .tcp_nodelay(true)
     .shutdown_timeout(25)
     .bind_auto_h2c(("127.0.0.1", port))
     .with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?
@@ -137,7 +139,17 @@ async fn forward(request: HttpRequest, body: web::Bytes, edge: web::Data<Edge>) 
                     reply.append_header((name.as_str(), value.as_bytes()));
                 }
             }
-            reply.streaming(response.bytes_stream())
+            // These answers have no body by definition: streaming an empty one would still write
+            // a chunked terminator, which a keep-alive client reads as the next response.
+            let bodiless = status.is_informational()
+                || status == StatusCode::NO_CONTENT
+                || status == StatusCode::NOT_MODIFIED
+                || request.method() == actix_web::http::Method::HEAD;
+            if bodiless {
+                reply.finish()
+            } else {
+                reply.streaming(response.bytes_stream())
+            }
         }
     }
 }

@@ -11,6 +11,9 @@ use test_support::{free_port, h2c_client, http1_client};
 
 /// Echoes what it received, as the tasks service would see it behind the edge.
 async fn echo(request: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if request.method() == actix_web::http::Method::DELETE {
+        return HttpResponse::NoContent().finish();
+    }
     let header = |name: &str| {
         request
             .headers()
@@ -122,4 +125,58 @@ async fn routes_by_path_over_http1_and_h2c() {
         assert_eq!(dead["error"]["code"], "bad_gateway");
     }
     upstream_handle.stop(true).await;
+}
+
+#[actix_web::test]
+async fn a_bodiless_answer_leaves_the_keep_alive_connection_usable() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let upstream_port = free_port();
+    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
+        .workers(1)
+        .bind(("127.0.0.1", upstream_port))
+        .expect("bind upstream")
+        .run();
+    actix_web::rt::spawn(upstream);
+    let (_edge, port) = start_edge(&[format!("tasks=http://127.0.0.1:{upstream_port}")]).await;
+
+    // Two requests on one connection, the first answered 204, read byte by byte as sent.
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket
+        .write_all(b"DELETE /v1/tasks/1 HTTP/1.1\r\nhost: edge\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_head(&mut socket).await;
+    assert!(first.starts_with("HTTP/1.1 204"), "{first}");
+    socket
+        .write_all(b"GET /v1/tasks/2 HTTP/1.1\r\nhost: edge\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_head(&mut socket).await;
+    assert!(
+        second.starts_with("HTTP/1.1 201"),
+        "the second answer starts with stray bytes: {second:?}"
+    );
+
+    /// Reads up to the end of a response head.
+    async fn read_head(socket: &mut tokio::net::TcpStream) -> String {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), socket.read(&mut byte))
+                .await
+                .expect("an answer within 5 s")
+                .unwrap();
+            assert_eq!(
+                read,
+                1,
+                "connection closed after {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).into_owned()
+    }
 }

@@ -357,6 +357,9 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
             .default_service(web::to(not_found))
     })
     .workers(http.workers)
+    // Answers are written as head and body: without this, Nagle's algorithm holds the body back
+    // until the client's delayed ACK (~40 ms) on keep-alive connections.
+    .tcp_nodelay(true)
     .shutdown_timeout(http.shutdown_timeout.as_secs())
     .bind_auto_h2c((http.host, http.port))?
     .run()
