@@ -86,6 +86,15 @@ pub fn service_env(
     if service == "auth" {
         env.push(("AUTH_JWT_KEYS_DIR", auth_keys.display().to_string()));
         env.push(("AUTH_JWT_ACTIVE_KEY_ID", LOCAL_KEY_ID.to_owned()));
+    } else {
+        let auth_port = SERVICES
+            .iter()
+            .find_map(|(name, port)| (*name == "auth").then_some(*port))
+            .unwrap_or(8081);
+        env.push((
+            "AUTH_JWKS_URL",
+            format!("http://127.0.0.1:{auth_port}/v1/auth/jwks"),
+        ));
     }
     env
 }

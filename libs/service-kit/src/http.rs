@@ -293,6 +293,17 @@ pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {
     request.peer_addr().map(|address| address.ip())
 }
 
+/// For PATCH bodies, with `#[serde(default, deserialize_with = "service_kit::http::nullable")]`
+/// on an `Option<Option<T>>` field: absent is `None` (leave it), `null` is `Some(None)` (clear
+/// it), a value is `Some(Some(value))`.
+pub fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
 /// Header carrying the consistency token: set on answers to writes, echoed by clients on reads.
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
 

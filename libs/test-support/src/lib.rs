@@ -136,6 +136,12 @@ impl ScratchReplica {
         );
     }
 
+    /// Runs `sql` on the replica as the superuser (e.g. `SELECT pg_wal_replay_pause()`).
+    pub fn query(&self, database: &str, sql: &str) -> String {
+        local_postgres::query(&self.install, self.port, database, sql)
+            .unwrap_or_else(|err| panic!("{sql} on the scratch replica: {err}"))
+    }
+
     /// Stops the server process (fast shutdown: its connections are cut).
     pub fn stop(&mut self) {
         if let Some(mut running) = self.running.take() {
@@ -255,12 +261,41 @@ impl ServiceProcess {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Starts the local edge proxy (`xtask edge`) routing to `upstreams` (service, base URL),
+    /// and waits until it answers.
+    pub async fn spawn_edge(upstreams: &[(&str, String)], log_dir: &Path) -> Self {
+        let port = free_port();
+        let log = log_dir.join(format!("edge-{port}.log"));
+        let file = File::create(&log).expect("edge log");
+        let child = Command::new(workspace_binary("xtask"))
+            .arg("edge")
+            .arg(port.to_string())
+            .args(
+                upstreams
+                    .iter()
+                    .map(|(service, url)| format!("{service}={url}")),
+            )
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn xtask edge");
+        let mut edge = Self { child, port, log };
+        edge.wait_for("/healthz").await;
+        edge
+    }
+
     /// Waits until `/readyz` answers 200; panics with the service's log if it never does.
     pub async fn wait_ready(&mut self) {
+        self.wait_for("/readyz").await;
+    }
+
+    /// Waits until `path` answers 200; panics with the process's log if it never does.
+    pub async fn wait_for(&mut self, path: &str) {
         let client = http1_client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(response) = client.get(self.url("/readyz")).send().await {
+            if let Ok(response) = client.get(self.url(path)).send().await {
                 if response.status() == 200 {
                     return;
                 }

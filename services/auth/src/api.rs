@@ -1,6 +1,6 @@
 //! The JSON bodies of auth's HTTP API, with their validation rules and OpenAPI schemas.
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -58,23 +58,14 @@ pub struct RefreshTokenRequest {
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfilePatch {
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "service_kit::http::nullable")]
     #[validate(length(min = 1, max = NICKNAME_MAX), custom(function = rules::display_text))]
     #[schema(value_type = Option<String>, nullable, min_length = 1, max_length = 30)]
     pub nickname: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
+    #[serde(default, deserialize_with = "service_kit::http::nullable")]
     #[validate(length(max = AVATAR_URL_MAX), custom(function = rules::web_url))]
     #[schema(value_type = Option<String>, nullable, max_length = 200, example = "https://cdn.example.com/ada.png")]
     pub avatar_url: Option<Option<String>>,
-}
-
-/// Tells a field sent as `null` (`Some(None)`) from a field left out (`None`).
-fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Serialize, ToSchema)]

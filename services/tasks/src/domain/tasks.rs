@@ -1,0 +1,308 @@
+//! The task operations: create (optionally idempotent), get, change under optimistic
+//! concurrency, delete, list, history.
+
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use service_kit::db::{Database, Lsn};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::changes::creation;
+use super::{NewTask, Revision, RevisionKind, Status, Task, TaskChange, TaskError};
+use crate::storage;
+
+/// What a change must find to go ahead: any version (`If-Match: *`) or exactly this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    Any,
+    Version(i64),
+}
+
+impl Precondition {
+    fn check(self, current: i64) -> Result<(), TaskError> {
+        match self {
+            Precondition::Version(expected) if expected != current => {
+                Err(TaskError::VersionMismatch { current })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An `Idempotency-Key` and a digest of the request it came with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    pub key: String,
+    pub request_hash: [u8; 32],
+}
+
+/// A created task; `replayed` when it was created earlier under the same idempotency key.
+#[derive(Debug)]
+pub struct Created {
+    pub task: Task,
+    pub replayed: bool,
+    pub written_at: Lsn,
+}
+
+/// Which tasks a list shows: filters, page size and where the previous page ended.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub status: Option<Status>,
+    pub label: Option<String>,
+    pub due_before: Option<OffsetDateTime>,
+    pub limit: u32,
+    /// The last id of the previous page.
+    pub after: Option<Uuid>,
+}
+
+#[derive(Debug)]
+pub struct Page {
+    pub items: Vec<Task>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_after: Option<Uuid>,
+}
+
+/// The task operations.
+pub struct Tasks {
+    db: Database,
+}
+
+impl Tasks {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Creates a task for `owner`. With an idempotency key already used for the same request,
+    /// creates nothing and returns the task the first request created.
+    pub async fn create(
+        &self,
+        owner: Uuid,
+        new: NewTask,
+        idempotency: Option<IdempotencyKey>,
+    ) -> Result<Created, TaskError> {
+        let id = Uuid::now_v7();
+        let ((task, replayed), written_at) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    if let Some(key) = &idempotency {
+                        let claimed = storage::claim_idempotency_key(
+                            tx,
+                            owner,
+                            &key.key,
+                            &key.request_hash,
+                            id,
+                        )
+                        .await?;
+                        if !claimed {
+                            return replay(tx, owner, key).await.map(|task| (task, true));
+                        }
+                    }
+                    let task = Task::try_from(storage::insert(tx, id, owner, &new).await?)?;
+                    storage::replace_labels(tx, owner, id, &task.labels).await?;
+                    let changes = json(&creation(&task))?;
+                    storage::insert_revision(tx, &task, 1, owner, RevisionKind::Created, &changes)
+                        .await?;
+                    if let Some(key) = &idempotency {
+                        storage::store_idempotent_response(tx, owner, &key.key, &json(&task)?)
+                            .await?;
+                    }
+                    Ok((task, false))
+                }
+                .boxed()
+            })
+            .await?;
+        Ok(Created {
+            task,
+            replayed,
+            written_at,
+        })
+    }
+
+    /// `owner`'s task `id`, reflecting every write up to `read_after`.
+    pub async fn get(
+        &self,
+        owner: Uuid,
+        id: Uuid,
+        read_after: Option<Lsn>,
+    ) -> Result<Task, TaskError> {
+        let row = self
+            .db
+            .read_one(read_after, |mut conn| async move {
+                storage::find(&mut conn, owner, id).await
+            })
+            .await?
+            .ok_or(TaskError::NotFound(id))?;
+        Task::try_from(row)
+    }
+
+    /// Applies `change` if the task is at the version `expected` names. A change that changes
+    /// nothing writes nothing and keeps the version.
+    pub async fn update(
+        &self,
+        owner: Uuid,
+        id: Uuid,
+        expected: Precondition,
+        change: TaskChange,
+    ) -> Result<(Task, Lsn), TaskError> {
+        self.db
+            .transaction(move |tx| {
+                async move {
+                    let current = storage::find_for_update(tx, owner, id)
+                        .await?
+                        .ok_or(TaskError::NotFound(id))?;
+                    let current = Task::try_from(current)?;
+                    expected.check(current.version)?;
+                    let (next, changes) = change.apply(&current);
+                    if changes.is_empty() {
+                        return Ok(current);
+                    }
+                    let saved = Task::try_from(storage::update(tx, &next).await?)?;
+                    if changes.contains_key("labels") {
+                        storage::replace_labels(tx, owner, id, &saved.labels).await?;
+                    }
+                    storage::insert_revision(
+                        tx,
+                        &saved,
+                        saved.version,
+                        owner,
+                        RevisionKind::Updated,
+                        &json(&changes)?,
+                    )
+                    .await?;
+                    Ok(saved)
+                }
+                .boxed()
+            })
+            .await
+    }
+
+    /// Deletes the task if it is at the version `expected` names; its history stays.
+    pub async fn delete(
+        &self,
+        owner: Uuid,
+        id: Uuid,
+        expected: Precondition,
+    ) -> Result<Lsn, TaskError> {
+        let ((), written_at) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    let current = storage::find_for_update(tx, owner, id)
+                        .await?
+                        .ok_or(TaskError::NotFound(id))?;
+                    let current = Task::try_from(current)?;
+                    expected.check(current.version)?;
+                    storage::delete(tx, id).await?;
+                    let empty = serde_json::json!({});
+                    storage::insert_revision(
+                        tx,
+                        &current,
+                        current.version + 1,
+                        owner,
+                        RevisionKind::Deleted,
+                        &empty,
+                    )
+                    .await?;
+                    Ok::<_, TaskError>(())
+                }
+                .boxed()
+            })
+            .await?;
+        Ok(written_at)
+    }
+
+    /// A page of `owner`'s tasks, newest first.
+    pub async fn list(
+        &self,
+        owner: Uuid,
+        query: ListQuery,
+        read_after: Option<Lsn>,
+    ) -> Result<Page, TaskError> {
+        let limit = query.limit as usize;
+        let rows = self
+            .db
+            .read_after(read_after, |mut conn| {
+                let query = query.clone();
+                async move { storage::list(&mut conn, owner, &query).await }
+            })
+            .await?;
+        let mut items = rows
+            .into_iter()
+            .map(Task::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next_after = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|task| task.id)
+        } else {
+            None
+        };
+        Ok(Page { items, next_after })
+    }
+
+    /// Up to `limit` revisions of `owner`'s task after `after_version`, oldest first. A task
+    /// that never existed (for this owner) is not found; a deleted one still has its history.
+    pub async fn revisions(
+        &self,
+        owner: Uuid,
+        id: Uuid,
+        after_version: i64,
+        limit: u32,
+        read_after: Option<Lsn>,
+    ) -> Result<Vec<Revision>, TaskError> {
+        let rows = self
+            .db
+            .read_one(read_after, |mut conn| async move {
+                let rows =
+                    storage::revisions(&mut conn, owner, id, after_version, i64::from(limit))
+                        .await?;
+                // Nothing at all, from the start: treat as "maybe not replicated yet".
+                Ok((!rows.is_empty() || after_version > 0).then_some(rows))
+            })
+            .await?
+            .ok_or(TaskError::NotFound(id))?;
+        rows.into_iter().map(Revision::try_from).collect()
+    }
+
+    /// Forgets day-old idempotency keys now and then, for the life of the process.
+    pub fn spawn_housekeeping(tasks: std::sync::Arc<Self>) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(300));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let forgotten = tasks
+                    .db
+                    .write(|mut conn| async move {
+                        storage::forget_idempotency_keys(&mut conn, 10_000).await
+                    })
+                    .await;
+                if let Err(err) = forgotten {
+                    tracing::warn!(error = %err, "forgetting old idempotency keys failed");
+                }
+            }
+        });
+    }
+}
+
+/// The task stored under an idempotency key, if the request is the same as the first.
+async fn replay(
+    tx: &mut service_kit::sqlx::PgConnection,
+    owner: Uuid,
+    key: &IdempotencyKey,
+) -> Result<Task, TaskError> {
+    let (hash, response) = storage::idempotency_record(tx, owner, &key.key)
+        .await?
+        .ok_or_else(|| TaskError::Corrupt("claimed idempotency key vanished".into()))?;
+    if hash != key.request_hash {
+        return Err(TaskError::IdempotencyKeyReused);
+    }
+    let response =
+        response.ok_or_else(|| TaskError::Corrupt("idempotency key without answer".into()))?;
+    serde_json::from_value(response).map_err(|err| TaskError::Corrupt(err.to_string()))
+}
+
+fn json(value: &impl serde::Serialize) -> Result<serde_json::Value, TaskError> {
+    serde_json::to_value(value).map_err(|err| TaskError::Corrupt(err.to_string()))
+}

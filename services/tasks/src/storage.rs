@@ -1,0 +1,345 @@
+//! tasks' SQL. Every function runs on a connection it is given, so the domain decides what runs
+//! on the primary, on a replica, or in one transaction. The statements are public so the EXPLAIN
+//! test checks the very plans the service runs.
+
+use serde_json::Value;
+use service_kit::sqlx::{self, PgConnection, Postgres, QueryBuilder};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::domain::{ListQuery, NewTask, Revision, RevisionKind, Task, TaskError};
+
+/// The task columns, read through the alias `t`.
+macro_rules! task_columns {
+    () => {
+        "t.id, t.owner_id, t.title, t.description, t.status, t.priority, t.due_at, t.labels, \
+         t.version, t.created_at, t.updated_at"
+    };
+}
+
+pub const FIND_SQL: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks t WHERE t.id = $1 AND t.owner_id = $2"
+);
+pub const FIND_FOR_UPDATE_SQL: &str = concat!(
+    "SELECT ",
+    task_columns!(),
+    " FROM tasks t WHERE t.id = $1 AND t.owner_id = $2 FOR UPDATE"
+);
+pub const REVISIONS_SQL: &str = "SELECT version, kind, actor_id, changed_at, changes \
+     FROM task_revisions WHERE task_id = $1 AND owner_id = $2 AND version > $3 \
+     ORDER BY version LIMIT $4";
+
+/// A `tasks` row as stored; [`Task`] once its text columns are checked.
+#[derive(sqlx::FromRow)]
+pub struct TaskRow {
+    id: Uuid,
+    owner_id: Uuid,
+    title: String,
+    description: Option<String>,
+    status: String,
+    priority: String,
+    due_at: Option<OffsetDateTime>,
+    labels: Vec<String>,
+    version: i64,
+    created_at: OffsetDateTime,
+    updated_at: OffsetDateTime,
+}
+
+impl TryFrom<TaskRow> for Task {
+    type Error = TaskError;
+
+    fn try_from(row: TaskRow) -> Result<Self, TaskError> {
+        let unknown = |what: &str, value: &str| TaskError::Corrupt(format!("{what} {value:?}"));
+        Ok(Task {
+            status: crate::domain::Status::parse(&row.status)
+                .ok_or_else(|| unknown("status", &row.status))?,
+            priority: crate::domain::Priority::parse(&row.priority)
+                .ok_or_else(|| unknown("priority", &row.priority))?,
+            id: row.id,
+            owner_id: row.owner_id,
+            title: row.title,
+            description: row.description,
+            due_at: row.due_at,
+            labels: row.labels,
+            version: row.version,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+pub async fn find(conn: &mut PgConnection, owner: Uuid, id: Uuid) -> sqlx::Result<Option<TaskRow>> {
+    sqlx::query_as(FIND_SQL)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Reads the task and locks it until the transaction ends: concurrent changes to one task are
+/// decided one after the other, each against the version the previous one left.
+pub async fn find_for_update(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    id: Uuid,
+) -> sqlx::Result<Option<TaskRow>> {
+    sqlx::query_as(FIND_FOR_UPDATE_SQL)
+        .bind(id)
+        .bind(owner)
+        .fetch_optional(conn)
+        .await
+}
+
+pub async fn insert(
+    conn: &mut PgConnection,
+    id: Uuid,
+    owner: Uuid,
+    task: &NewTask,
+) -> sqlx::Result<TaskRow> {
+    sqlx::query_as(concat!(
+        "INSERT INTO tasks AS t (id, owner_id, title, description, status, priority, due_at, \
+         labels, version, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, now(), now()) RETURNING ",
+        task_columns!()
+    ))
+    .bind(id)
+    .bind(owner)
+    .bind(&task.title)
+    .bind(&task.description)
+    .bind(task.status.as_str())
+    .bind(task.priority.as_str())
+    .bind(task.due_at)
+    .bind(&task.labels)
+    .fetch_one(conn)
+    .await
+}
+
+/// Writes `task`'s fields as its next version.
+pub async fn update(conn: &mut PgConnection, task: &Task) -> sqlx::Result<TaskRow> {
+    sqlx::query_as(concat!(
+        "UPDATE tasks t SET title = $2, description = $3, status = $4, priority = $5, \
+         due_at = $6, labels = $7, version = t.version + 1, updated_at = now() \
+         WHERE t.id = $1 RETURNING ",
+        task_columns!()
+    ))
+    .bind(task.id)
+    .bind(&task.title)
+    .bind(&task.description)
+    .bind(task.status.as_str())
+    .bind(task.priority.as_str())
+    .bind(task.due_at)
+    .bind(&task.labels)
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM tasks WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Makes the label index say exactly `labels` for the task.
+pub async fn replace_labels(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    task_id: Uuid,
+    labels: &[String],
+) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM task_labels WHERE task_id = $1")
+        .bind(task_id)
+        .execute(&mut *conn)
+        .await?;
+    if !labels.is_empty() {
+        sqlx::query(
+            "INSERT INTO task_labels (owner_id, label, task_id) \
+             SELECT $1, label, $2 FROM unnest($3::text[]) AS label",
+        )
+        .bind(owner)
+        .bind(task_id)
+        .bind(labels)
+        .execute(conn)
+        .await?;
+    }
+    Ok(())
+}
+
+pub async fn insert_revision(
+    conn: &mut PgConnection,
+    task: &Task,
+    version: i64,
+    actor: Uuid,
+    kind: RevisionKind,
+    changes: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO task_revisions (task_id, version, owner_id, actor_id, kind, changes, changed_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, now())",
+    )
+    .bind(task.id)
+    .bind(version)
+    .bind(task.owner_id)
+    .bind(actor)
+    .bind(kind.as_str())
+    .bind(changes)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+#[derive(sqlx::FromRow)]
+pub struct RevisionRow {
+    version: i64,
+    kind: String,
+    actor_id: Uuid,
+    changed_at: OffsetDateTime,
+    changes: Value,
+}
+
+impl TryFrom<RevisionRow> for Revision {
+    type Error = TaskError;
+
+    fn try_from(row: RevisionRow) -> Result<Self, TaskError> {
+        Ok(Revision {
+            kind: RevisionKind::parse(&row.kind)
+                .ok_or_else(|| TaskError::Corrupt(format!("revision kind {:?}", row.kind)))?,
+            version: row.version,
+            actor_id: row.actor_id,
+            changed_at: row.changed_at,
+            changes: row.changes,
+        })
+    }
+}
+
+/// Up to `limit` revisions after `after_version`, oldest first.
+pub async fn revisions(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    task_id: Uuid,
+    after_version: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<RevisionRow>> {
+    sqlx::query_as(REVISIONS_SQL)
+        .bind(task_id)
+        .bind(owner)
+        .bind(after_version)
+        .bind(limit)
+        .fetch_all(conn)
+        .await
+}
+
+/// Appends the list query for `owner` to `sql`: newest first, after the cursor, one row more
+/// than a page so the caller knows whether another page follows. With a label it walks the
+/// label index; otherwise the owner's (status) index.
+pub fn push_list_query(sql: &mut QueryBuilder<'_, Postgres>, owner: Uuid, query: &ListQuery) {
+    sql.push(concat!("SELECT ", task_columns!()));
+    let order_column = match &query.label {
+        Some(label) => {
+            // The owner is named for both tables, so whichever index the planner starts from
+            // is entered at this owner's rows (never at every user's due dates, say).
+            sql.push(" FROM task_labels l JOIN tasks t ON t.id = l.task_id WHERE l.owner_id = ")
+                .push_bind(owner)
+                .push(" AND t.owner_id = ")
+                .push_bind(owner)
+                .push(" AND l.label = ")
+                .push_bind(label.clone());
+            "l.task_id"
+        }
+        None => {
+            sql.push(" FROM tasks t WHERE t.owner_id = ")
+                .push_bind(owner);
+            "t.id"
+        }
+    };
+    if let Some(after) = query.after {
+        sql.push(format_args!(" AND {order_column} < "))
+            .push_bind(after);
+    }
+    if let Some(status) = query.status {
+        sql.push(" AND t.status = ").push_bind(status.as_str());
+    }
+    if let Some(due_before) = query.due_before {
+        sql.push(" AND t.due_at < ").push_bind(due_before);
+    }
+    sql.push(format_args!(" ORDER BY {order_column} DESC LIMIT "))
+        .push_bind(i64::from(query.limit) + 1);
+}
+
+pub async fn list(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    query: &ListQuery,
+) -> sqlx::Result<Vec<TaskRow>> {
+    let mut sql = QueryBuilder::new("");
+    push_list_query(&mut sql, owner, query);
+    sql.build_query_as().fetch_all(conn).await
+}
+
+/// Claims `key` for a new task; false when it was claimed before (the claim of a concurrent
+/// request is waited for, so the answer is final).
+pub async fn claim_idempotency_key(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    key: &str,
+    request_hash: &[u8; 32],
+    task_id: Uuid,
+) -> sqlx::Result<bool> {
+    sqlx::query(
+        "INSERT INTO idempotency_keys (owner_id, key, request_hash, task_id) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (owner_id, key) DO NOTHING",
+    )
+    .bind(owner)
+    .bind(key)
+    .bind(&request_hash[..])
+    .bind(task_id)
+    .execute(conn)
+    .await
+    .map(|done| done.rows_affected() == 1)
+}
+
+/// The request hash and stored answer of a claimed key.
+pub async fn idempotency_record(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    key: &str,
+) -> sqlx::Result<Option<(Vec<u8>, Option<Value>)>> {
+    sqlx::query_as(
+        "SELECT request_hash, response FROM idempotency_keys WHERE owner_id = $1 AND key = $2",
+    )
+    .bind(owner)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn store_idempotent_response(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    key: &str,
+    response: &Value,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE idempotency_keys SET response = $3 WHERE owner_id = $1 AND key = $2")
+        .bind(owner)
+        .bind(key)
+        .bind(response)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Forgets up to `batch` idempotency keys older than a day; returns how many.
+pub async fn forget_idempotency_keys(conn: &mut PgConnection, batch: i64) -> sqlx::Result<u64> {
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE (owner_id, key) IN ( \
+           SELECT owner_id, key FROM idempotency_keys \
+           WHERE created_at < now() - interval '1 day' LIMIT $1)",
+    )
+    .bind(batch)
+    .execute(conn)
+    .await
+    .map(|done| done.rows_affected())
+}
