@@ -9,6 +9,9 @@ use anyhow::{ensure, Context, Result};
 use crate::up_process::RunningUp;
 use crate::{prereqs, stack, workspace_root, EDGE_PORT};
 
+/// The scenarios in `loadtest/` (`<name>.js`).
+pub const SCENARIOS: [&str; 2] = ["auth", "tasks"];
+
 /// Settings the system runs with under load: login limits out of the way (every virtual user
 /// comes from 127.0.0.1 and reuses a few accounts) and only warnings logged.
 const LOAD_SETTINGS: [(&str, &str); 3] = [
@@ -54,4 +57,22 @@ pub async fn run(scenario: &str, smoke: bool) -> Result<()> {
     );
     println!("xtask: report written to {}", report.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SCENARIOS;
+
+    #[test]
+    fn every_script_in_loadtest_is_a_known_scenario() {
+        let mut scripts: Vec<String> = std::fs::read_dir(crate::workspace_root().join("loadtest"))
+            .unwrap()
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                name.strip_suffix(".js").map(str::to_owned)
+            })
+            .collect();
+        scripts.sort();
+        assert_eq!(scripts, SCENARIOS);
+    }
 }

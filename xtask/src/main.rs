@@ -47,8 +47,12 @@ fn main() -> ExitCode {
         Some("up") => runtime.block_on(up(args.iter().any(|arg| arg == "--release"))),
         Some("test") => check::test().and_then(|mut counts| {
             runtime.block_on(check::smoke_up())?;
-            // The two smoke runs of `cargo xtask up` count as tests too.
-            counts.passed += 2;
+            // Every load scenario, briefly, so a script cannot rot unnoticed.
+            for scenario in load::SCENARIOS {
+                runtime.block_on(load::run(scenario, true))?;
+            }
+            // The two smoke runs of `cargo xtask up` and the load smoke runs count as tests too.
+            counts.passed += 2 + load::SCENARIOS.len() as u32;
             println!("summary: {counts}");
             Ok(())
         }),
