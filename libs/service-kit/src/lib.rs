@@ -7,7 +7,8 @@
 //! - [`db`]: writer and reader pools with replica fallback and read-your-writes;
 //! - [`broker`]: the Kafka reachability probe;
 //! - [`access_token`]: verifying auth's access tokens (JWKS fetched and cached);
-//! - [`workers`]: bounded worker pools for CPU-heavy work.
+//! - [`workers`]: bounded worker pools for CPU-heavy work, periodic chores;
+//! - [`openapi`]: serving a service's OpenAPI document.
 //!
 //! A service implements [`Service`] and its `main` is `service_kit::run::<TheService>()`, which
 //! also gives the binary its `migrate` subcommand.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod db;
 pub mod http;
 pub mod metrics;
+pub mod openapi;
 pub mod telemetry;
 pub mod workers;
 
@@ -91,29 +93,25 @@ fn fail(service: &str, code: u8, message: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
+fn bad_config(service: &str, err: impl std::fmt::Display) -> ExitCode {
+    fail(
+        service,
+        EXIT_BAD_CONFIG,
+        &format_args!("configuration error: {err}"),
+    )
+}
+
 fn serve<S: Service>() -> ExitCode {
     let env = Env::from_process();
     let settings = ServiceConfig::from_env(&env, S::NAME, S::DEFAULT_PORT)
         .and_then(|config| Ok((config, S::settings(&env)?)));
     let (config, settings) = match settings {
         Ok((config, settings)) => (Arc::new(config), settings),
-        Err(err) => {
-            return fail(
-                S::NAME,
-                EXIT_BAD_CONFIG,
-                &format_args!("configuration error: {err}"),
-            )
-        }
+        Err(err) => return bad_config(S::NAME, err),
     };
     let _telemetry = match telemetry::init(S::NAME, &config.telemetry) {
         Ok(guard) => guard,
-        Err(err) => {
-            return fail(
-                S::NAME,
-                EXIT_BAD_CONFIG,
-                &format_args!("configuration error: {err}"),
-            )
-        }
+        Err(err) => return bad_config(S::NAME, err),
     };
     let metrics = match metrics::install(S::NAME) {
         Ok(handle) => handle,
@@ -170,13 +168,7 @@ fn migrate<S: Service>() -> ExitCode {
     let env = Env::from_process();
     let url = match env.postgres_url("DATABASE_WRITER_URL") {
         Ok(url) => url,
-        Err(err) => {
-            return fail(
-                S::NAME,
-                EXIT_BAD_CONFIG,
-                &format_args!("configuration error: {err}"),
-            )
-        }
+        Err(err) => return bad_config(S::NAME, err),
     };
     let logs = TelemetryConfig {
         log_filter: env.raw("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
@@ -184,13 +176,7 @@ fn migrate<S: Service>() -> ExitCode {
     };
     let _telemetry = match telemetry::init(S::NAME, &logs) {
         Ok(guard) => guard,
-        Err(err) => {
-            return fail(
-                S::NAME,
-                EXIT_BAD_CONFIG,
-                &format_args!("configuration error: {err}"),
-            )
-        }
+        Err(err) => return bad_config(S::NAME, err),
     };
     let Some(migrator) = S::migrations() else {
         tracing::info!("{} has no migrations", S::NAME);

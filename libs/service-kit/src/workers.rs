@@ -90,6 +90,25 @@ impl WorkerPool {
     }
 }
 
+/// Runs `chore` every `period` for the life of the process, the first time at once. A failure is
+/// logged with `name` and the next run goes ahead; runs never overlap.
+pub fn spawn_periodic<F, Fut>(name: &'static str, period: std::time::Duration, chore: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(err) = chore().await {
+                tracing::warn!(chore = name, error = %err, "periodic chore failed");
+            }
+        }
+    });
+}
+
 /// Raises the calling thread's niceness: on Linux `setpriority(PRIO_PROCESS, 0, …)` applies to
 /// the calling thread only, not the whole process.
 fn lower_priority(nice: i32) {

@@ -5,8 +5,11 @@
 //! HTTP/1.1 and h2c clients. A test that needs to break the replica makes a scratch replica of
 //! its own, so tests running beside it are not disturbed.
 
+mod answer;
 pub mod auth;
 pub mod spine_checks;
+
+pub use answer::{openapi_operations, Answer};
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -198,6 +201,21 @@ pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str)
         })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Waits for every spawned task and returns their results in order; a panic in one fails the test.
+///
+/// `tasks` is collected before anything is awaited: given a lazy `map(|_| tokio::spawn(…))`,
+/// awaiting while iterating would spawn each task only after the previous one finished.
+pub async fn join_spawned<T>(
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let tasks: Vec<_> = tasks.into_iter().collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        results.push(task.await.expect("a concurrent task panicked"));
+    }
+    results
 }
 
 /// A port nothing listens on right now.

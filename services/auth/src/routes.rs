@@ -1,11 +1,9 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
-use std::sync::OnceLock;
-
-use service_kit::actix_web::{web, HttpResponse};
+use service_kit::actix_web::web;
 use service_kit::http::{resource, ErrorBody};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use service_kit::openapi::{document_resource, BearerSecurity};
+use utoipa::OpenApi;
 
 use crate::api::{
     LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest, TokenResponse, UserProfile,
@@ -19,7 +17,10 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         .service(resource("/v1/auth/refresh").route(web::post().to(handlers::refresh)))
         .service(resource("/v1/auth/logout").route(web::post().to(handlers::logout)))
         .service(resource("/v1/auth/jwks").route(web::get().to(handlers::jwks)))
-        .service(resource("/v1/auth/openapi.json").route(web::get().to(openapi)))
+        .service(document_resource(
+            "/v1/auth/openapi.json",
+            ApiDoc::openapi(),
+        ))
         .service(
             resource("/v1/users/me")
                 .route(web::get().to(handlers::me))
@@ -53,7 +54,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         TokenResponse,
         ErrorBody
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerSecurity),
     tags(
         (name = "accounts", description = "Signup and the caller's profile"),
         (name = "sessions", description = "Login, refresh-token rotation, logout"),
@@ -61,33 +62,3 @@ pub fn configure(routes: &mut web::ServiceConfig) {
     )
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
-
-/// `GET /v1/auth/openapi.json`, built once.
-async fn openapi() -> HttpResponse {
-    static DOCUMENT: OnceLock<String> = OnceLock::new();
-    let document = DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"))
-    });
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(document.as_str())
-}

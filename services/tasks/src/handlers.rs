@@ -318,21 +318,18 @@ pub async fn revisions(
         .map(parse_cursor(decode_revision_cursor))
         .transpose()?
         .unwrap_or(0);
-    let limit = params.limit.unwrap_or(100);
-    let mut items = tasks
-        .revisions(caller.user_id, *id, after, limit + 1, read_after.0)
+    let page = tasks
+        .revisions(
+            caller.user_id,
+            *id,
+            after,
+            params.limit.unwrap_or(100),
+            read_after.0,
+        )
         .await?;
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items
-            .last()
-            .map(|revision| encode_revision_cursor(revision.version))
-    } else {
-        None
-    };
     Ok(HttpResponse::Ok().json(RevisionPage {
-        items: items.into_iter().map(RevisionView::from).collect(),
-        next_cursor,
+        items: page.items.into_iter().map(RevisionView::from).collect(),
+        next_cursor: page.next_after.map(encode_revision_cursor),
     }))
 }
 

@@ -1,11 +1,9 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
-use std::sync::OnceLock;
-
-use service_kit::actix_web::{web, HttpResponse};
+use service_kit::actix_web::web;
 use service_kit::http::{resource, ErrorBody};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use service_kit::openapi::{document_resource, BearerSecurity};
+use utoipa::OpenApi;
 
 use crate::api::{CreateTask, PatchTask, RevisionPage, RevisionView, TaskPage, TaskView};
 use crate::domain::{Priority, RevisionKind, Status};
@@ -18,7 +16,10 @@ pub fn configure(routes: &mut web::ServiceConfig) {
                 .route(web::post().to(handlers::create))
                 .route(web::get().to(handlers::list)),
         )
-        .service(resource("/v1/tasks/openapi.json").route(web::get().to(openapi)))
+        .service(document_resource(
+            "/v1/tasks/openapi.json",
+            ApiDoc::openapi(),
+        ))
         .service(
             resource("/v1/tasks/{id}")
                 .route(web::get().to(handlers::get))
@@ -60,37 +61,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         RevisionKind,
         ErrorBody
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerSecurity),
     tags((name = "tasks", description = "Tasks and their revisions"))
 )]
 pub struct ApiDoc;
-
-struct BearerAuth;
-
-impl Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-    }
-}
-
-/// `GET /v1/tasks/openapi.json`, built once.
-async fn openapi() -> HttpResponse {
-    static DOCUMENT: OnceLock<String> = OnceLock::new();
-    let document = DOCUMENT.get_or_init(|| {
-        ApiDoc::openapi()
-            .to_json()
-            .unwrap_or_else(|err| format!("{{\"error\": \"{err}\"}}"))
-    });
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(document.as_str())
-}

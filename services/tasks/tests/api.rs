@@ -5,12 +5,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use reqwest::header::HeaderMap;
 use reqwest::{Method, RequestBuilder};
 use serde_json::{json, Value};
 use test_support::auth::{AuthServer, Session};
 use test_support::{
-    h2c_client, http1_client, metric_sum, workspace_binary, ServiceProcess, TestStack,
+    h2c_client, http1_client, join_spawned, metric_sum, openapi_operations, workspace_binary,
+    Answer, ServiceProcess, TestStack,
 };
 
 /// auth, tasks and the edge in front of them, as a client sees the system.
@@ -64,60 +64,34 @@ impl System {
     }
 
     async fn create(&self, user: &Session, body: Value) -> Answer {
-        Answer::from(self.request(user, Method::POST, "/v1/tasks").json(&body)).await
+        send(self.request(user, Method::POST, "/v1/tasks").json(&body)).await
     }
 
     async fn get(&self, user: &Session, path: &str) -> Answer {
-        Answer::from(self.request(user, Method::GET, path)).await
+        send(self.request(user, Method::GET, path)).await
     }
 }
 
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: Value,
+/// Sends through the edge and checks it answered over HTTP/2.
+async fn send(request: RequestBuilder) -> Answer {
+    let answer = Answer::send(request).await;
+    assert_eq!(
+        answer.version,
+        reqwest::Version::HTTP_2,
+        "the edge speaks h2c"
+    );
+    answer
 }
 
-impl Answer {
-    async fn from(request: RequestBuilder) -> Self {
-        let response = request.send().await.expect("request");
-        assert_eq!(
-            response.version(),
-            reqwest::Version::HTTP_2,
-            "the edge speaks h2c"
-        );
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let text = response.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text}"))
-        };
-        Self {
-            status,
-            headers,
-            body,
-        }
-    }
+fn task_id(answer: &Answer) -> String {
+    answer.body["id"].as_str().expect("task id").to_owned()
+}
 
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|value| value.to_str().ok())
-    }
-
-    fn code(&self) -> &str {
-        self.body["error"]["code"].as_str().unwrap_or("")
-    }
-
-    fn id(&self) -> String {
-        self.body["id"].as_str().expect("task id").to_owned()
-    }
-
-    fn token(&self) -> String {
-        self.header("x-consistency-token")
-            .expect("consistency token")
-            .to_owned()
-    }
+fn token(answer: &Answer) -> String {
+    answer
+        .header("x-consistency-token")
+        .expect("consistency token")
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -132,7 +106,7 @@ async fn a_task_goes_through_its_whole_life() {
         )
         .await;
     assert_eq!(created.status, 201, "{}", created.body);
-    let id = created.id();
+    let id = task_id(&created);
     assert_eq!(created.body["status"], "todo");
     assert_eq!(created.body["priority"], "medium");
     assert_eq!(created.body["labels"], json!(["work", "q3"]));
@@ -146,25 +120,25 @@ async fn a_task_goes_through_its_whole_life() {
     assert!(created.body.get("owner_id").is_none());
 
     let path = format!("/v1/tasks/{id}");
-    let read = Answer::from(
+    let read = send(
         system
             .request(&ada, Method::GET, &path)
-            .header("x-consistency-token", created.token()),
+            .header("x-consistency-token", token(&created)),
     )
     .await;
     assert_eq!(read.status, 200, "{}", read.body);
     assert_eq!(read.body, created.body);
     assert_eq!(read.header("etag"), Some("\"1\""));
-    let cached = Answer::from(
+    let cached = send(
         system
             .request(&ada, Method::GET, &path)
             .header("if-none-match", "\"1\"")
-            .header("x-consistency-token", created.token()),
+            .header("x-consistency-token", token(&created)),
     )
     .await;
     assert_eq!(cached.status, 304);
 
-    let changed = Answer::from(
+    let changed = send(
         system
             .request(&ada, Method::PATCH, &path)
             .header("if-match", "\"1\"")
@@ -178,7 +152,7 @@ async fn a_task_goes_through_its_whole_life() {
     assert_eq!(changed.header("etag"), Some("\"2\""));
 
     // A change to nothing writes nothing.
-    let same = Answer::from(
+    let same = send(
         system
             .request(&ada, Method::PATCH, &path)
             .header("if-match", "\"2\"")
@@ -188,10 +162,10 @@ async fn a_task_goes_through_its_whole_life() {
     assert_eq!(same.status, 200);
     assert_eq!(same.body["version"], 2);
 
-    let history = Answer::from(
+    let history = send(
         system
             .request(&ada, Method::GET, &format!("{path}/revisions"))
-            .header("x-consistency-token", changed.token()),
+            .header("x-consistency-token", token(&changed)),
     )
     .await;
     assert_eq!(history.status, 200, "{}", history.body);
@@ -214,11 +188,11 @@ async fn a_task_goes_through_its_whole_life() {
         "only the fields that changed"
     );
 
-    let deleted = Answer::from(system.request(&ada, Method::DELETE, &path)).await;
+    let deleted = send(system.request(&ada, Method::DELETE, &path)).await;
     assert_eq!(deleted.status, 204, "{}", deleted.body);
-    let token = deleted.token();
+    let token = token(&deleted);
     for method in [Method::GET, Method::DELETE] {
-        let gone = Answer::from(
+        let gone = send(
             system
                 .request(&ada, method.clone(), &path)
                 .header("x-consistency-token", &token),
@@ -227,7 +201,7 @@ async fn a_task_goes_through_its_whole_life() {
         assert_eq!(gone.status, 404, "{method} after delete: {}", gone.body);
         assert_eq!(gone.code(), "not_found");
     }
-    let history = Answer::from(
+    let history = send(
         system
             .request(&ada, Method::GET, &format!("{path}/revisions"))
             .header("x-consistency-token", &token),
@@ -288,13 +262,13 @@ async fn bad_input_gets_a_clear_400_and_nothing_is_written() {
     }
 
     let task = system.create(&ada, json!({ "title": "valid" })).await;
-    let path = format!("/v1/tasks/{}", task.id());
+    let path = format!("/v1/tasks/{}", task_id(&task));
     let patch = |if_match: Option<&str>, body: Value| {
         let mut request = system.request(&ada, Method::PATCH, &path).json(&body);
         if let Some(tag) = if_match {
             request = request.header("if-match", tag);
         }
-        Answer::from(request)
+        send(request)
     };
     let missing = patch(None, json!({ "title": "x" })).await;
     assert_eq!(missing.status, 428, "{}", missing.body);
@@ -323,7 +297,7 @@ async fn bad_input_gets_a_clear_400_and_nothing_is_written() {
     let bad_id = system.get(&ada, "/v1/tasks/not-a-uuid").await;
     assert_eq!(bad_id.status, 400);
     assert_eq!(bad_id.code(), "invalid_path");
-    let bad_key = Answer::from(
+    let bad_key = send(
         system
             .request(&ada, Method::POST, "/v1/tasks")
             .header("idempotency-key", "k".repeat(201))
@@ -333,7 +307,7 @@ async fn bad_input_gets_a_clear_400_and_nothing_is_written() {
     assert_eq!(bad_key.status, 400);
     assert_eq!(bad_key.code(), "invalid_idempotency_key");
 
-    let anonymous = Answer::from(system.client.get(system.edge.url("/v1/tasks"))).await;
+    let anonymous = send(system.client.get(system.edge.url("/v1/tasks"))).await;
     assert_eq!(anonymous.status, 401);
     assert_eq!(anonymous.header("www-authenticate"), Some("Bearer"));
 
@@ -346,10 +320,10 @@ async fn bad_input_gets_a_clear_400_and_nothing_is_written() {
         .map(|task| task["id"].as_str().unwrap())
         .collect();
     assert!(token_free_ids.len() <= 1, "{}", list.body);
-    let read_back = Answer::from(
+    let read_back = send(
         system
             .request(&ada, Method::GET, "/v1/tasks")
-            .header("x-consistency-token", task.token()),
+            .header("x-consistency-token", token(&task)),
     )
     .await;
     assert_eq!(read_back.body["items"].as_array().unwrap().len(), 1);
@@ -361,8 +335,8 @@ async fn users_only_ever_see_their_own_tasks() {
     let system = System::start("tasks-isolation").await;
     let (ada, bob) = (system.user("owner").await, system.user("other").await);
     let task = system.create(&ada, json!({ "title": "private" })).await;
-    let path = format!("/v1/tasks/{}", task.id());
-    let token = task.token();
+    let path = format!("/v1/tasks/{}", task_id(&task));
+    let token = token(&task);
 
     for (method, suffix) in [
         (Method::GET, ""),
@@ -370,7 +344,7 @@ async fn users_only_ever_see_their_own_tasks() {
         (Method::DELETE, ""),
         (Method::GET, "/revisions"),
     ] {
-        let answer = Answer::from(
+        let answer = send(
             system
                 .request(&bob, method.clone(), &format!("{path}{suffix}"))
                 .header("if-match", "*")
@@ -380,14 +354,14 @@ async fn users_only_ever_see_their_own_tasks() {
         .await;
         assert_eq!(answer.status, 404, "{method} {suffix}: {}", answer.body);
     }
-    let bobs_list = Answer::from(
+    let bobs_list = send(
         system
             .request(&bob, Method::GET, "/v1/tasks")
             .header("x-consistency-token", &token),
     )
     .await;
     assert_eq!(bobs_list.body["items"], json!([]));
-    let adas = Answer::from(
+    let adas = send(
         system
             .request(&ada, Method::GET, &path)
             .header("x-consistency-token", &token),
@@ -405,7 +379,7 @@ async fn a_retried_post_with_the_same_key_creates_one_task() {
             .request(&ada, Method::POST, "/v1/tasks")
             .header("idempotency-key", key)
             .json(&body);
-        Answer::from(request)
+        send(request)
     };
 
     let first = post("create-1", json!({ "title": "once" })).await;
@@ -423,7 +397,7 @@ async fn a_retried_post_with_the_same_key_creates_one_task() {
     let attempts = (0..6).map(|_| {
         let (system, ada) = (system.clone(), ada.clone());
         tokio::spawn(async move {
-            Answer::from(
+            send(
                 system
                     .request(&ada, Method::POST, "/v1/tasks")
                     .header("idempotency-key", "burst")
@@ -432,18 +406,14 @@ async fn a_retried_post_with_the_same_key_creates_one_task() {
             .await
         })
     });
-    let answers: Vec<Answer> = futures_util::future::join_all(attempts)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let answers: Vec<Answer> = join_spawned(attempts).await;
     assert!(answers.iter().all(|answer| answer.status == 201));
-    let ids: BTreeSet<String> = answers.iter().map(Answer::id).collect();
+    let ids: BTreeSet<String> = answers.iter().map(task_id).collect();
     assert_eq!(ids.len(), 1, "{ids:?}");
 
     // Keys belong to a user: another user's same key is a different request.
     let bob = system.user("idem2").await;
-    let bobs = Answer::from(
+    let bobs = send(
         system
             .request(&bob, Method::POST, "/v1/tasks")
             .header("idempotency-key", "create-1")
@@ -451,12 +421,12 @@ async fn a_retried_post_with_the_same_key_creates_one_task() {
     )
     .await;
     assert_eq!(bobs.status, 201);
-    assert_ne!(bobs.id(), first.id());
+    assert_ne!(task_id(&bobs), task_id(&first));
 
-    let all = Answer::from(
+    let all = send(
         system
             .request(&ada, Method::GET, "/v1/tasks")
-            .header("x-consistency-token", answers[0].token()),
+            .header("x-consistency-token", token(&answers[0])),
     )
     .await;
     assert_eq!(
@@ -472,12 +442,12 @@ async fn concurrent_changes_from_one_version_have_exactly_one_winner() {
     let system = Arc::new(System::start("tasks-concurrency").await);
     let ada = system.user("race").await;
     let task = system.create(&ada, json!({ "title": "contested" })).await;
-    let path = format!("/v1/tasks/{}", task.id());
+    let path = format!("/v1/tasks/{}", task_id(&task));
 
     let attempts = (0..8).map(|n| {
         let (system, ada, path) = (system.clone(), ada.clone(), path.clone());
         tokio::spawn(async move {
-            Answer::from(
+            send(
                 system
                     .request(&ada, Method::PATCH, &path)
                     .header("if-match", "\"1\"")
@@ -486,11 +456,7 @@ async fn concurrent_changes_from_one_version_have_exactly_one_winner() {
             .await
         })
     });
-    let answers: Vec<Answer> = futures_util::future::join_all(attempts)
-        .await
-        .into_iter()
-        .map(Result::unwrap)
-        .collect();
+    let answers: Vec<Answer> = join_spawned(attempts).await;
     let winners: Vec<&Answer> = answers.iter().filter(|a| a.status == 200).collect();
     assert_eq!(
         winners.len(),
@@ -503,10 +469,10 @@ async fn concurrent_changes_from_one_version_have_exactly_one_winner() {
         .filter(|a| a.status != 200)
         .all(|a| a.status == 412 && a.header("etag") == Some("\"2\"")));
 
-    let history = Answer::from(
+    let history = send(
         system
             .request(&ada, Method::GET, &format!("{path}/revisions"))
-            .header("x-consistency-token", winners[0].token()),
+            .header("x-consistency-token", token(winners[0])),
     )
     .await;
     let items = history.body["items"].as_array().unwrap();
@@ -528,7 +494,7 @@ async fn lists_filter_and_page_newest_first() {
         });
         let answer = system.create(&ada, body).await;
         assert_eq!(answer.status, 201, "{}", answer.body);
-        created.push((answer.id(), answer.token()));
+        created.push((task_id(&answer), token(&answer)));
     }
     let token = created.last().unwrap().1.clone();
     let newest_first: Vec<String> = created.iter().rev().map(|(id, _)| id.clone()).collect();
@@ -536,7 +502,7 @@ async fn lists_filter_and_page_newest_first() {
         let request = system
             .request(&ada, Method::GET, &format!("/v1/tasks?{query}"))
             .header("x-consistency-token", &token);
-        Answer::from(request)
+        send(request)
     };
     let ids = |answer: &Answer| -> Vec<String> {
         answer.body["items"]
@@ -618,7 +584,7 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
     .await;
     let ada = system.user("ryw").await;
     let created = system.create(&ada, json!({ "title": "first draft" })).await;
-    let id = created.id();
+    let id = task_id(&created);
     let path = format!("/v1/tasks/{id}");
 
     // Let the replica catch up with the creation, then hold replay back.
@@ -637,7 +603,7 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
     assert_eq!(replayed(), "1", "the replica never saw the task");
     replica.query("postgres", "SELECT pg_wal_replay_pause()");
 
-    let changed = Answer::from(
+    let changed = send(
         system
             .request(&ada, Method::PATCH, &path)
             .header("if-match", "\"1\"")
@@ -650,18 +616,18 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
         .await;
 
     // With the token of its write, the caller reads it (the primary answers)...
-    let mine = Answer::from(
+    let mine = send(
         system
             .request(&ada, Method::GET, &path)
-            .header("x-consistency-token", changed.token()),
+            .header("x-consistency-token", token(&changed)),
     )
     .await;
     assert_eq!(mine.body["title"], "final");
     assert_eq!(mine.body["version"], 2);
-    let listed = Answer::from(
+    let listed = send(
         system
             .request(&ada, Method::GET, "/v1/tasks")
-            .header("x-consistency-token", fresh_task.token()),
+            .header("x-consistency-token", token(&fresh_task)),
     )
     .await;
     assert_eq!(listed.body["items"].as_array().unwrap().len(), 2);
@@ -678,7 +644,7 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
     }
     // A task the replica has never seen is not reported missing: the primary confirms it.
     let unseen = system
-        .get(&ada, &format!("/v1/tasks/{}", fresh_task.id()))
+        .get(&ada, &format!("/v1/tasks/{}", task_id(&fresh_task)))
         .await;
     assert_eq!(unseen.status, 200, "{}", unseen.body);
 
@@ -709,23 +675,13 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
 #[tokio::test]
 async fn openapi_describes_every_route() {
     let system = System::start("tasks-openapi").await;
-    let document = Answer::from(system.client.get(system.edge.url("/v1/tasks/openapi.json"))).await;
+    let document = send(system.client.get(system.edge.url("/v1/tasks/openapi.json"))).await;
     assert_eq!(document.status, 200);
     assert!(document.body["openapi"]
         .as_str()
         .unwrap()
         .starts_with("3.1"));
-    let operations: BTreeSet<String> = document.body["paths"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .flat_map(|(path, item)| {
-            item.as_object()
-                .unwrap()
-                .keys()
-                .map(move |method| format!("{} {path}", method.to_uppercase()))
-        })
-        .collect();
+    let operations = openapi_operations(&document.body);
     let expected: BTreeSet<String> = [
         "POST /v1/tasks",
         "GET /v1/tasks",

@@ -263,27 +263,27 @@ impl Accounts {
     /// Periodic chores, for the life of the process: forget idle rate-limit keys, delete
     /// long-expired refresh tokens.
     pub fn spawn_housekeeping(accounts: std::sync::Arc<Self>) {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                accounts.limits.forget_idle();
-                let deleted = accounts
-                    .db
-                    .write(|mut conn| async move {
-                        storage::delete_expired_tokens(&mut conn, 10_000).await
-                    })
-                    .await;
-                match deleted {
-                    Ok(0) => {}
-                    Ok(count) => tracing::info!(count, "deleted expired refresh tokens"),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cleaning expired refresh tokens failed")
+        service_kit::workers::spawn_periodic(
+            "auth housekeeping",
+            Duration::from_secs(60),
+            move || {
+                let accounts = accounts.clone();
+                async move {
+                    accounts.limits.forget_idle();
+                    let deleted = accounts
+                        .db
+                        .write(|mut conn| async move {
+                            storage::delete_expired_tokens(&mut conn, 10_000).await
+                        })
+                        .await
+                        .map_err(|err| err.to_string())?;
+                    if deleted > 0 {
+                        tracing::info!(count = deleted, "deleted expired refresh tokens");
                     }
+                    Ok(())
                 }
-            }
-        });
+            },
+        );
     }
 
     fn token_pair(&self, user_id: Uuid, refresh_token: String) -> Result<TokenPair, AuthError> {

@@ -56,6 +56,21 @@ pub struct ListQuery {
     pub after: Option<Uuid>,
 }
 
+/// Page queries ask for one row more than a page: it tells whether another page follows.
+fn split_page<T>(mut rows: Vec<T>, limit: usize) -> (Vec<T>, bool) {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    (rows, more)
+}
+
+/// A page of revisions, oldest first.
+#[derive(Debug)]
+pub struct RevisionPage {
+    pub items: Vec<Revision>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_after: Option<i64>,
+}
+
 #[derive(Debug)]
 pub struct Page {
     pub items: Vec<Task>,
@@ -149,11 +164,7 @@ impl Tasks {
         self.db
             .transaction(move |tx| {
                 async move {
-                    let current = storage::find_for_update(tx, owner, id)
-                        .await?
-                        .ok_or(TaskError::NotFound(id))?;
-                    let current = Task::try_from(current)?;
-                    expected.check(current.version)?;
+                    let current = lock_checked(tx, owner, id, expected).await?;
                     let (next, changes) = change.apply(&current);
                     if changes.is_empty() {
                         return Ok(current);
@@ -189,11 +200,7 @@ impl Tasks {
             .db
             .transaction(move |tx| {
                 async move {
-                    let current = storage::find_for_update(tx, owner, id)
-                        .await?
-                        .ok_or(TaskError::NotFound(id))?;
-                    let current = Task::try_from(current)?;
-                    expected.check(current.version)?;
+                    let current = lock_checked(tx, owner, id, expected).await?;
                     storage::delete(tx, id).await?;
                     let empty = serde_json::json!({});
                     storage::insert_revision(
@@ -228,21 +235,17 @@ impl Tasks {
                 async move { storage::list(&mut conn, owner, &query).await }
             })
             .await?;
-        let mut items = rows
+        let tasks = rows
             .into_iter()
             .map(Task::try_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let next_after = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(|task| task.id)
-        } else {
-            None
-        };
+        let (items, more) = split_page(tasks, limit);
+        let next_after = more.then(|| items.last().map(|task| task.id)).flatten();
         Ok(Page { items, next_after })
     }
 
-    /// Up to `limit` revisions of `owner`'s task after `after_version`, oldest first. A task
-    /// that never existed (for this owner) is not found; a deleted one still has its history.
+    /// A page of `owner`'s task's revisions after `after_version`, oldest first. A task that
+    /// never existed (for this owner) is not found; a deleted one still has its history.
     pub async fn revisions(
         &self,
         owner: Uuid,
@@ -250,40 +253,64 @@ impl Tasks {
         after_version: i64,
         limit: u32,
         read_after: Option<Lsn>,
-    ) -> Result<Vec<Revision>, TaskError> {
+    ) -> Result<RevisionPage, TaskError> {
         let rows = self
             .db
             .read_one(read_after, |mut conn| async move {
                 let rows =
-                    storage::revisions(&mut conn, owner, id, after_version, i64::from(limit))
+                    storage::revisions(&mut conn, owner, id, after_version, i64::from(limit) + 1)
                         .await?;
                 // Nothing at all, from the start: treat as "maybe not replicated yet".
                 Ok((!rows.is_empty() || after_version > 0).then_some(rows))
             })
             .await?
             .ok_or(TaskError::NotFound(id))?;
-        rows.into_iter().map(Revision::try_from).collect()
+        let revisions = rows
+            .into_iter()
+            .map(Revision::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (items, more) = split_page(revisions, limit as usize);
+        let next_after = more
+            .then(|| items.last().map(|revision| revision.version))
+            .flatten();
+        Ok(RevisionPage { items, next_after })
     }
 
     /// Forgets day-old idempotency keys now and then, for the life of the process.
     pub fn spawn_housekeeping(tasks: std::sync::Arc<Self>) {
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(300));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let forgotten = tasks
-                    .db
-                    .write(|mut conn| async move {
-                        storage::forget_idempotency_keys(&mut conn, 10_000).await
-                    })
-                    .await;
-                if let Err(err) = forgotten {
-                    tracing::warn!(error = %err, "forgetting old idempotency keys failed");
+        service_kit::workers::spawn_periodic(
+            "forget idempotency keys",
+            Duration::from_secs(300),
+            move || {
+                let tasks = tasks.clone();
+                async move {
+                    tasks
+                        .db
+                        .write(|mut conn| async move {
+                            storage::forget_idempotency_keys(&mut conn, 10_000).await
+                        })
+                        .await
+                        .map(drop)
+                        .map_err(|err| err.to_string())
                 }
-            }
-        });
+            },
+        );
     }
+}
+
+/// Locks `owner`'s task `id` until the transaction ends, and checks `expected` against it.
+async fn lock_checked(
+    tx: &mut service_kit::sqlx::PgConnection,
+    owner: Uuid,
+    id: Uuid,
+    expected: Precondition,
+) -> Result<Task, TaskError> {
+    let current = storage::find_for_update(tx, owner, id)
+        .await?
+        .ok_or(TaskError::NotFound(id))?;
+    let current = Task::try_from(current)?;
+    expected.check(current.version)?;
+    Ok(current)
 }
 
 /// The task stored under an idempotency key, if the request is the same as the first.
