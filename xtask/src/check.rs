@@ -38,15 +38,22 @@ pub fn test() -> Result<TestCounts> {
         "xtask: test stack up (primary :{}, replica :{}, broker :{})",
         layout.primary_port, layout.replica_port, layout.broker_port
     );
-    // As a deploy does: the schema is in place before any service starts.
-    let migrated = crate::target_dir().and_then(|target| {
-        crate::bootstrap::migrate_all(
-            &target.join("debug"),
-            layout.primary_port,
-            &infra.logs_dir(),
-        )
-    });
-    if let Err(err) = migrated {
+    // As a deploy does: the schema and the topics are in place before any service starts.
+    let prepared = crate::target_dir()
+        .and_then(|target| {
+            crate::bootstrap::migrate_all(
+                &target.join("debug"),
+                layout.primary_port,
+                &infra.logs_dir(),
+            )
+        })
+        .and_then(|()| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(infra.create_topics())
+        });
+    if let Err(err) = prepared {
         infra.stop();
         return Err(err);
     }
@@ -65,6 +72,7 @@ pub fn test() -> Result<TestCounts> {
             format!("127.0.0.1:{}", layout.broker_port),
         )
         .env("TASKSTREAM_TEST_SCRATCH", layout.root.join("scratch"))
+        .env("TASKSTREAM_TEST_BROKER_BIN", &infra.broker_bin)
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;

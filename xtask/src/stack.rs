@@ -2,15 +2,13 @@
 //! Kafka-protocol broker, all on loopback, all children of this process.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use local_postgres::{ensure_service_database, stop_child, PgInstall, RunningCluster};
-use nix::sys::signal::Signal;
+use local_broker::LocalBroker;
+use local_postgres::{ensure_service_database, RunningCluster};
 
 use crate::prereqs;
 
@@ -65,9 +63,14 @@ impl StackLayout {
 pub struct Infra {
     pub primary: RunningCluster,
     pub replica: RunningCluster,
-    broker: Child,
+    broker: LocalBroker,
+    /// The broker binary, for tests that start brokers of their own.
+    pub broker_bin: PathBuf,
     pub layout: StackLayout,
 }
+
+/// Partitions of each catalog topic on a local broker: enough for consumer groups to share.
+const LOCAL_PARTITIONS: i32 = 3;
 
 impl Infra {
     pub fn start(layout: StackLayout) -> Result<Self> {
@@ -138,13 +141,37 @@ impl Infra {
             );
         }
 
-        let broker = start_broker(&install, &broker_bin, &layout, &logs)?;
+        let broker = LocalBroker::start(
+            &install,
+            &broker_bin,
+            &layout.root.join("broker"),
+            layout.broker_port,
+            log_file(&logs, "broker")?,
+        )
+        .with_context(|| {
+            format!(
+                "starting the broker; see {}",
+                logs.join("broker.log").display()
+            )
+        })?;
         Ok(Self {
             primary,
             replica,
             broker,
+            broker_bin,
             layout,
         })
+    }
+
+    /// Creates the event catalog's topics and dead-letter topics (Strimzi does it in a cluster).
+    pub async fn create_topics(&self) -> Result<()> {
+        events::kafka::ensure_topics(
+            &self.broker.bootstrap_servers(),
+            &events::kafka::catalog_topics(LOCAL_PARTITIONS),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(anyhow::Error::msg)
     }
 
     pub fn logs_dir(&self) -> PathBuf {
@@ -153,7 +180,7 @@ impl Infra {
 
     /// Stops the broker, then the replica, then the primary.
     pub fn stop(mut self) {
-        let _ = stop_child(&mut self.broker, Signal::SIGTERM, Duration::from_secs(10));
+        let _ = self.broker.stop();
         let _ = self.replica.stop();
         let _ = self.primary.stop();
     }
@@ -188,57 +215,6 @@ pub fn state_dir(workspace: &Path) -> PathBuf {
 pub fn log_file(logs: &Path, name: &str) -> Result<File> {
     let path = logs.join(format!("{name}.log"));
     File::create(&path).with_context(|| format!("creating {}", path.display()))
-}
-
-fn start_broker(
-    install: &PgInstall,
-    binary: &Path,
-    layout: &StackLayout,
-    logs: &Path,
-) -> Result<Child> {
-    // The broker reads a `.env` from its working folder: give it an empty one of its own.
-    let workdir = layout.root.join("broker");
-    install.prepare_dir(&workdir)?;
-    let listener = format!("tcp://127.0.0.1:{}", layout.broker_port);
-    let log = log_file(logs, "broker")?;
-    let mut command = Command::new(binary);
-    command
-        .args([
-            "broker",
-            "--listener-url",
-            &listener,
-            "--advertised-listener-url",
-            &listener,
-        ])
-        .args(["--storage-engine", "memory://tansu/"])
-        .current_dir(&workdir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    // Runs unprivileged, like the databases.
-    install.run_as_server_account(&mut command);
-    local_postgres::supervise(&mut command);
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let address = SocketAddr::from(([127, 0, 0, 1], layout.broker_port));
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the broker exited during start-up ({status}); see {}",
-                logs.join("broker.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the broker did not open port {} within 15 s",
-                layout.broker_port
-            );
-        }
-        sleep(Duration::from_millis(50));
-    }
-    Ok(child)
 }
 
 fn ensure_port_free(what: &str, port: u16) -> Result<()> {

@@ -63,6 +63,12 @@ pub trait Service: Sized + Send + Sync + 'static {
         context: &AppContext,
     ) -> impl Future<Output = Result<Self, String>>;
 
+    /// Called on shutdown once in-flight requests are drained and before the pools close: the
+    /// place to stop background work (relays, consumers) so it flushes and commits.
+    fn stop(&self) -> impl Future<Output = ()> {
+        async {}
+    }
+
     /// Registers the routes (on every HTTP worker). Handlers reach the state as `web::Data<Self>`;
     /// anything else they extract (a token verifier, say) is registered here as app data.
     fn routes(&self, routes: &mut actix_web::web::ServiceConfig);
@@ -135,17 +141,19 @@ fn serve<S: Service>() -> ExitCode {
             broker,
             metrics,
         };
-        let service = S::start(settings, &context).await?;
+        let service = Arc::new(S::start(settings, &context).await?);
         tracing::info!(
             host = %config.http.host,
             port = config.http.port,
             "{} listening (HTTP/1.1 and h2c)",
             S::NAME
         );
-        http::serve(context, Arc::new(service))
+        http::serve(context, service.clone())
             .await
             .map_err(|err| format!("HTTP server on port {}: {err}", config.http.port))?;
-        tracing::info!("in-flight requests drained; closing database pools");
+        tracing::info!("in-flight requests drained; stopping background work");
+        service.stop().await;
+        tracing::info!("closing database pools");
         db.close().await;
         Ok::<(), String>(())
     });

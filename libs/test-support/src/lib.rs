@@ -7,6 +7,7 @@
 
 mod answer;
 pub mod auth;
+pub mod kafka;
 pub mod spine_checks;
 
 pub use answer::{openapi_operations, Answer};
@@ -18,6 +19,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use local_broker::LocalBroker;
 use local_postgres::{PgInstall, RunningCluster};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -28,6 +30,7 @@ pub struct TestStack {
     pub primary_port: u16,
     pub replica_port: u16,
     pub broker: String,
+    broker_bin: PathBuf,
     scratch: PathBuf,
 }
 
@@ -48,6 +51,7 @@ impl TestStack {
             primary_port: port("TASKSTREAM_TEST_PRIMARY_PORT"),
             replica_port: port("TASKSTREAM_TEST_REPLICA_PORT"),
             broker: var("TASKSTREAM_TEST_BROKER"),
+            broker_bin: PathBuf::from(var("TASKSTREAM_TEST_BROKER_BIN")),
             scratch: PathBuf::from(var("TASKSTREAM_TEST_SCRATCH")),
         }
     }
@@ -112,6 +116,57 @@ impl TestStack {
         };
         replica.start();
         replica
+    }
+}
+
+impl TestStack {
+    /// A database of `service`'s own (owned by its role, migrated by `<service> migrate`) that
+    /// only this test uses: for tests whose service must not share its database with the other
+    /// tests' instances (the outbox relay publishes for whoever shares its database). Returns
+    /// the environment pointing the service at it, on the primary and on the replica.
+    pub fn scratch_database(&self, service: &str) -> Vec<(String, String)> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "{service}_scratch_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let install = PgInstall::detect().expect("PostgreSQL binaries");
+        local_postgres::query(
+            &install,
+            self.primary_port,
+            "postgres",
+            &format!("CREATE DATABASE {name} OWNER {service}"),
+        )
+        .unwrap_or_else(|err| panic!("create database {name}: {err}"));
+        let url = |port: u16| format!("postgres://{service}@127.0.0.1:{port}/{name}");
+        let writer = url(self.primary_port);
+        let (status, _, stderr) = run_to_exit_with_args(
+            workspace_binary(service),
+            &["migrate"],
+            &[("DATABASE_WRITER_URL", writer.as_str())],
+        );
+        assert!(status.success(), "{service} migrate on {name}: {stderr}");
+        vec![
+            ("DATABASE_WRITER_URL".to_owned(), writer),
+            ("DATABASE_READER_URL".to_owned(), url(self.replica_port)),
+        ]
+    }
+
+    /// A broker that only this test uses (and may pause), empty: create the topics it needs.
+    pub fn scratch_broker(&self, label: &str) -> LocalBroker {
+        let install =
+            PgInstall::detect().expect("PostgreSQL binaries (run the broker unprivileged)");
+        let root = self.scratch_dir(label);
+        let log = File::create(root.join("broker.log")).expect("broker log");
+        LocalBroker::start(
+            &install,
+            &self.broker_bin,
+            &root.join("broker"),
+            free_port(),
+            log,
+        )
+        .unwrap_or_else(|err| panic!("start a scratch broker: {err}"))
     }
 }
 
@@ -369,7 +424,17 @@ impl Drop for ServiceProcess {
 
 /// Runs `binary` with exactly `env` to completion (bounded), returning status, stdout, stderr.
 pub fn run_to_exit(binary: impl AsRef<Path>, env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    run_to_exit_with_args(binary, &[], env)
+}
+
+/// [`run_to_exit`] with command-line arguments (`migrate`, say).
+pub fn run_to_exit_with_args(
+    binary: impl AsRef<Path>,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (ExitStatus, String, String) {
     let mut child = Command::new(binary.as_ref())
+        .args(args)
         .env_clear()
         .envs(env.iter().copied())
         .stdin(Stdio::null())

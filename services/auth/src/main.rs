@@ -16,6 +16,7 @@ mod storage;
 use std::path::Path;
 use std::process::ExitCode;
 
+use events::outbox::{Relay, RelaySettings};
 use service_kit::access_token::TokenVerifier;
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
@@ -28,8 +29,13 @@ use crate::settings::AuthSettings;
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
 
+/// How long shutdown waits for the relay's round in progress (the broker may be away).
+const RELAY_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 struct Auth {
     accounts: web::Data<Accounts>,
+    /// Publishes the events signup and profile changes write to the outbox.
+    relay: Relay,
     /// Auth checks its own tokens with the same verifier other services use, fed its own keys.
     verifier: web::Data<TokenVerifier>,
 }
@@ -54,7 +60,21 @@ impl Service for Auth {
         ));
         let accounts = web::Data::new(Accounts::new(context.db.clone(), settings)?);
         Accounts::spawn_housekeeping(accounts.clone().into_inner());
-        Ok(Self { accounts, verifier })
+        let relay = Relay::spawn(
+            context.db.clone(),
+            &context.config.broker.bootstrap_servers,
+            RelaySettings::default(),
+        )
+        .map_err(|err| format!("cannot start the outbox relay: {err}"))?;
+        Ok(Self {
+            accounts,
+            relay,
+            verifier,
+        })
+    }
+
+    async fn stop(&self) {
+        self.relay.stop(RELAY_STOP_LIMIT).await;
     }
 
     fn routes(&self, routes: &mut web::ServiceConfig) {

@@ -11,6 +11,7 @@ pub mod handlers;
 pub mod routes;
 pub mod storage;
 
+use events::outbox::{Relay, RelaySettings};
 use service_kit::access_token::{RemoteKeysSettings, TokenRules, TokenVerifier};
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
@@ -22,6 +23,9 @@ use crate::domain::Tasks;
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
 
+/// How long shutdown waits for the relay's round in progress (the broker may be away).
+const RELAY_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// tasks' own settings: where auth publishes its keys.
 pub struct TasksSettings {
     keys: RemoteKeysSettings,
@@ -30,6 +34,8 @@ pub struct TasksSettings {
 
 pub struct TasksService {
     tasks: web::Data<Tasks>,
+    /// Publishes the events task changes write to the outbox.
+    relay: Relay,
     verifier: web::Data<TokenVerifier>,
 }
 
@@ -53,7 +59,21 @@ impl Service for TasksService {
         let verifier = web::Data::new(TokenVerifier::remote(settings.keys, &settings.rules)?);
         let tasks = web::Data::new(Tasks::new(context.db.clone()));
         Tasks::spawn_housekeeping(tasks.clone().into_inner());
-        Ok(Self { tasks, verifier })
+        let relay = Relay::spawn(
+            context.db.clone(),
+            &context.config.broker.bootstrap_servers,
+            RelaySettings::default(),
+        )
+        .map_err(|err| format!("cannot start the outbox relay: {err}"))?;
+        Ok(Self {
+            tasks,
+            relay,
+            verifier,
+        })
+    }
+
+    async fn stop(&self) {
+        self.relay.stop(RELAY_STOP_LIMIT).await;
     }
 
     fn routes(&self, routes: &mut web::ServiceConfig) {

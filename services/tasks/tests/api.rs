@@ -5,94 +5,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use reqwest::{Method, RequestBuilder};
+use reqwest::Method;
 use serde_json::{json, Value};
-use test_support::auth::{AuthServer, Session};
-use test_support::{
-    h2c_client, http1_client, join_spawned, metric_sum, openapi_operations, workspace_binary,
-    Answer, ServiceProcess, TestStack,
-};
+use test_support::{http1_client, join_spawned, metric_sum, openapi_operations, Answer, TestStack};
 
-/// auth, tasks and the edge in front of them, as a client sees the system.
-struct System {
-    auth: AuthServer,
-    tasks: ServiceProcess,
-    edge: ServiceProcess,
-    client: reqwest::Client,
-}
-
-impl System {
-    async fn start(label: &str) -> Self {
-        Self::start_with(label, None, &[]).await
-    }
-
-    /// `reader_port`: a replica of the test's own instead of the stack's.
-    async fn start_with(label: &str, reader_port: Option<u16>, extra: &[(&str, &str)]) -> Self {
-        let stack = TestStack::from_env();
-        let auth = AuthServer::start(&stack, &format!("{label}-auth"), &[]).await;
-        let mut env =
-            stack.service_env_with_reader("tasks", reader_port.unwrap_or(stack.replica_port));
-        env.push(("AUTH_JWKS_URL".into(), auth.url("/v1/auth/jwks")));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let log_dir = stack.scratch_dir(label);
-        let mut tasks = ServiceProcess::spawn(workspace_binary("tasks"), &env, &log_dir);
-        tasks.wait_ready().await;
-        let edge = ServiceProcess::spawn_edge(
-            &[("auth", auth.url("")), ("tasks", tasks.url(""))],
-            &log_dir,
-        )
-        .await;
-        Self {
-            auth,
-            tasks,
-            edge,
-            client: h2c_client(),
-        }
-    }
-
-    async fn user(&self, prefix: &str) -> Session {
-        let client = http1_client();
-        let mut session = self.auth.signup_and_login(&client, prefix).await;
-        session.access_token = format!("Bearer {}", session.access_token);
-        session
-    }
-
-    fn request(&self, user: &Session, method: Method, path: &str) -> RequestBuilder {
-        self.client
-            .request(method, self.edge.url(path))
-            .header("authorization", &user.access_token)
-    }
-
-    async fn create(&self, user: &Session, body: Value) -> Answer {
-        send(self.request(user, Method::POST, "/v1/tasks").json(&body)).await
-    }
-
-    async fn get(&self, user: &Session, path: &str) -> Answer {
-        send(self.request(user, Method::GET, path)).await
-    }
-}
-
-/// Sends through the edge and checks it answered over HTTP/2.
-async fn send(request: RequestBuilder) -> Answer {
-    let answer = Answer::send(request).await;
-    assert_eq!(
-        answer.version,
-        reqwest::Version::HTTP_2,
-        "the edge speaks h2c"
-    );
-    answer
-}
-
-fn task_id(answer: &Answer) -> String {
-    answer.body["id"].as_str().expect("task id").to_owned()
-}
-
-fn token(answer: &Answer) -> String {
-    answer
-        .header("x-consistency-token")
-        .expect("consistency token")
-        .to_owned()
-}
+mod common;
+use common::{send, task_id, token, System};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_goes_through_its_whole_life() {

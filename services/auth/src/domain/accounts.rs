@@ -18,6 +18,11 @@ use super::AuthError;
 use crate::keys::SigningKeys;
 use crate::settings::AuthSettings;
 use crate::storage;
+use events::catalog::{UserRegistered, UserUpdated};
+use events::outbox;
+
+/// The CloudEvents `source` of auth's events.
+const EVENT_SOURCE: &str = "/taskstream/auth";
 
 /// An account as its owner sees it.
 #[derive(Debug, Clone, PartialEq, Eq, service_kit::sqlx::FromRow)]
@@ -108,15 +113,24 @@ impl Accounts {
             self.db
                 .transaction(move |tx| {
                     async move {
-                        storage::insert_user(
+                        let user = storage::insert_user(
                             tx,
                             Uuid::now_v7(),
                             &username,
                             &password_hash,
                             account.nickname.as_deref(),
                         )
-                        .await
-                        .map_err(AuthError::from)
+                        .await?;
+                        if let Some(user) = &user {
+                            let registered = UserRegistered {
+                                user_id: user.id,
+                                username: user.username.clone(),
+                                nickname: user.nickname.clone(),
+                                registered_at: user.created_at,
+                            };
+                            outbox::enqueue(tx, EVENT_SOURCE, &registered).await?;
+                        }
+                        Ok::<_, AuthError>(user)
                     }
                     .boxed()
                 })
@@ -246,9 +260,17 @@ impl Accounts {
             .db
             .transaction(move |tx| {
                 async move {
-                    storage::update_profile(tx, user_id, &change)
-                        .await
-                        .map_err(AuthError::from)
+                    let user = storage::update_profile(tx, user_id, &change).await?;
+                    if let Some(user) = &user {
+                        let updated = UserUpdated {
+                            user_id: user.id,
+                            nickname: user.nickname.clone(),
+                            avatar_url: user.avatar_url.clone(),
+                            updated_at: user.updated_at,
+                        };
+                        outbox::enqueue(tx, EVENT_SOURCE, &updated).await?;
+                    }
+                    Ok::<_, AuthError>(user)
                 }
                 .boxed()
             })

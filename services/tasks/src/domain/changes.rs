@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -21,12 +20,8 @@ pub struct TaskChange {
     pub labels: Option<Vec<String>>,
 }
 
-/// One field's old and new value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldChange {
-    pub from: Value,
-    pub to: Value,
-}
+/// One field's old and new value: the event catalog's type, so revisions and events agree.
+pub use events::catalog::FieldChange;
 
 /// Changed fields by name.
 pub type Changes = BTreeMap<&'static str, FieldChange>;

@@ -69,6 +69,25 @@ pub struct Task {
     pub updated_at: OffsetDateTime,
 }
 
+impl Task {
+    /// The task as its events carry it.
+    pub fn snapshot(&self) -> events::catalog::TaskSnapshot {
+        events::catalog::TaskSnapshot {
+            id: self.id,
+            owner_id: self.owner_id,
+            title: self.title.clone(),
+            description: self.description.clone(),
+            status: self.status.as_str().to_owned(),
+            priority: self.priority.as_str().to_owned(),
+            due_at: self.due_at,
+            labels: self.labels.clone(),
+            version: self.version,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        }
+    }
+}
+
 /// Input for a new task, already checked against the rules.
 #[derive(Debug, Clone)]
 pub struct NewTask {

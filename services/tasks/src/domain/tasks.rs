@@ -8,9 +8,15 @@ use service_kit::db::{Database, Lsn};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use events::catalog::{TaskCreated, TaskDeleted, TaskUpdated};
+use events::outbox;
+
 use super::changes::creation;
 use super::{NewTask, Revision, RevisionKind, Status, Task, TaskChange, TaskError};
 use crate::storage;
+
+/// The CloudEvents `source` of tasks' events.
+const EVENT_SOURCE: &str = "/taskstream/tasks";
 
 /// What a change must find to go ahead: any version (`If-Match: *`) or exactly this one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +125,11 @@ impl Tasks {
                     let changes = json(&creation(&task))?;
                     storage::insert_revision(tx, &task, 1, owner, RevisionKind::Created, &changes)
                         .await?;
+                    let created = TaskCreated {
+                        task: task.snapshot(),
+                        actor_id: owner,
+                    };
+                    outbox::enqueue(tx, EVENT_SOURCE, &created).await?;
                     if let Some(key) = &idempotency {
                         storage::store_idempotent_response(tx, owner, &key.key, &json(&task)?)
                             .await?;
@@ -182,6 +193,15 @@ impl Tasks {
                         &json(&changes)?,
                     )
                     .await?;
+                    let updated = TaskUpdated {
+                        task: saved.snapshot(),
+                        changes: changes
+                            .into_iter()
+                            .map(|(field, change)| (field.to_owned(), change))
+                            .collect(),
+                        actor_id: owner,
+                    };
+                    outbox::enqueue(tx, EVENT_SOURCE, &updated).await?;
                     Ok(saved)
                 }
                 .boxed()
@@ -212,6 +232,13 @@ impl Tasks {
                         &empty,
                     )
                     .await?;
+                    let deleted = TaskDeleted {
+                        task_id: current.id,
+                        owner_id: current.owner_id,
+                        last_version: current.version,
+                        actor_id: owner,
+                    };
+                    outbox::enqueue(tx, EVENT_SOURCE, &deleted).await?;
                     Ok::<_, TaskError>(())
                 }
                 .boxed()

@@ -1,0 +1,380 @@
+//! The event catalog: the public, versioned contract product teams consume.
+//!
+//! Topics are named `<owner>.<aggregate>.v<major>`; the message key is the aggregate's id, so all
+//! events of one user (or task) are in one partition, in order. Each event type is a payload
+//! struct here; its JSON Schema is generated from the struct, and [`asyncapi`] assembles the
+//! AsyncAPI 3 document kept at `libs/events/asyncapi.json` (a test fails when they differ; `cargo
+//! xtask catalog` rewrites it). A breaking change to a payload means a new type and topic version.
+
+use std::collections::BTreeMap;
+
+use schemars::generate::SchemaSettings;
+use schemars::{JsonSchema, SchemaGenerator};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A topic of the catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct Topic {
+    pub name: &'static str,
+    /// The service that publishes on it.
+    pub owner: &'static str,
+    /// What the message key is.
+    pub key: &'static str,
+    pub description: &'static str,
+}
+
+pub const AUTH_USER: Topic = Topic {
+    name: "auth.user.v1",
+    owner: "auth",
+    key: "the user id (UUID)",
+    description: "Accounts: registered and changed. All events of one user are in order.",
+};
+
+pub const TASKS_TASK: Topic = Topic {
+    name: "tasks.task.v1",
+    owner: "tasks",
+    key: "the task id (UUID)",
+    description: "Tasks: created, changed, deleted. All events of one task are in order.",
+};
+
+pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
+    name: "notifications.notification.v1",
+    owner: "notifications",
+    key: "the user id (UUID)",
+    description: "Reserved for the notifications service; nothing is published on it yet.",
+};
+
+/// Every topic, each with its dead-letter topic beside it.
+pub const TOPICS: [Topic; 3] = [AUTH_USER, TASKS_TASK, NOTIFICATIONS_NOTIFICATION];
+
+/// Where messages of `topic` that cannot be processed go, with the reason in their headers.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// A payload of the catalog: its CloudEvents type, its topic, and the aggregate it is about.
+pub trait EventPayload: Serialize + JsonSchema {
+    /// The CloudEvents `type`, e.g. `io.taskstream.tasks.task.created.v1`.
+    const TYPE: &'static str;
+    const TOPIC: Topic;
+    /// The AsyncAPI message name.
+    const MESSAGE: &'static str;
+    const SUMMARY: &'static str;
+    /// The aggregate's id: the message key and the CloudEvents `subject`.
+    fn aggregate_id(&self) -> Uuid;
+}
+
+/// A new account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserRegistered {
+    pub user_id: Uuid,
+    /// Lower-cased, unique.
+    pub username: String,
+    pub nickname: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub registered_at: OffsetDateTime,
+}
+
+/// An account's profile as it is after a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserUpdated {
+    pub user_id: Uuid,
+    pub nickname: Option<String>,
+    pub avatar_url: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A task as it is after the change the event reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskSnapshot {
+    pub id: Uuid,
+    pub owner_id: Uuid,
+    pub title: String,
+    pub description: Option<String>,
+    #[schemars(extend("enum" = ["todo", "in_progress", "blocked", "done"]))]
+    pub status: String,
+    #[schemars(extend("enum" = ["low", "medium", "high", "urgent"]))]
+    pub priority: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schemars(with = "Option<String>", extend("format" = "date-time"))]
+    pub due_at: Option<OffsetDateTime>,
+    pub labels: Vec<String>,
+    /// The task's version after this change (1 on creation).
+    pub version: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A field's value before and after a change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FieldChange {
+    pub from: Value,
+    pub to: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskCreated {
+    pub task: TaskSnapshot,
+    /// Who created it.
+    pub actor_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskUpdated {
+    pub task: TaskSnapshot,
+    /// Only the fields that changed.
+    pub changes: BTreeMap<String, FieldChange>,
+    pub actor_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TaskDeleted {
+    pub task_id: Uuid,
+    pub owner_id: Uuid,
+    /// The version the task had when it was deleted.
+    pub last_version: i64,
+    pub actor_id: Uuid,
+}
+
+macro_rules! payload {
+    ($type:ty, $ce_type:literal, $topic:expr, $message:literal, $summary:literal, |$it:ident| $id:expr) => {
+        impl EventPayload for $type {
+            const TYPE: &'static str = $ce_type;
+            const TOPIC: Topic = $topic;
+            const MESSAGE: &'static str = $message;
+            const SUMMARY: &'static str = $summary;
+            fn aggregate_id(&self) -> Uuid {
+                let $it = self;
+                $id
+            }
+        }
+    };
+}
+
+payload!(
+    UserRegistered,
+    "io.taskstream.auth.user.registered.v1",
+    AUTH_USER,
+    "userRegistered",
+    "An account was created.",
+    |it| it.user_id
+);
+payload!(
+    UserUpdated,
+    "io.taskstream.auth.user.updated.v1",
+    AUTH_USER,
+    "userUpdated",
+    "An account's nickname or avatar changed.",
+    |it| it.user_id
+);
+payload!(
+    TaskCreated,
+    "io.taskstream.tasks.task.created.v1",
+    TASKS_TASK,
+    "taskCreated",
+    "A task was created.",
+    |it| it.task.id
+);
+payload!(
+    TaskUpdated,
+    "io.taskstream.tasks.task.updated.v1",
+    TASKS_TASK,
+    "taskUpdated",
+    "A task changed; `changes` names each changed field.",
+    |it| it.task.id
+);
+payload!(
+    TaskDeleted,
+    "io.taskstream.tasks.task.deleted.v1",
+    TASKS_TASK,
+    "taskDeleted",
+    "A task was deleted (its history stays with the tasks service).",
+    |it| it.task_id
+);
+
+/// One event type as the catalog describes it.
+struct MessageSpec {
+    ce_type: &'static str,
+    topic: Topic,
+    message: &'static str,
+    summary: &'static str,
+    payload: Value,
+}
+
+fn message<P: EventPayload>(generator: &mut SchemaGenerator) -> MessageSpec {
+    MessageSpec {
+        ce_type: P::TYPE,
+        topic: P::TOPIC,
+        message: P::MESSAGE,
+        summary: P::SUMMARY,
+        payload: generator.subschema_for::<P>().to_value(),
+    }
+}
+
+/// The CloudEvents headers (binary content mode) every message carries.
+fn headers_schema() -> Value {
+    let text = |description: &str| json!({ "type": "string", "description": description });
+    json!({
+        "type": "object",
+        "required": ["ce_specversion", "ce_id", "ce_source", "ce_type", "ce_subject", "ce_time", "content-type"],
+        "properties": {
+            "ce_specversion": { "type": "string", "const": "1.0" },
+            "ce_id": { "type": "string", "format": "uuid", "description": "Unique per event: consumers apply an id once." },
+            "ce_source": text("The producing service, e.g. `/taskstream/tasks`."),
+            "ce_type": text("The event type, e.g. `io.taskstream.tasks.task.created.v1`."),
+            "ce_subject": { "type": "string", "format": "uuid", "description": "The aggregate's id (also the message key)." },
+            "ce_time": { "type": "string", "format": "date-time", "description": "When the change was committed." },
+            "content-type": { "type": "string", "const": "application/json" },
+            "traceparent": text("W3C trace context of the request that caused the event, when there was one."),
+        }
+    })
+}
+
+/// The AsyncAPI 3 document for every topic, key, header and payload.
+pub fn asyncapi() -> Value {
+    let mut settings = SchemaSettings::draft2020_12();
+    settings.definitions_path = "/components/schemas".into();
+    let mut generator = settings.into_generator();
+    let messages = [
+        message::<UserRegistered>(&mut generator),
+        message::<UserUpdated>(&mut generator),
+        message::<TaskCreated>(&mut generator),
+        message::<TaskUpdated>(&mut generator),
+        message::<TaskDeleted>(&mut generator),
+    ];
+    let mut schemas: serde_json::Map<String, Value> = generator.take_definitions(true);
+    schemas.insert("CloudEventHeaders".into(), headers_schema());
+    schemas.insert(
+        "DeadLetterHeaders".into(),
+        json!({
+            "type": "object",
+            "description": "The original message's headers, plus why it was set aside.",
+            "properties": {
+                "dlq_reason": { "type": "string" },
+                "dlq_original_topic": { "type": "string" },
+                "dlq_original_partition": { "type": "string" },
+                "dlq_original_offset": { "type": "string" },
+                "dlq_attempts": { "type": "string", "description": "How many times the handler ran." },
+                "dlq_consumer_group": { "type": "string" },
+            }
+        }),
+    );
+
+    let mut channels = serde_json::Map::new();
+    let mut operations = serde_json::Map::new();
+    let mut components_messages = serde_json::Map::new();
+    for topic in TOPICS {
+        let id = channel_id(topic.name);
+        let refs: serde_json::Map<String, Value> = messages
+            .iter()
+            .filter(|spec| spec.topic.name == topic.name)
+            .map(|spec| {
+                (
+                    spec.message.to_owned(),
+                    json!({ "$ref": format!("#/components/messages/{}", spec.message) }),
+                )
+            })
+            .collect();
+        let key = json!({ "type": "string", "format": "uuid", "description": topic.key });
+        channels.insert(
+            id.clone(),
+            json!({
+                "address": topic.name,
+                "description": format!("{} Published by {}; key: {}.", topic.description, topic.owner, topic.key),
+                "messages": refs,
+                "bindings": { "kafka": { "topic": topic.name } },
+            }),
+        );
+        if !refs.is_empty() {
+            operations.insert(
+                format!("publish_{id}"),
+                json!({
+                    "action": "send",
+                    "channel": { "$ref": format!("#/channels/{id}") },
+                    "summary": format!("{} publishes through its transactional outbox (at least once; consumers deduplicate by ce_id).", topic.owner),
+                    "messages": refs.keys().map(|name| json!({ "$ref": format!("#/channels/{id}/messages/{name}") })).collect::<Vec<_>>(),
+                }),
+            );
+        }
+        channels.insert(
+            format!("{id}_dlq"),
+            json!({
+                "address": dead_letter_topic(topic.name),
+                "description": format!("Messages of {} that a consumer could not process, with `dlq_*` headers saying why.", topic.name),
+                "messages": { "deadLetter": { "$ref": "#/components/messages/deadLetter" } },
+            }),
+        );
+        for spec in messages.iter().filter(|spec| spec.topic.name == topic.name) {
+            components_messages.insert(
+                spec.message.to_owned(),
+                json!({
+                    "name": spec.ce_type,
+                    "title": spec.ce_type,
+                    "summary": spec.summary,
+                    "contentType": "application/json",
+                    "headers": { "$ref": "#/components/schemas/CloudEventHeaders" },
+                    "payload": spec.payload,
+                    "bindings": { "kafka": { "key": key.clone() } },
+                }),
+            );
+        }
+    }
+    components_messages.insert(
+        "deadLetter".into(),
+        json!({
+            "name": "deadLetter",
+            "summary": "A message as it arrived, set aside by a consumer.",
+            "headers": { "$ref": "#/components/schemas/DeadLetterHeaders" },
+            "payload": {},
+        }),
+    );
+
+    json!({
+        "asyncapi": "3.0.0",
+        "info": {
+            "title": "taskstream events",
+            "version": "1.0.0",
+            "description": "Every event between taskstream services. Messages are CloudEvents 1.0 in Kafka binary mode: the attributes are `ce_*` headers, the data is the JSON payload, and `traceparent` carries the W3C trace context. The key is the aggregate id, so one aggregate's events stay in order. Delivery is at least once: consumers apply each `ce_id` once.",
+        },
+        "defaultContentType": "application/json",
+        "channels": channels,
+        "operations": operations,
+        "components": {
+            "messages": components_messages,
+            "schemas": schemas,
+        },
+    })
+}
+
+/// `auth.user.v1` → `auth_user_v1`.
+fn channel_id(topic: &str) -> String {
+    topic.replace('.', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_payload_names_its_aggregate_and_a_catalog_topic() {
+        let topics: Vec<&str> = TOPICS.iter().map(|topic| topic.name).collect();
+        for topic in [
+            UserRegistered::TOPIC,
+            TaskCreated::TOPIC,
+            TaskDeleted::TOPIC,
+        ] {
+            assert!(topics.contains(&topic.name));
+        }
+        assert_eq!(dead_letter_topic("tasks.task.v1"), "tasks.task.v1.dlq");
+    }
+}

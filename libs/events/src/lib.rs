@@ -1,0 +1,35 @@
+//! Events between services, over Kafka, the same way everywhere.
+//!
+//! - [`catalog`]: the public contract: topics, event types and their payloads, JSON Schemas and
+//!   the AsyncAPI document (`libs/events/asyncapi.json`) generated from them;
+//! - [`envelope`]: CloudEvents in binary mode: `ce_*` headers, JSON data, W3C trace context;
+//! - [`outbox`]: producing: an event is written to the service's `outbox` table in the same
+//!   transaction as the change, and a relay publishes it (idempotent producer, acks=all), one
+//!   relay per service at a time;
+//! - [`consumer`]: consuming: consumer groups, offsets committed after the handler succeeds, an
+//!   event id applied once, retries with backoff, then `<topic>.dlq` with the reason;
+//! - [`kafka`]: client settings and topic creation shared by all of the above.
+
+pub mod catalog;
+pub mod consumer;
+pub mod envelope;
+pub mod kafka;
+pub mod outbox;
+
+/// Metric names of the event machinery (every series also carries `service`).
+pub mod metric_names {
+    /// Events waiting in the outbox to be published.
+    pub const OUTBOX_PENDING: &str = "outbox_pending";
+    /// Events published from the outbox, by `topic`.
+    pub const EVENTS_PUBLISHED: &str = "events_published_total";
+    /// Events applied by a consumer, by `topic`.
+    pub const EVENTS_CONSUMED: &str = "events_consumed_total";
+    /// Events skipped because their id was applied before, by `topic`.
+    pub const EVENTS_DUPLICATE: &str = "events_duplicate_total";
+    /// Handler attempts that failed and were retried, by `topic`.
+    pub const EVENT_RETRIES: &str = "event_retries_total";
+    /// Events sent to the dead-letter topic, by `topic` (the original one).
+    pub const EVENTS_DEAD_LETTERED: &str = "events_dead_lettered_total";
+    /// Messages behind the end of the partition, by `topic`, `partition` and `group`.
+    pub const KAFKA_CONSUMER_LAG: &str = "kafka_consumer_lag";
+}
