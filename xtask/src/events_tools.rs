@@ -33,27 +33,24 @@ pub fn write_catalog() -> Result<()> {
 
 /// Runs kcat with `args`, e.g. `-C -b 127.0.0.1:9092 -t tasks.task.v1 -J`.
 pub fn kcat(args: &[String]) -> Result<()> {
-    prereqs::ensure_kcat()?;
-    let libs = librdkafka_dir()?;
-    let status = Command::new("kcat")
-        .args(args)
-        .env("LD_LIBRARY_PATH", &libs)
-        .status()
-        .context("running kcat")?;
+    let status = kcat_command(args)?.status().context("running kcat")?;
     ensure!(status.success(), "kcat exited with {status}");
     Ok(())
 }
 
+/// kcat with `args`, ready to run against tansu (installed when missing).
+pub fn kcat_command(args: &[impl AsRef<std::ffi::OsStr>]) -> Result<Command> {
+    prereqs::ensure_kcat()?;
+    let mut command = Command::new("kcat");
+    command.args(args).env("LD_LIBRARY_PATH", librdkafka_dir()?);
+    Ok(command)
+}
+
 /// A folder holding `librdkafka.so.1` from the confluent-kafka wheel.
 fn librdkafka_dir() -> Result<PathBuf> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import confluent_kafka, os; print(os.path.join(os.path.dirname(confluent_kafka.__file__), '..', 'confluent_kafka.libs'))",
-        ])
-        .output()
-        .context("running python3")?;
-    let wheel_libs = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    let wheel_libs = prereqs::python_path(
+        "import confluent_kafka, os; print(os.path.join(os.path.dirname(confluent_kafka.__file__), '..', 'confluent_kafka.libs'))",
+    )?;
     let library = std::fs::read_dir(&wheel_libs)
         .with_context(|| format!("reading {}", wheel_libs.display()))?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))

@@ -153,10 +153,11 @@ async fn up(release: bool) -> Result<()> {
     let logs = infra.logs_dir();
     let profile = if release { "release" } else { "debug" };
     let mut children: Vec<(String, Child)> = Vec::new();
-    let started = match infra.create_topics().await {
-        Ok(()) => start_processes(&infra, profile, &mut children).await,
-        Err(err) => Err(err.context("creating the event topics")),
-    };
+    let started = async {
+        infra.create_topics()?;
+        start_processes(&infra, profile, &mut children).await
+    }
+    .await;
     let outcome = match started {
         Ok(()) => {
             println!("logs: {}", logs.display());

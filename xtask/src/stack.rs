@@ -4,7 +4,6 @@
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use local_broker::LocalBroker;
@@ -164,14 +163,13 @@ impl Infra {
     }
 
     /// Creates the event catalog's topics and dead-letter topics (Strimzi does it in a cluster).
-    pub async fn create_topics(&self) -> Result<()> {
-        events::kafka::ensure_topics(
+    pub fn create_topics(&self) -> Result<()> {
+        local_broker::create_topics(
+            &self.broker_bin,
             &self.broker.bootstrap_servers(),
-            &events::kafka::catalog_topics(LOCAL_PARTITIONS),
-            Duration::from_secs(10),
+            &events::catalog::topics_to_create(LOCAL_PARTITIONS),
         )
-        .await
-        .map_err(anyhow::Error::msg)
+        .context("creating the catalog's topics")
     }
 
     pub fn logs_dir(&self) -> PathBuf {

@@ -55,6 +55,20 @@ pub fn dead_letter_topic(topic: &str) -> String {
     format!("{topic}.dlq")
 }
 
+/// The catalog's topics with `partitions` each, and their dead-letter topics (one partition), as
+/// the local stack and the tests create them; in a cluster Strimzi's KafkaTopic resources do it.
+pub fn topics_to_create(partitions: i32) -> Vec<(String, i32)> {
+    TOPICS
+        .iter()
+        .flat_map(|topic| {
+            [
+                (topic.name.to_owned(), partitions),
+                (dead_letter_topic(topic.name), 1),
+            ]
+        })
+        .collect()
+}
+
 /// A payload of the catalog: its CloudEvents type, its topic, and the aggregate it is about.
 pub trait EventPayload: Serialize + JsonSchema {
     /// The CloudEvents `type`, e.g. `io.taskstream.tasks.task.created.v1`.

@@ -8,12 +8,18 @@
 //!   relay per service at a time;
 //! - [`consumer`]: consuming: consumer groups, offsets committed after the handler succeeds, an
 //!   event id applied once, retries with backoff, then `<topic>.dlq` with the reason;
-//! - [`kafka`]: client settings and topic creation shared by all of the above.
+//! - [`kafka`]: client settings shared by all of the above.
+//!
+//! Everything but the catalog needs the `kafka` feature (on by default).
 
 pub mod catalog;
+#[cfg(feature = "kafka")]
 pub mod consumer;
+#[cfg(feature = "kafka")]
 pub mod envelope;
+#[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "kafka")]
 pub mod outbox;
 
 /// Metric names of the event machinery (every series also carries `service`).

@@ -122,24 +122,21 @@ async fn wait_recorded(
     }
 }
 
-async fn create_topic(stack: &TestStack, topic: &str, partitions: i32) {
-    events::kafka::ensure_topics(
+fn create_topic(stack: &TestStack, topic: &str, partitions: i32) {
+    stack.create_topics(
         &stack.broker,
         &[
             (topic.to_owned(), partitions),
             (events::catalog::dead_letter_topic(topic), 1),
         ],
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("create topics");
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_messages_go_to_the_dead_letter_topic_and_the_rest_are_processed() {
     let stack = TestStack::from_env();
     let topic = unique_name("test.dlq.");
-    create_topic(&stack, &topic, 1).await;
+    create_topic(&stack, &topic, 1);
     migrate(&stack);
     let recorder = start_recorder(&stack, &topic, &unique_name("group"), "dlq").await;
 
@@ -240,7 +237,7 @@ async fn a_group_shares_partitions_and_survives_losing_an_instance() {
     let stack = TestStack::from_env();
     let topic = unique_name("test.group.");
     let group = unique_name("group");
-    create_topic(&stack, &topic, 4).await;
+    create_topic(&stack, &topic, 4);
     migrate(&stack);
     let first = start_recorder(&stack, &topic, &group, "first").await;
     let second = start_recorder(&stack, &topic, &group, "second").await;

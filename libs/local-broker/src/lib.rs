@@ -1,6 +1,8 @@
 //! A throwaway Kafka-protocol broker on loopback: the static `tansu` binary with memory storage
 //! (see the README's broker notes), for `cargo xtask up/test` and for tests that need a broker of
 //! their own. Pausing it (SIGSTOP) is how an outage is simulated: a restart would empty it.
+//! Topics are created with the broker's own CLI, so the developer tools that start a broker need
+//! no Kafka client library (and no C toolchain to build one).
 
 use std::fs::File;
 use std::io;
@@ -105,6 +107,52 @@ impl LocalBroker {
     fn signal(&self, signal: Signal) -> io::Result<()> {
         kill(Pid::from_raw(self.child.id() as i32), signal).map_err(io::Error::from)
     }
+}
+
+/// Creates `topics` (name, partitions) on the broker at `bootstrap_servers` (`host:port`) with
+/// `binary`'s `topic` commands, leaving the ones that exist as they are.
+pub fn create_topics(
+    binary: &Path,
+    bootstrap_servers: &str,
+    topics: &[(String, i32)],
+) -> io::Result<()> {
+    let broker = format!("tcp://{bootstrap_servers}");
+    let listing = run_topic_command(binary, &["list", "--broker", &broker])?;
+    let existing: Vec<serde_json::Value> = serde_json::from_slice(&listing)
+        .map_err(|err| io::Error::other(format!("`tansu topic list` printed no JSON: {err}")))?;
+    let exists = |name: &str| existing.iter().any(|topic| topic["name"] == name);
+    for (name, partitions) in topics.iter().filter(|(name, _)| !exists(name)) {
+        let partitions = partitions.to_string();
+        run_topic_command(
+            binary,
+            &[
+                "create",
+                "--broker",
+                &broker,
+                "--partitions",
+                &partitions,
+                name,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+fn run_topic_command(binary: &Path, args: &[&str]) -> io::Result<Vec<u8>> {
+    let output = Command::new(binary)
+        .arg("topic")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "`tansu topic {}` failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(output.stdout)
 }
 
 impl Drop for LocalBroker {

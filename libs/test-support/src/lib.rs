@@ -56,6 +56,12 @@ impl TestStack {
         }
     }
 
+    /// Creates `topics` (name, partitions) on the broker at `bootstrap_servers`, unless they exist.
+    pub fn create_topics(&self, bootstrap_servers: &str, topics: &[(String, i32)]) {
+        local_broker::create_topics(&self.broker_bin, bootstrap_servers, topics)
+            .unwrap_or_else(|err| panic!("create topics on {bootstrap_servers}: {err}"));
+    }
+
     /// Environment for a service using `database` (its role has the same name) on the stack.
     pub fn service_env(&self, database: &str) -> Vec<(String, String)> {
         self.service_env_with_reader(database, self.replica_port)

@@ -22,6 +22,19 @@ fn traceparent(trace_id: &str) -> String {
     format!("00-{trace_id}-b7ad6b7169203331-01")
 }
 
+/// Everything on the topic once it holds `count` records and a few seconds more have passed, so
+/// that a duplicate, had there been one, would be counted.
+async fn published_after_settling(bootstrap: &str, count: usize) -> Vec<Record> {
+    read_topic_lingering(
+        bootstrap,
+        TOPIC,
+        Duration::from_secs(60),
+        |records| records.len() >= count,
+        Duration::from_secs(3),
+    )
+    .await
+}
+
 fn trace_id_of(record: &Record) -> &str {
     record.headers["traceparent"]
         .split('-')
@@ -126,13 +139,10 @@ async fn each_change_is_published_in_order_as_a_cloud_event_with_its_trace() {
 async fn with_the_broker_down_writes_succeed_and_every_event_arrives_once_later() {
     let stack = TestStack::from_env();
     let mut broker = stack.scratch_broker("tasks-outage");
-    events::kafka::ensure_topics(
+    stack.create_topics(
         &broker.bootstrap_servers(),
-        &events::kafka::catalog_topics(3),
-        Duration::from_secs(10),
-    )
-    .await
-    .expect("topics on the scratch broker");
+        &events::catalog::topics_to_create(3),
+    );
     let bootstrap = broker.bootstrap_servers();
     // A database of its own too: the relay of whichever tasks instance holds a database's lock
     // publishes that database's outbox, and the other tests' instances use the broker they know.
@@ -181,14 +191,7 @@ async fn with_the_broker_down_writes_succeed_and_every_event_arrives_once_later(
     broker.resume().expect("resume the broker");
     let expected = 1 + 20;
     // Read until all arrived, then a little longer: a duplicate would arrive right behind.
-    let settled = read_topic_lingering(
-        &bootstrap,
-        TOPIC,
-        Duration::from_secs(60),
-        |records| records.len() >= expected,
-        Duration::from_secs(3),
-    )
-    .await;
+    let settled = published_after_settling(&bootstrap, expected).await;
     assert_eq!(settled.len(), expected, "every event arrived, none twice");
     let ids: BTreeSet<&str> = settled
         .iter()
@@ -213,4 +216,50 @@ async fn with_the_broker_down_writes_succeed_and_every_event_arrives_once_later(
             "each task's events in order"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_publishes_at_a_time_and_another_takes_over_when_it_dies() {
+    let stack = TestStack::from_env();
+    let broker = stack.scratch_broker("tasks-relays");
+    let bootstrap = broker.bootstrap_servers();
+    stack.create_topics(&bootstrap, &events::catalog::topics_to_create(3));
+    let database = stack.scratch_database("tasks");
+    let mut settings: Vec<(&str, &str)> = vec![("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str())];
+    settings.extend(database.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    // Two systems, two tasks instances with their relays, one database, one broker.
+    let first = System::start_with("tasks-relay-1", None, &settings).await;
+    let second = System::start_with("tasks-relay-2", None, &settings).await;
+    let ada = first.user("relays").await;
+    let bob = second.user("relays").await;
+    for n in 0..10 {
+        for (system, user) in [(&first, &ada), (&second, &bob)] {
+            let created = system
+                .create(user, json!({ "title": format!("task {n}") }))
+                .await;
+            assert_eq!(created.status, 201);
+        }
+    }
+    let published = published_after_settling(&bootstrap, 20).await;
+    assert_eq!(published.len(), 20, "two relays, yet each event once");
+
+    // Whichever instance publishes, the other takes over when it is gone.
+    drop(first);
+    for n in 0..5 {
+        let created = second
+            .create(&bob, json!({ "title": format!("after {n}") }))
+            .await;
+        assert_eq!(created.status, 201);
+    }
+    let published = published_after_settling(&bootstrap, 25).await;
+    assert_eq!(
+        published.len(),
+        25,
+        "the survivor publishes what followed, once"
+    );
+    let ids: BTreeSet<&str> = published
+        .iter()
+        .map(|r| r.headers["ce_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 25);
 }
