@@ -26,8 +26,8 @@ use rdkafka::ClientContext;
 use serde::de::DeserializeOwned;
 use service_kit::db::Database;
 use service_kit::sqlx::{self, Connection, PgConnection};
+use service_kit::workers::StoppableTask;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tracing::Instrument;
 
 use crate::catalog::dead_letter_topic;
@@ -134,8 +134,7 @@ impl ConsumerContext for LagReporter {}
 
 /// A running consumer; stop it on shutdown.
 pub struct Consumer {
-    stop: watch::Sender<bool>,
-    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    task: StoppableTask,
 }
 
 impl Consumer {
@@ -160,7 +159,6 @@ impl Consumer {
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         let dead_letters = crate::kafka::producer(&settings.bootstrap_servers)?;
-        let (stop, stopped) = watch::channel(false);
         let worker = Worker {
             consumer,
             dead_letters,
@@ -168,21 +166,14 @@ impl Consumer {
             handler,
             settings,
         };
-        let task = tokio::spawn(async move { worker.run(stopped).await });
         Ok(Self {
-            stop,
-            task: std::sync::Mutex::new(Some(task)),
+            task: StoppableTask::spawn(|stopped| worker.run(stopped)),
         })
     }
 
     /// Finishes the event in hand, commits, leaves the group (bounded by `limit`).
     pub async fn stop(&self, limit: Duration) {
-        let _ = self.stop.send(true);
-        let task = self.task.lock().ok().and_then(|mut task| task.take());
-        let Some(task) = task else {
-            return;
-        };
-        if tokio::time::timeout(limit, task).await.is_err() {
+        if !self.task.stop(limit).await {
             tracing::warn!("consumer did not stop within {limit:?}");
         }
     }

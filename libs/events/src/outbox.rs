@@ -17,12 +17,13 @@ use futures_util::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use service_kit::db::Database;
+use service_kit::http::AppContext;
 use service_kit::sqlx::postgres::PgListener;
 use service_kit::sqlx::types::Json;
 use service_kit::sqlx::{self, Connection, PgConnection};
+use service_kit::workers::StoppableTask;
 use time::OffsetDateTime;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::catalog::EventPayload;
@@ -85,13 +86,25 @@ impl Default for RelaySettings {
     }
 }
 
+/// How long shutdown waits for the relay's round in progress (the broker may be away).
+pub const RELAY_STOP_LIMIT: Duration = Duration::from_secs(5);
+
 /// A running relay; stop it on shutdown.
 pub struct Relay {
-    stop: watch::Sender<bool>,
-    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+    task: StoppableTask,
 }
 
 impl Relay {
+    /// The relay of a service's own database and broker, with the default settings.
+    pub fn for_service(context: &AppContext) -> Result<Self, String> {
+        Self::spawn(
+            context.db.clone(),
+            &context.config.broker.bootstrap_servers,
+            RelaySettings::default(),
+        )
+        .map_err(|err| format!("cannot start the outbox relay: {err}"))
+    }
+
     /// Starts the relay for the service's database, and the clean-up of published rows.
     pub fn spawn(
         db: Database,
@@ -99,7 +112,6 @@ impl Relay {
         settings: RelaySettings,
     ) -> Result<Self, KafkaError> {
         let producer = crate::kafka::producer(bootstrap_servers)?;
-        let (stop, stopped) = watch::channel(false);
         let cleanup_db = db.clone();
         service_kit::workers::spawn_periodic(
             "outbox clean-up",
@@ -125,22 +137,15 @@ impl Relay {
             producer,
             settings,
         };
-        let task = tokio::spawn(async move { worker.run(stopped).await });
         Ok(Self {
-            stop,
-            task: std::sync::Mutex::new(Some(task)),
+            task: StoppableTask::spawn(|stopped| worker.run(stopped)),
         })
     }
 
     /// Lets the round in progress finish and be marked (waiting up to `limit`, as the broker may
     /// be away), then stops. Rows not marked yet are published again by the next relay.
     pub async fn stop(&self, limit: Duration) {
-        let _ = self.stop.send(true);
-        let task = self.task.lock().ok().and_then(|mut task| task.take());
-        let Some(task) = task else {
-            return;
-        };
-        if tokio::time::timeout(limit, task).await.is_err() {
+        if !self.task.stop(limit).await {
             tracing::warn!("outbox relay still waiting for the broker after {limit:?}; leaving");
         }
     }

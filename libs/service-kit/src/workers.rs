@@ -109,6 +109,38 @@ where
     });
 }
 
+/// A task that runs until asked to stop (an outbox relay, a consumer). It is handed a receiver
+/// that turns `true` when [`StoppableTask::stop`] is called.
+pub struct StoppableTask {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl StoppableTask {
+    pub fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(tokio::sync::watch::Receiver<bool>) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        Self {
+            stop,
+            task: std::sync::Mutex::new(Some(tokio::spawn(run(stopped)))),
+        }
+    }
+
+    /// Asks the task to stop and waits up to `limit` for it to finish; `false` if it was still
+    /// running then (it is left to end with the process). Later calls return `true` at once.
+    pub async fn stop(&self, limit: std::time::Duration) -> bool {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().ok().and_then(|mut task| task.take());
+        match task {
+            Some(task) => tokio::time::timeout(limit, task).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
 /// Raises the calling thread's niceness: on Linux `setpriority(PRIO_PROCESS, 0, …)` applies to
 /// the calling thread only, not the whole process.
 fn lower_priority(nice: i32) {
@@ -125,6 +157,22 @@ mod tests {
     use super::*;
     use std::sync::{Arc, Barrier};
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_stoppable_task_is_told_to_stop_and_waited_for() {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = finished.clone();
+        let task = StoppableTask::spawn(|mut stopped| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert!(task.stop(Duration::from_secs(5)).await);
+        assert!(finished.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(task.stop(Duration::from_secs(5)).await, "a second stop");
+
+        let stubborn = StoppableTask::spawn(|_| std::future::pending());
+        assert!(!stubborn.stop(Duration::from_millis(50)).await);
+    }
 
     #[tokio::test]
     async fn runs_jobs_and_returns_their_results() {

@@ -16,7 +16,7 @@ mod storage;
 use std::path::Path;
 use std::process::ExitCode;
 
-use events::outbox::{Relay, RelaySettings};
+use events::outbox::{Relay, RELAY_STOP_LIMIT};
 use service_kit::access_token::TokenVerifier;
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
@@ -28,9 +28,6 @@ use crate::domain::Accounts;
 use crate::settings::AuthSettings;
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
-
-/// How long shutdown waits for the relay's round in progress (the broker may be away).
-const RELAY_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Auth {
     accounts: web::Data<Accounts>,
@@ -60,12 +57,7 @@ impl Service for Auth {
         ));
         let accounts = web::Data::new(Accounts::new(context.db.clone(), settings)?);
         Accounts::spawn_housekeeping(accounts.clone().into_inner());
-        let relay = Relay::spawn(
-            context.db.clone(),
-            &context.config.broker.bootstrap_servers,
-            RelaySettings::default(),
-        )
-        .map_err(|err| format!("cannot start the outbox relay: {err}"))?;
+        let relay = Relay::for_service(context)?;
         Ok(Self {
             accounts,
             relay,

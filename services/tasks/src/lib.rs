@@ -11,7 +11,7 @@ pub mod handlers;
 pub mod routes;
 pub mod storage;
 
-use events::outbox::{Relay, RelaySettings};
+use events::outbox::{Relay, RELAY_STOP_LIMIT};
 use service_kit::access_token::{RemoteKeysSettings, TokenRules, TokenVerifier};
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
@@ -22,9 +22,6 @@ use service_kit::Service;
 use crate::domain::Tasks;
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
-
-/// How long shutdown waits for the relay's round in progress (the broker may be away).
-const RELAY_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// tasks' own settings: where auth publishes its keys.
 pub struct TasksSettings {
@@ -59,12 +56,7 @@ impl Service for TasksService {
         let verifier = web::Data::new(TokenVerifier::remote(settings.keys, &settings.rules)?);
         let tasks = web::Data::new(Tasks::new(context.db.clone()));
         Tasks::spawn_housekeeping(tasks.clone().into_inner());
-        let relay = Relay::spawn(
-            context.db.clone(),
-            &context.config.broker.bootstrap_servers,
-            RelaySettings::default(),
-        )
-        .map_err(|err| format!("cannot start the outbox relay: {err}"))?;
+        let relay = Relay::for_service(context)?;
         Ok(Self {
             tasks,
             relay,
