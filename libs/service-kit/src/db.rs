@@ -3,8 +3,11 @@
 //! Plain reads go to the replica while it is up and close enough behind; otherwise they go to
 //! the primary, and `db_replica_fallback_total` counts each one. A background monitor probes the
 //! replica every `DATABASE_REPLICA_CHECK_INTERVAL_MS`, so a dead or lagging replica is skipped
-//! within a second and taken back as soon as it is healthy. A read that fails on the replica with
-//! a connection error is retried once on the primary, so the caller never sees the outage.
+//! within a second and taken back as soon as it is healthy. The monitor gives up on the replica
+//! only after two bad probes in a row: one slow answer on a busy host, or a lag reading taken in
+//! the instant between a commit arriving and its replay, is not an outage. A read that fails on
+//! the replica with a connection error is retried once on the primary, so the caller never sees
+//! the outage, and moves reads away at once.
 //!
 //! Writes and transactions use the writer. Read-your-writes: a committed transaction returns its
 //! position in the write-ahead log ([`Lsn`]), which services hand to the client as a consistency
@@ -14,7 +17,7 @@
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +45,9 @@ const INSERT_LSN_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_ls
 
 /// Upper bound on one health probe, so a hung replica is noticed as fast as a dead one.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Bad probes in a row after which the replica in use is given up.
+const BAD_PROBES_TO_GIVE_UP: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -133,6 +139,8 @@ struct Replica {
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     in_use: AtomicBool,
+    /// Bad probes in a row while in use (only the monitor task touches it).
+    bad_probes: AtomicU32,
     /// WAL position the replica had replayed at the last probe.
     replayed: AtomicU64,
     max_lag: Duration,
@@ -170,6 +178,7 @@ impl Database {
                     pool_options,
                     // Optimistic until the first probe says otherwise; a failed read falls back anyway.
                     in_use: AtomicBool::new(true),
+                    bad_probes: AtomicU32::new(0),
                     // Unknown until the first probe: reads with a consistency token use the primary.
                     replayed: AtomicU64::new(0),
                     max_lag: config.replica_max_lag,
@@ -410,8 +419,17 @@ impl Replica {
             }
         };
         match (verdict, was_in_use) {
-            (Err(reason), true) => self.mark_unusable(&reason),
+            (Err(reason), true) => {
+                let bad = self.bad_probes.fetch_add(1, Ordering::Relaxed) + 1;
+                if bad >= BAD_PROBES_TO_GIVE_UP {
+                    self.mark_unusable(&reason);
+                } else {
+                    tracing::debug!(reason, "replica probe failed; giving up after another");
+                }
+            }
+            (Ok(()), true) => self.bad_probes.store(0, Ordering::Relaxed),
             (Ok(()), false) => {
+                self.bad_probes.store(0, Ordering::Relaxed);
                 // Fresh pool: connections of the old one may point at the dead server process.
                 let fresh = self
                     .pool_options
