@@ -53,7 +53,8 @@ pub fn test() -> Result<TestCounts> {
         return Err(err);
     }
     let mut cargo_test = cargo_command()
-        .args(["test", "--workspace"])
+        // Every test binary runs even after one fails, so a red run shows all that is wrong.
+        .args(["test", "--workspace", "--no-fail-fast"])
         .env(
             "TASKSTREAM_TEST_PRIMARY_PORT",
             layout.primary_port.to_string(),
