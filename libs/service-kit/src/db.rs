@@ -3,7 +3,7 @@
 //! Plain reads go to the replica while it is up and close enough behind; otherwise they go to
 //! the primary, and `db_replica_fallback_total` counts each one. A background monitor probes the
 //! replica every `DATABASE_REPLICA_CHECK_INTERVAL_MS`, so a dead or lagging replica is skipped
-//! within a second and taken back as soon as it is healthy. The monitor gives up on the replica
+//! within 1.5 s (at the default interval) and taken back once healthy. The monitor gives up on the replica
 //! only after two bad probes in a row: one slow answer on a busy host, or a lag reading taken in
 //! the instant between a commit arriving and its replay, is not an outage. A read that fails on
 //! the replica with a connection error is retried once on the primary, so the caller never sees
