@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
+use events::catalog::{EventPayload, TaskCreated, TASKS_TASK};
 use reqwest::Version;
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
@@ -188,7 +189,7 @@ pub async fn smoke_up() -> Result<()> {
         );
 
         if round == 1 {
-            published_task_shows_in_kcat(&h1).await?;
+            published_task_shows_in_kcat(&h1, up_layout.broker_port).await?;
         }
 
         // Idle h2c connections would hold the services' drain (see `RunningUp::stop`).
@@ -213,7 +214,7 @@ pub async fn smoke_up() -> Result<()> {
 
 /// A task created through the edge shows on `tasks.task.v1` in kcat, with its CloudEvents
 /// headers: what a product team would see on the running stack.
-async fn published_task_shows_in_kcat(client: &reqwest::Client) -> Result<()> {
+async fn published_task_shows_in_kcat(client: &reqwest::Client, broker_port: u16) -> Result<()> {
     let edge = format!("http://127.0.0.1:{EDGE_PORT}");
     let account = serde_json::json!({
         "username": format!("smoke{}", std::process::id()),
@@ -244,22 +245,26 @@ async fn published_task_shows_in_kcat(client: &reqwest::Client) -> Result<()> {
         .json()
         .await?;
     let id = task["id"].as_str().context("task id")?.to_owned();
-    let expected = format!("ce_type={}", "io.taskstream.tasks.task.created.v1");
+    let topic = TASKS_TASK.name;
+    let expected = format!("ce_type={}", TaskCreated::TYPE);
+    let broker = format!("127.0.0.1:{broker_port}");
     for _ in 0..20 {
-        let args = [
-            "-C",
-            "-b",
-            "127.0.0.1:9092",
-            "-t",
-            "tasks.task.v1",
-            "-o",
-            "beginning",
-            "-e",
-            "-q",
-            "-f",
-            "%k %h\n",
-        ];
+        let broker = broker.clone();
+        // kcat may have to be installed first: blocking work, off the async threads.
         let output = tokio::task::spawn_blocking(move || {
+            let args = [
+                "-C",
+                "-b",
+                &broker,
+                "-t",
+                topic,
+                "-o",
+                "beginning",
+                "-e",
+                "-q",
+                "-f",
+                "%k %h\n",
+            ];
             crate::events_tools::kcat_command(&args)?
                 .output()
                 .context("running kcat")
@@ -270,12 +275,12 @@ async fn published_task_shows_in_kcat(client: &reqwest::Client) -> Result<()> {
             .lines()
             .any(|line| line.starts_with(&id) && line.contains(&expected))
         {
-            println!("xtask: kcat shows task {id} on tasks.task.v1 with its CloudEvents headers");
+            println!("xtask: kcat shows task {id} on {topic} with its CloudEvents headers");
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    bail!("kcat does not show task {id} on tasks.task.v1")
+    bail!("kcat does not show task {id} on {topic}")
 }
 
 #[cfg(test)]
