@@ -29,6 +29,7 @@ pub struct ServiceConfig {
     pub database: DatabaseConfig,
     pub broker: BrokerConfig,
     pub telemetry: TelemetryConfig,
+    pub housekeeping: HousekeepingConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +78,13 @@ pub struct BrokerConfig {
     pub bootstrap_servers: String,
     /// `KAFKA_TIMEOUT_MS`, default 2 s: bound on broker calls such as the readiness probe.
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HousekeepingConfig {
+    /// `HOUSEKEEPING_INTERVAL_SECS`, default 60: how often published outbox rows, old event ids
+    /// and expired tokens or keys are deleted (each round works through everything due).
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -140,6 +148,14 @@ impl ServiceConfig {
             telemetry: TelemetryConfig {
                 log_filter: env.raw("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
                 otlp_endpoint: env.raw("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            },
+            housekeeping: HousekeepingConfig {
+                interval: Duration::from_secs(env.ranged(
+                    "HOUSEKEEPING_INTERVAL_SECS",
+                    60,
+                    1,
+                    86_400,
+                )?),
             },
         })
     }

@@ -91,6 +91,26 @@ pub fn is_connection_error(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Errors worth retrying unchanged later: the server or connection is away, the pool had no
+/// connection in time, the server is overloaded, or the transaction lost a race (serialization
+/// failure, deadlock, lock timeout). They say nothing about the statement itself.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    if is_connection_error(err) {
+        return true;
+    }
+    match err {
+        // 40001 serialization_failure, 40P01 deadlock_detected, 55P03 lock_not_available,
+        // 53xxx insufficient resources (too many connections, out of memory or disk),
+        // 57014 query_canceled (the statement timeout on an overloaded server),
+        // 25006 read_only_sql_transaction (connected to a primary that was just demoted).
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            matches!(&*code, "40001" | "40P01" | "55P03" | "57014" | "25006")
+                || code.starts_with("53")
+        }),
+        _ => false,
+    }
+}
+
 /// A position in the primary's write-ahead log, written like PostgreSQL does (`16/B374D848`).
 /// Clients treat it as an opaque consistency token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -195,6 +215,15 @@ impl Database {
     /// The primary's pool, for transactions (`writer_pool().begin()`) and streaming queries.
     pub fn writer_pool(&self) -> &PgPool {
         &self.inner.writer
+    }
+
+    /// A connection to the primary, for work that manages its own transaction; the wait for it
+    /// is recorded like every other.
+    pub async fn writer_connection(&self) -> Result<PoolConnection<Postgres>, DbError> {
+        let waiting = Instant::now();
+        let conn = self.inner.writer.acquire().await?;
+        metrics::histogram!(names::DB_POOL_WAIT, "pool" => "writer").record(waiting.elapsed());
+        Ok(conn)
     }
 
     /// Runs `op` on a connection to the primary.

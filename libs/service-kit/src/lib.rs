@@ -8,6 +8,7 @@
 //! - [`broker`]: the Kafka reachability probe;
 //! - [`access_token`]: verifying auth's access tokens (JWKS fetched and cached);
 //! - [`workers`]: bounded worker pools for CPU-heavy work, periodic chores;
+//! - [`housekeeping`]: deleting what has outlived its use, in batches, one instance at a time;
 //! - [`openapi`]: serving a service's OpenAPI document.
 //!
 //! A service implements [`Service`] and its `main` is `service_kit::run::<TheService>()`, which
@@ -17,6 +18,7 @@ pub mod access_token;
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod housekeeping;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
@@ -39,6 +41,9 @@ use crate::http::AppContext;
 
 /// Exit code for configuration errors, distinct from runtime failures (1).
 const EXIT_BAD_CONFIG: u8 = 2;
+
+/// How long shutdown waits for the database pools to close.
+const POOL_CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a service adds to the spine: its settings, migrations, state and routes.
 pub trait Service: Sized + Send + Sync + 'static {
@@ -154,7 +159,14 @@ fn serve<S: Service>() -> ExitCode {
         tracing::info!("in-flight requests drained; stopping background work");
         service.stop().await;
         tracing::info!("closing database pools");
-        db.close().await;
+        // Bounded: a connection still lent out (to background work that did not stop in time)
+        // must not keep the process past its grace period.
+        if tokio::time::timeout(POOL_CLOSE_LIMIT, db.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("database pools not closed within {POOL_CLOSE_LIMIT:?}; exiting anyway");
+        }
         Ok::<(), String>(())
     });
     match outcome {

@@ -38,6 +38,9 @@ pub const WORKER_POOL_WAIT: &str = "worker_pool_wait_seconds";
 /// Jobs refused because the queue was full (answered 503), by `pool`.
 pub const WORKER_POOL_REJECTED: &str = "worker_pool_rejected_total";
 
+/// Rows deleted by housekeeping, by `sweep` (`outbox`, `processed_events`, ...).
+pub const HOUSEKEEPING_DELETED: &str = "housekeeping_deleted_total";
+
 /// Latency buckets from 1 ms to 10 s: fine below 100 ms where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -90,8 +90,9 @@ impl WorkerPool {
     }
 }
 
-/// Runs `chore` every `period` for the life of the process, the first time at once. A failure is
-/// logged with `name` and the next run goes ahead; runs never overlap.
+/// Runs `chore` every `period` for the life of the process, the first time at once; runs never
+/// overlap. A failure is logged with `name` once per streak (a database outage would otherwise
+/// log every period), and the recovery too; the next run goes ahead either way.
 pub fn spawn_periodic<F, Fut>(name: &'static str, period: std::time::Duration, chore: F)
 where
     F: Fn() -> Fut + Send + 'static,
@@ -100,10 +101,23 @@ where
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures = 0u32;
         loop {
             tick.tick().await;
-            if let Err(err) = chore().await {
-                tracing::warn!(chore = name, error = %err, "periodic chore failed");
+            match chore().await {
+                Ok(()) if failures > 0 => {
+                    tracing::info!(chore = name, failures, "periodic chore works again");
+                    failures = 0;
+                }
+                Ok(()) => {}
+                Err(err) if failures == 0 => {
+                    tracing::warn!(chore = name, error = %err, "periodic chore failed; retrying every {period:?}");
+                    failures = 1;
+                }
+                Err(err) => {
+                    tracing::debug!(chore = name, error = %err, "periodic chore failed again");
+                    failures += 1;
+                }
             }
         }
     });
