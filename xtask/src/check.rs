@@ -33,43 +33,11 @@ pub fn test() -> Result<TestCounts> {
     // Charts, cluster manifests, ArgoCD and the Dockerfile: rendered, validated and audited.
     let deploy_checks = crate::deploy_check::run()?;
 
-    let infra = Infra::start(StackLayout::test(&stack::state_dir(&root)))?;
-    let layout = &infra.layout;
-    println!(
-        "xtask: test stack up (primary :{}, replica :{}, broker :{})",
-        layout.primary_port, layout.replica_port, layout.broker_port
-    );
-    // As a deploy does: the schema and the topics are in place before any service starts.
-    let prepared = crate::target_dir()
-        .and_then(|target| {
-            crate::bootstrap::migrate_all(
-                &target.join("debug"),
-                layout.primary_port,
-                &infra.logs_dir(),
-            )
-        })
-        .and_then(|()| infra.create_topics());
-    if let Err(err) = prepared {
-        infra.stop();
-        return Err(err);
-    }
+    let infra = start_test_stack(&root)?;
     let mut cargo_test = cargo_command()
         // Every test binary runs even after one fails, so a red run shows all that is wrong.
         .args(["test", "--workspace", "--no-fail-fast"])
-        .env(
-            "TASKSTREAM_TEST_PRIMARY_PORT",
-            layout.primary_port.to_string(),
-        )
-        .env(
-            "TASKSTREAM_TEST_REPLICA_PORT",
-            layout.replica_port.to_string(),
-        )
-        .env(
-            "TASKSTREAM_TEST_BROKER",
-            format!("127.0.0.1:{}", layout.broker_port),
-        )
-        .env("TASKSTREAM_TEST_SCRATCH", layout.root.join("scratch"))
-        .env("TASKSTREAM_TEST_BROKER_BIN", &infra.broker_bin)
+        .envs(test_stack_env(&infra))
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -91,6 +59,78 @@ pub fn test() -> Result<TestCounts> {
         bail!("tests failed");
     }
     Ok(counts)
+}
+
+/// The stack the integration tests run against, schema and topics in place, as a deploy leaves
+/// them before any service starts.
+fn start_test_stack(root: &Path) -> Result<Infra> {
+    let infra = Infra::start(StackLayout::test(&stack::state_dir(root)))?;
+    let layout = &infra.layout;
+    println!(
+        "xtask: test stack up (primary :{}, replica :{}, broker :{})",
+        layout.primary_port, layout.replica_port, layout.broker_port
+    );
+    let prepared = crate::target_dir()
+        .and_then(|target| {
+            crate::bootstrap::migrate_all(
+                &target.join("debug"),
+                layout.primary_port,
+                &infra.logs_dir(),
+            )
+        })
+        .and_then(|()| infra.create_topics());
+    if let Err(err) = prepared {
+        infra.stop();
+        return Err(err);
+    }
+    Ok(infra)
+}
+
+/// What tells the integration tests (`test_support::TestStack`) where the stack is.
+fn test_stack_env(infra: &Infra) -> Vec<(&'static str, String)> {
+    let layout = &infra.layout;
+    vec![
+        (
+            "TASKSTREAM_TEST_PRIMARY_PORT",
+            layout.primary_port.to_string(),
+        ),
+        (
+            "TASKSTREAM_TEST_REPLICA_PORT",
+            layout.replica_port.to_string(),
+        ),
+        (
+            "TASKSTREAM_TEST_BROKER",
+            format!("127.0.0.1:{}", layout.broker_port),
+        ),
+        (
+            "TASKSTREAM_TEST_SCRATCH",
+            layout.root.join("scratch").display().to_string(),
+        ),
+        (
+            "TASKSTREAM_TEST_BROKER_BIN",
+            infra.broker_bin.display().to_string(),
+        ),
+    ]
+}
+
+/// `cargo xtask stack`: the test stack alone, until Ctrl-C, for running chosen integration
+/// tests against it (`eval` the printed exports, then `cargo test -p … --test … NAME`).
+pub async fn stack_until_signal() -> Result<()> {
+    prereqs::ensure_build_tools()?;
+    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+    let infra = start_test_stack(&workspace_root())?;
+    for (name, value) in test_stack_env(&infra) {
+        println!("export {name}={value}");
+    }
+    println!("xtask: test stack ready; Ctrl-C stops it");
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    infra.stop();
+    Ok(())
 }
 
 /// Passed and failed tests, added up over cargo's `test result:` lines.

@@ -2,13 +2,16 @@
 //!
 //! - `up [--release]`: the whole system on this machine (databases, broker, services, edge);
 //! - `test`: format check, clippy, and every test against a real stack of its own;
+//! - `stack`: that test stack alone, for running chosen tests against it;
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
 //!   part of `test`);
 //! - `load <scenario> [--smoke]`: a k6 scenario from `loadtest/` against a fresh `up --release`;
+//! - `bench <name> [--smoke]`: a benchmark of one part on a stack of its own (`consumer`);
 //! - `catalog`: write the event catalog (`libs/events/asyncapi.json`) from the payload types;
 //! - `kcat <args>`: kcat against the local broker (with a librdkafka that can talk to it);
 //! - `edge`: the edge proxy alone (started by `up`).
 
+mod bench;
 mod bootstrap;
 mod check;
 mod deploy_check;
@@ -35,7 +38,7 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 pub(crate) const EDGE_PORT: u16 = 8080;
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release] | test | deploy-check | load SCENARIO [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
+    "usage: cargo xtask <up [--release] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,16 +57,25 @@ fn main() -> ExitCode {
             for scenario in load::SCENARIOS {
                 runtime.block_on(load::run(scenario, true))?;
             }
-            // The two smoke runs of `cargo xtask up` and the load smoke runs count as tests too.
-            counts.passed += 2 + load::SCENARIOS.len() as u32;
+            for bench in bench::BENCHES {
+                bench::run(bench, true)?;
+            }
+            // The two smoke runs of `cargo xtask up` and the load and bench smoke runs count as
+            // tests too.
+            counts.passed += 2 + (load::SCENARIOS.len() + bench::BENCHES.len()) as u32;
             println!("summary: {counts}");
             Ok(())
         }),
+        Some("stack") => runtime.block_on(check::stack_until_signal()),
         Some("deploy-check") => deploy_check::run().map(|_| ()),
         Some("load") => match args.get(1) {
             Some(scenario) => {
                 runtime.block_on(load::run(scenario, args.iter().any(|arg| arg == "--smoke")))
             }
+            None => Err(anyhow::anyhow!("{USAGE}")),
+        },
+        Some("bench") => match args.get(1) {
+            Some(bench) => bench::run(bench, args.iter().any(|arg| arg == "--smoke")),
             None => Err(anyhow::anyhow!("{USAGE}")),
         },
         Some("catalog") => events_tools::write_catalog(),

@@ -45,6 +45,19 @@ impl StackLayout {
         }
     }
 
+    /// `cargo xtask bench`: ports of its own, so it can run beside `up` and `test`; data thrown
+    /// away.
+    pub fn bench(state_dir: &Path) -> Self {
+        Self {
+            root: state_dir.join("bench"),
+            primary_port: 57432,
+            replica_port: 57433,
+            broker_port: 29092,
+            fresh: true,
+            throwaway: true,
+        }
+    }
+
     /// `cargo xtask test`: ports of its own, so it can run beside `up`; data thrown away.
     pub fn test(state_dir: &Path) -> Self {
         Self {
@@ -170,6 +183,19 @@ impl Infra {
             &events::catalog::topics_to_create(LOCAL_PARTITIONS),
         )
         .context("creating the catalog's topics")
+    }
+
+    /// Creates `topic` with `partitions` and its dead-letter topic, unless they exist.
+    pub fn create_topic_set(&self, topic: &str, partitions: i32) -> Result<()> {
+        local_broker::create_topics(
+            &self.broker_bin,
+            &self.broker.bootstrap_servers(),
+            &[
+                (topic.to_owned(), partitions),
+                (events::catalog::dead_letter_topic(topic), 1),
+            ],
+        )
+        .with_context(|| format!("creating {topic}"))
     }
 
     pub fn logs_dir(&self) -> PathBuf {

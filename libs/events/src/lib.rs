@@ -6,8 +6,9 @@
 //! - [`outbox`]: producing: an event is written to the service's `outbox` table in the same
 //!   transaction as the change, and a relay publishes it (idempotent producer, acks=all), one
 //!   relay per service at a time;
-//! - [`consumer`]: consuming: consumer groups, offsets committed after the handler succeeds, an
-//!   event id applied once, retries with backoff, then `<topic>.dlq` with the reason;
+//! - [`consumer`]: consuming: consumer groups, offsets stored once an event is applied and
+//!   committed in the background, an event id applied once, partitions applied concurrently in
+//!   batches, outages waited out, other failures retried, then `<topic>.dlq` with the reason;
 //! - [`kafka`]: client settings shared by all of the above.
 //!
 //! Everything but the catalog needs the `kafka` feature (on by default).
@@ -21,11 +22,15 @@ pub mod envelope;
 pub mod kafka;
 #[cfg(feature = "kafka")]
 pub mod outbox;
+#[cfg(all(test, feature = "kafka"))]
+mod trace_capture;
 
 /// Metric names of the event machinery (every series also carries `service`).
 pub mod metric_names {
-    /// Events waiting in the outbox to be published.
+    /// Events waiting in the outbox to be published (counted up to a million).
     pub const OUTBOX_PENDING: &str = "outbox_pending";
+    /// Age of the oldest event waiting in the outbox, in seconds (0 when none waits).
+    pub const OUTBOX_OLDEST_PENDING: &str = "outbox_oldest_pending_seconds";
     /// Events published from the outbox, by `topic`.
     pub const EVENTS_PUBLISHED: &str = "events_published_total";
     /// Events applied by a consumer, by `topic`.
@@ -34,6 +39,11 @@ pub mod metric_names {
     pub const EVENTS_DUPLICATE: &str = "events_duplicate_total";
     /// Handler attempts that failed and were retried, by `topic`.
     pub const EVENT_RETRIES: &str = "event_retries_total";
+    /// Attempts that failed because a dependency was unavailable (retried until it is back), by
+    /// `topic`.
+    pub const EVENT_UNAVAILABLE_RETRIES: &str = "event_unavailable_retries_total";
+    /// Partitions held back right now by an unavailable dependency, by `topic`.
+    pub const CONSUMER_PARTITIONS_STALLED: &str = "consumer_partitions_stalled";
     /// Events sent to the dead-letter topic, by `topic` (the original one).
     pub const EVENTS_DEAD_LETTERED: &str = "events_dead_lettered_total";
     /// Messages behind the end of the partition, by `topic`, `partition` and `group`.

@@ -13,7 +13,7 @@ use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::{json, Value};
 use service_kit::sqlx::{self, Connection, PgConnection};
-use test_support::kafka::read_topic;
+use test_support::kafka::{read_topic, topic_is_empty};
 use test_support::{
     http1_client, metric_sum, run_to_exit_with_args, unique_name, workspace_binary, ServiceProcess,
     TestStack,
@@ -37,6 +37,18 @@ fn migrate(stack: &TestStack) {
 }
 
 async fn start_recorder(stack: &TestStack, topic: &str, group: &str, name: &str) -> ServiceProcess {
+    start_recorder_with(stack, topic, group, name, &[]).await
+}
+
+/// [`start_recorder`] with settings added or replaced (`RECORDER_MAX_ATTEMPTS`, a database of
+/// its own, ...).
+async fn start_recorder_with(
+    stack: &TestStack,
+    topic: &str,
+    group: &str,
+    name: &str,
+    extra: &[(&str, &str)],
+) -> ServiceProcess {
     let mut env = stack.service_env("postgres");
     env.extend(
         [
@@ -46,6 +58,10 @@ async fn start_recorder(stack: &TestStack, topic: &str, group: &str, name: &str)
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
+    for (key, value) in extra {
+        env.retain(|(existing, _)| existing != key);
+        env.push((key.to_string(), value.to_string()));
+    }
     let mut process = ServiceProcess::spawn(recorder(), &env, &stack.scratch_dir(name));
     process.wait_ready().await;
     process
@@ -90,9 +106,10 @@ async fn produce(stack: &TestStack, topic: &str, messages: &[Outgoing]) {
     }
 }
 
-/// What the recorder applied for `topic`: event id → (instance, applications).
-async fn recorded(stack: &TestStack, topic: &str) -> BTreeMap<Uuid, (String, i32)> {
-    let mut conn = PgConnection::connect(&database_url(stack)).await.unwrap();
+/// What the recorder applied for `topic` in the database at `url`: event id → (instance,
+/// applications).
+async fn recorded_in(url: &str, topic: &str) -> BTreeMap<Uuid, (String, i32)> {
+    let mut conn = PgConnection::connect(url).await.unwrap();
     let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(
         "SELECT event_id, consumer, applications FROM recorded_events WHERE topic = $1",
     )
@@ -112,9 +129,19 @@ async fn wait_recorded(
     count: usize,
     limit: Duration,
 ) -> BTreeMap<Uuid, (String, i32)> {
+    wait_recorded_in(&database_url(stack), topic, count, limit).await
+}
+
+/// [`wait_recorded`] in the database at `url`.
+async fn wait_recorded_in(
+    url: &str,
+    topic: &str,
+    count: usize,
+    limit: Duration,
+) -> BTreeMap<Uuid, (String, i32)> {
     let deadline = Instant::now() + limit;
     loop {
-        let recorded = recorded(stack, topic).await;
+        let recorded = recorded_in(url, topic).await;
         if recorded.len() >= count || Instant::now() > deadline {
             return recorded;
         }
@@ -270,4 +297,175 @@ async fn a_group_shares_partitions_and_survives_losing_an_instance() {
         .collect();
     assert!(twice.is_empty(), "applied more than once: {twice:?}");
     drop(second);
+}
+
+/// Whether nothing went to the dead-letter topic of `topic`.
+fn nothing_dead_lettered(stack: &TestStack, topic: &str) -> bool {
+    topic_is_empty(&stack.broker, &events::catalog::dead_letter_topic(topic))
+}
+
+/// Waits until the metric `name` at `metrics_url` reaches `at_least` (bounded by `limit`).
+async fn wait_metric(metrics_url: &str, name: &str, at_least: f64, limit: Duration) -> f64 {
+    let client = http1_client();
+    let deadline = Instant::now() + limit;
+    loop {
+        let value = metric_sum(&client, metrics_url, name).await;
+        if value >= at_least || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_in_retry_backoff_at_shutdown_comes_again_after_the_restart() {
+    let stack = TestStack::from_env();
+    let topic = unique_name("test.stop.");
+    let group = unique_name("group");
+    create_topic(&stack, &topic, 1);
+    migrate(&stack);
+    // "first" fails the event and waits 3 s before each new attempt; it is stopped meanwhile.
+    let mut first = start_recorder_with(
+        &stack,
+        &topic,
+        &group,
+        "first",
+        &[
+            ("RECORDER_MAX_ATTEMPTS", "20"),
+            ("RECORDER_FIRST_BACKOFF_MS", "3000"),
+        ],
+    )
+    .await;
+    let id = Uuid::now_v7();
+    produce(
+        &stack,
+        &topic,
+        &[event(id, json!({ "fail_while": "first" }))],
+    )
+    .await;
+    let retries = wait_metric(
+        &first.url("/metrics"),
+        "event_retries_total",
+        1.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(retries, 1.0, "the handler failed once and is in backoff");
+    first.terminate();
+    let status = first.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}:\n{}", first.logs());
+
+    // The same group again, with an instance in which the event succeeds.
+    let _second = start_recorder(&stack, &topic, &group, "second").await;
+    let applied = wait_recorded(&stack, &topic, 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        applied.get(&id),
+        Some(&("second".to_owned(), 1)),
+        "neither applied nor dead-lettered before the stop, so delivered again: {applied:?}"
+    );
+    assert!(
+        nothing_dead_lettered(&stack, &topic),
+        "nothing dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_holds_events_back_and_dead_letters_none() {
+    let stack = TestStack::from_env();
+    let topic = unique_name("test.dbdown.");
+    create_topic(&stack, &topic, 3);
+    let mut database = stack.scratch_primary("recorder-db");
+    let url = database.url();
+    let (status, _, stderr) =
+        run_to_exit_with_args(recorder(), &["migrate"], &[("DATABASE_WRITER_URL", &url)]);
+    assert!(status.success(), "recorder migrate: {stderr}");
+    let recorder = start_recorder_with(
+        &stack,
+        &topic,
+        &unique_name("group"),
+        "outage",
+        &[("DATABASE_WRITER_URL", &url), ("DATABASE_READER_URL", &url)],
+    )
+    .await;
+    // Joined and applying before the outage starts.
+    let warm_up = Uuid::now_v7();
+    produce(&stack, &topic, &[event(warm_up, json!({ "n": -1 }))]).await;
+    assert_eq!(
+        wait_recorded_in(&url, &topic, 1, Duration::from_secs(60))
+            .await
+            .len(),
+        1
+    );
+
+    database.stop();
+    let outage = Instant::now();
+    let during: Vec<Outgoing> = (0..1000)
+        .map(|n| event(Uuid::now_v7(), json!({ "n": n })))
+        .collect();
+    produce(&stack, &topic, &during).await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
+    database.start();
+
+    let applied = wait_recorded_in(&url, &topic, 1001, Duration::from_secs(90)).await;
+    assert_eq!(
+        applied.len(),
+        1001,
+        "every event applied once the database is back"
+    );
+    let twice: Vec<_> = applied.iter().filter(|(_, (_, n))| *n != 1).collect();
+    assert!(twice.is_empty(), "applied more than once: {twice:?}");
+    assert!(
+        nothing_dead_lettered(&stack, &topic),
+        "an outage is no reason to dead-letter"
+    );
+    let metrics = recorder.url("/metrics");
+    let client = http1_client();
+    assert_eq!(
+        metric_sum(&client, &metrics, "events_dead_lettered_total").await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processed_event_ids_are_forgotten_after_the_redelivery_window() {
+    let stack = TestStack::from_env();
+    let topic = unique_name("test.forget.");
+    create_topic(&stack, &topic, 1);
+    let database = stack.scratch_primary("recorder-forget");
+    let url = database.url();
+    let (status, _, stderr) =
+        run_to_exit_with_args(recorder(), &["migrate"], &[("DATABASE_WRITER_URL", &url)]);
+    assert!(status.success(), "recorder migrate: {stderr}");
+    // Ids applied long ago (far more than one batch), and a few recent ones that must stay.
+    database.query(
+        "postgres",
+        "INSERT INTO processed_events (event_id, topic, processed_at) \
+         SELECT gen_random_uuid(), 'old', \
+                CASE WHEN n <= 12000 THEN now() - interval '8 days' ELSE now() - interval '6 days' END \
+         FROM generate_series(1, 12005) AS n",
+    );
+    let _recorder = start_recorder_with(
+        &stack,
+        &topic,
+        &unique_name("group"),
+        "forget",
+        &[
+            ("DATABASE_WRITER_URL", &url),
+            ("DATABASE_READER_URL", &url),
+            ("HOUSEKEEPING_INTERVAL_SECS", "1"),
+        ],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let remaining = loop {
+        let remaining = database.query("postgres", "SELECT count(*) FROM processed_events");
+        if remaining == "5" || Instant::now() > deadline {
+            break remaining;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        remaining, "5",
+        "ids older than 7 days forgotten, younger ones kept"
+    );
 }

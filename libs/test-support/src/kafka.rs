@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::ClientConfig;
 use serde_json::Value;
@@ -100,4 +100,33 @@ pub async fn read_topic_lingering(
     )
     .await;
     records
+}
+
+/// Whether `topic` holds no message at all, asked of the broker directly (its watermarks): unlike
+/// reading, this cannot miss what a slow group join would. Only emptiness: the local broker
+/// reports a high watermark that ignores all but the first record of the last batch, so the
+/// difference is no count.
+pub fn topic_is_empty(bootstrap_servers: &str, topic: &str) -> bool {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap_servers)
+        .set("log_level", "3")
+        .create()
+        .expect("a test client");
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .unwrap_or_else(|err| panic!("metadata of {topic}: {err}"));
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|found| found.name() == topic)
+        .unwrap_or_else(|| panic!("{topic} does not exist"))
+        .partitions()
+        .len() as i32;
+    (0..partitions).all(|partition| {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .unwrap_or_else(|err| panic!("watermarks of {topic}/{partition}: {err}"));
+        high == low
+    })
 }

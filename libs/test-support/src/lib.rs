@@ -105,23 +105,31 @@ impl TestStack {
     }
 
     /// A streaming replica of the stack's primary that only this test uses (and may stop).
-    pub fn scratch_replica(&self, label: &str) -> ScratchReplica {
+    pub fn scratch_replica(&self, label: &str) -> ScratchCluster {
         let install = PgInstall::detect().expect("PostgreSQL binaries");
         let root = self.scratch_dir(label);
         let data = root.join("data");
         install
             .base_backup(self.primary_port, &data)
             .expect("pg_basebackup");
-        let port = free_port();
-        let mut replica = ScratchReplica {
+        ScratchCluster::started(install, root, data, &[])
+    }
+
+    /// A primary of its own that only this test uses (and may stop, as in an outage): for a
+    /// service whose database must go away while the rest of the stack stays up. Connect as the
+    /// superuser `postgres` to the `postgres` database ([`ScratchCluster::url`]).
+    pub fn scratch_primary(&self, label: &str) -> ScratchCluster {
+        let install = PgInstall::detect().expect("PostgreSQL binaries");
+        let root = self.scratch_dir(label);
+        let data = root.join("data");
+        install.init_primary(&data).expect("initdb");
+        // Throwaway data, as on the stack's own primary.
+        ScratchCluster::started(
             install,
+            root,
             data,
-            log: root.join("postgres.log"),
-            port,
-            running: None,
-        };
-        replica.start();
-        replica
+            &[("fsync", "off"), ("synchronous_commit", "off")],
+        )
     }
 }
 
@@ -176,40 +184,64 @@ impl TestStack {
     }
 }
 
-/// A replica owned by one test.
-pub struct ScratchReplica {
+/// A PostgreSQL server owned by one test (a replica or a primary of its own).
+pub struct ScratchCluster {
     install: PgInstall,
     data: PathBuf,
     log: PathBuf,
     pub port: u16,
+    settings: &'static [(&'static str, &'static str)],
     running: Option<RunningCluster>,
 }
 
-impl ScratchReplica {
+impl ScratchCluster {
+    fn started(
+        install: PgInstall,
+        root: PathBuf,
+        data: PathBuf,
+        settings: &'static [(&'static str, &'static str)],
+    ) -> Self {
+        let mut cluster = Self {
+            install,
+            data,
+            log: root.join("postgres.log"),
+            port: free_port(),
+            settings,
+            running: None,
+        };
+        cluster.start();
+        cluster
+    }
+
+    /// The URL of the `postgres` database as the superuser.
+    pub fn url(&self) -> String {
+        local_postgres::database_url(self.port, "postgres")
+    }
+
     /// Starts (or restarts) the server on the same port and data.
     pub fn start(&mut self) {
         let log = File::options()
             .create(true)
             .append(true)
             .open(&self.log)
-            .expect("replica log");
+            .expect("scratch cluster log");
         self.running = Some(
             self.install
-                .start(&self.data, self.port, &[], log)
-                .expect("start replica"),
+                .start(&self.data, self.port, self.settings, log)
+                .expect("start the scratch cluster"),
         );
     }
 
-    /// Runs `sql` on the replica as the superuser (e.g. `SELECT pg_wal_replay_pause()`).
+    /// Runs `sql` as the superuser (e.g. `SELECT pg_wal_replay_pause()` on a replica).
     pub fn query(&self, database: &str, sql: &str) -> String {
         local_postgres::query(&self.install, self.port, database, sql)
-            .unwrap_or_else(|err| panic!("{sql} on the scratch replica: {err}"))
+            .unwrap_or_else(|err| panic!("{sql} on the scratch cluster: {err}"))
     }
 
     /// Stops the server process (fast shutdown: its connections are cut).
     pub fn stop(&mut self) {
         if let Some(mut running) = self.running.take() {
-            running.stop().expect("stop replica");
+            running.stop().expect("stop the scratch cluster");
         }
     }
 }
