@@ -2,11 +2,17 @@
 //!
 //! [`enqueue`] writes the event into the service's `outbox` table inside the transaction that
 //! makes the change (and `NOTIFY`s at commit). The [`Relay`] publishes committed rows in order
-//! with the idempotent producer, marks them published, and deletes them an hour later. Exactly
-//! one relay per database publishes at a time: it holds a PostgreSQL advisory lock on a
-//! connection of its own; the others wait for it, and take over within seconds if it dies.
-//! Delivery is at least once (a relay that stops between publishing and marking publishes those
-//! rows again), so consumers apply each event id once.
+//! with the idempotent producer and marks them published; housekeeping deletes them an hour
+//! later, in batches. Exactly one relay per database publishes at a time: it holds a PostgreSQL
+//! advisory lock on a connection of its own, checks before every round that the connection
+//! (and so the lock) is still there, and the others take over within seconds if it dies.
+//! Delivery is at least once: a relay that loses its lock or stops mid-round may have sent that
+//! round's rows (at most one batch) without marking them, and they are published again, so
+//! consumers apply each event id once.
+//!
+//! Every instance, publisher or not, measures the backlog once a second (`outbox_pending`,
+//! `outbox_oldest_pending_seconds`), independently of the publishing: when the broker is away
+//! the drain hangs, and the backlog is exactly what must show.
 //!
 //! Per-key order holds because every change to one aggregate locks its row: the next change's
 //! outbox row is inserted, and committed, after the previous one's.
@@ -17,8 +23,9 @@ use futures_util::FutureExt;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use service_kit::db::Database;
+use service_kit::housekeeping::{self, Sweep};
 use service_kit::http::AppContext;
-use service_kit::sqlx::postgres::PgListener;
+use service_kit::sqlx::postgres::{PgListener, PgPoolOptions};
 use service_kit::sqlx::types::Json;
 use service_kit::sqlx::{self, Connection, PgConnection};
 use service_kit::workers::StoppableTask;
@@ -27,17 +34,24 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::catalog::EventPayload;
-use crate::envelope::{current_traceparent, Envelope};
+use crate::envelope::{continue_trace, current_traceparent, Envelope};
 use crate::metric_names as names;
 
 /// Woken at commit by `NOTIFY outbox`.
 const CHANNEL: &str = "outbox";
-/// The relay's advisory lock. Any constant does: each service has a database of its own.
-const RELAY_LOCK: i64 = 0x6f75_7462_6f78; // "outbox"
+/// The relay's advisory lock (public for tests that take it away). Any constant does: each
+/// service has a database of its own.
+pub const RELAY_LOCK: i64 = 0x6f75_7462_6f78; // "outbox"
 /// How often a relay that is not the publisher asks for the lock again.
 const LEADERSHIP_RETRY: Duration = Duration::from_secs(2);
-/// Published rows are kept this long (for inspection), then deleted.
-const KEEP_PUBLISHED: &str = "1 hour";
+/// Longest wait for the lock connection to answer before leadership counts as lost.
+const LEADERSHIP_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often every instance measures the backlog.
+const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
+/// The backlog is counted up to this many rows (a count is a scan of the pending rows).
+const BACKLOG_COUNT_CAP: i64 = 1_000_000;
+/// How long a stopping relay lets librdkafka try to deliver what it holds.
+const STOP_FLUSH: Duration = Duration::from_millis(500);
 
 /// Writes `payload` as an event into the outbox, in the caller's transaction; returns its id.
 pub async fn enqueue<P: EventPayload>(
@@ -71,10 +85,14 @@ pub async fn enqueue<P: EventPayload>(
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
-    /// Rows published per round.
+    /// Rows published per round: also the most a relay can publish twice when it loses its lock.
     pub batch: i64,
     /// Longest wait between rounds when no NOTIFY arrives (the fallback if one is missed).
     pub poll_interval: Duration,
+    /// How long published rows are kept (for inspection) before housekeeping deletes them.
+    pub keep_published: Duration,
+    /// How often housekeeping runs.
+    pub housekeeping_interval: Duration,
 }
 
 impl Default for RelaySettings {
@@ -82,12 +100,16 @@ impl Default for RelaySettings {
         Self {
             batch: 200,
             poll_interval: Duration::from_secs(1),
+            keep_published: Duration::from_secs(3600),
+            housekeeping_interval: Duration::from_secs(60),
         }
     }
 }
 
-/// How long shutdown waits for the relay's round in progress (the broker may be away).
-pub const RELAY_STOP_LIMIT: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the relay: the round in progress is abandoned (its rows stay
+/// pending) if the broker does not answer. Fits, beside a consumer's, in the few seconds a pod
+/// has left after draining requests.
+pub const RELAY_STOP_LIMIT: Duration = Duration::from_secs(3);
 
 /// A running relay; stop it on shutdown.
 pub struct Relay {
@@ -95,42 +117,42 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// The relay of a service's own database and broker, with the default settings.
+    /// The relay of a service's own database and broker.
     pub fn for_service(context: &AppContext) -> Result<Self, String> {
+        let settings = RelaySettings {
+            housekeeping_interval: context.config.housekeeping.interval,
+            ..RelaySettings::default()
+        };
         Self::spawn(
             context.db.clone(),
             &context.config.broker.bootstrap_servers,
-            RelaySettings::default(),
+            settings,
         )
         .map_err(|err| format!("cannot start the outbox relay: {err}"))
     }
 
-    /// Starts the relay for the service's database, and the clean-up of published rows.
+    /// Starts the relay for the service's database, the backlog measurement and the clean-up
+    /// of published rows.
     pub fn spawn(
         db: Database,
         bootstrap_servers: &str,
         settings: RelaySettings,
     ) -> Result<Self, KafkaError> {
         let producer = crate::kafka::producer(bootstrap_servers)?;
-        let cleanup_db = db.clone();
-        service_kit::workers::spawn_periodic(
-            "outbox clean-up",
-            Duration::from_secs(600),
-            move || {
-                let db = cleanup_db.clone();
-                async move {
-                    db.write(|mut conn| async move {
-                        sqlx::query(&format!(
-                            "DELETE FROM outbox WHERE published_at < now() - interval '{KEEP_PUBLISHED}'"
-                        ))
-                        .execute(&mut *conn)
-                        .await
-                    })
-                    .await
-                    .map(drop)
-                    .map_err(|err| err.to_string())
-                }
-            },
+        spawn_backlog_gauge(db.clone());
+        housekeeping::spawn(
+            db.clone(),
+            "outbox",
+            settings.housekeeping_interval,
+            vec![Sweep::new(
+                "outbox",
+                format!(
+                    "DELETE FROM outbox WHERE position IN ( \
+                       SELECT position FROM outbox \
+                       WHERE published_at < now() - make_interval(secs => {}) LIMIT $1)",
+                    settings.keep_published.as_secs()
+                ),
+            )],
         );
         let worker = Worker {
             db,
@@ -142,13 +164,39 @@ impl Relay {
         })
     }
 
-    /// Lets the round in progress finish and be marked (waiting up to `limit`, as the broker may
-    /// be away), then stops. Rows not marked yet are published again by the next relay.
+    /// Stops publishing: a round waiting on the broker is abandoned (its rows stay pending and
+    /// are published again by the next relay). Bounded by `limit`.
     pub async fn stop(&self, limit: Duration) {
         if !self.task.stop(limit).await {
-            tracing::warn!("outbox relay still waiting for the broker after {limit:?}; leaving");
+            tracing::warn!("outbox relay did not stop within {limit:?}; leaving");
         }
     }
+}
+
+/// Sets the backlog gauges once a second, for the life of the process.
+fn spawn_backlog_gauge(db: Database) {
+    service_kit::workers::spawn_periodic("outbox backlog", BACKLOG_INTERVAL, move || {
+        let db = db.clone();
+        async move {
+            let (pending, oldest): (i64, f64) = db
+                .write(|mut conn| async move {
+                    sqlx::query_as(
+                        "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox \
+                                 WHERE published_at IS NULL LIMIT $1) AS capped), \
+                                COALESCE(EXTRACT(EPOCH FROM now() - (SELECT occurred_at FROM outbox \
+                                 WHERE published_at IS NULL ORDER BY position LIMIT 1)), 0)::float8",
+                    )
+                    .bind(BACKLOG_COUNT_CAP)
+                    .fetch_one(&mut *conn)
+                    .await
+                })
+                .await
+                .map_err(|err| err.to_string())?;
+            metrics::gauge!(names::OUTBOX_PENDING).set(pending as f64);
+            metrics::gauge!(names::OUTBOX_OLDEST_PENDING).set(oldest.max(0.0));
+            Ok(())
+        }
+    });
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +205,8 @@ enum RelayError {
     Database(#[from] sqlx::Error),
     #[error("publishing: {0}")]
     Publish(KafkaError),
+    #[error("the advisory lock's connection did not answer within {LEADERSHIP_CHECK_TIMEOUT:?}")]
+    LeadershipUnknown,
 }
 
 /// An outbox row as the relay reads it.
@@ -172,6 +222,14 @@ struct OutboxRow {
     occurred_at: OffsetDateTime,
     traceparent: Option<String>,
     payload: String,
+}
+
+/// How a round ended.
+enum Round {
+    /// This many rows published and marked.
+    Published(i64),
+    /// Stop was asked for while waiting on the broker.
+    Stopped,
 }
 
 struct Worker {
@@ -190,15 +248,24 @@ impl Worker {
                     tracing::warn!(error = %err, "outbox relay interrupted; starting again");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = stop.changed() => break,
+                        _ = stop.wait_for(|stop| *stop) => break,
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        // Whatever librdkafka still holds was not marked published: the next relay resends it.
-        let producer = self.producer.clone();
-        let _ = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(2))).await;
+        // What librdkafka still holds was not marked published: the next relay resends it.
+        // Bounded, on a thread of its own: with the broker away a flush only times out.
+        let producer = self.producer;
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        let _ = std::thread::Builder::new()
+            .name("relay-flush".into())
+            .spawn(move || {
+                let _ = producer.flush(STOP_FLUSH);
+                drop(producer);
+                let _ = done.send(());
+            });
+        let _ = tokio::time::timeout(STOP_FLUSH * 2, flushed).await;
     }
 
     /// Waits to hold the lock, then publishes until told to stop or something fails.
@@ -215,37 +282,53 @@ impl Worker {
             }
             tokio::select! {
                 _ = tokio::time::sleep(LEADERSHIP_RETRY) => {}
-                _ = stop.changed() => return Ok(()),
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
             }
         }
         tracing::info!("outbox relay: this instance publishes the events");
-        let mut listener = PgListener::connect_with(self.db.writer_pool()).await?;
+        // Its own connection, outside the writer pool: a pool slot held for the life of the
+        // relay would shrink the pool and hold up its closing.
+        let listener_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*options).clone());
+        let mut listener = PgListener::connect_with(&listener_pool).await?;
         listener.listen(CHANNEL).await?;
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            // The lock lives as long as its connection: make sure that is still there.
-            sqlx::query("SELECT 1").execute(&mut lock).await?;
-            while self.publish_round().await? == self.settings.batch {}
-            let pending: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                    .fetch_one(self.db.writer_pool())
-                    .await?;
-            metrics::gauge!(names::OUTBOX_PENDING).set(pending as f64);
+            // The lock lives as long as its connection: no round starts without it.
+            match tokio::time::timeout(
+                LEADERSHIP_CHECK_TIMEOUT,
+                sqlx::query("SELECT 1").execute(&mut lock),
+            )
+            .await
+            {
+                Ok(answered) => answered.map(drop)?,
+                Err(_) => return Err(RelayError::LeadershipUnknown),
+            }
+            match self.publish_round(stop).await? {
+                Round::Stopped => return Ok(()),
+                // A full batch: more is waiting, so the next round (after the check) at once.
+                Round::Published(count) if count == self.settings.batch => continue,
+                Round::Published(_) => {}
+            }
             tokio::select! {
                 notification = listener.recv() => { notification?; }
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
-                _ = stop.changed() => return Ok(()),
+                _ = stop.wait_for(|stop| *stop) => return Ok(()),
             }
         }
     }
 
-    /// Publishes up to a batch of unpublished rows in order and marks those delivered; returns
-    /// how many. Stops at the first failed delivery, so nothing after it is marked.
-    async fn publish_round(&self) -> Result<i64, RelayError> {
+    /// Publishes up to a batch of unpublished rows in order and marks those delivered. Stops at
+    /// the first failed delivery, so nothing after it is marked; gives up waiting (marking
+    /// nothing more) when told to stop.
+    async fn publish_round(&self, stop: &mut watch::Receiver<bool>) -> Result<Round, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
-            "SELECT position, event_id, topic, message_key, event_type, source, subject,                     occurred_at, traceparent, payload::text AS payload              FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT $1",
+            "SELECT position, event_id, topic, message_key, event_type, source, subject, \
+                    occurred_at, traceparent, payload::text AS payload \
+             FROM outbox WHERE published_at IS NULL ORDER BY position LIMIT $1",
         )
         .bind(self.settings.batch)
         .fetch_all(self.db.writer_pool())
@@ -254,13 +337,15 @@ impl Worker {
         let mut deliveries = Vec::with_capacity(rows.len());
         let mut failure = None;
         for row in &rows {
+            let (span, traceparent) = publish_span(row);
+            let _entered = span.enter();
             let headers = Envelope {
                 id: row.event_id,
                 source: row.source.clone(),
                 event_type: row.event_type.clone(),
                 subject: row.subject.clone(),
                 time: row.occurred_at,
-                traceparent: row.traceparent.clone(),
+                traceparent,
             }
             .to_headers();
             let record = FutureRecord::to(&row.topic)
@@ -276,17 +361,24 @@ impl Worker {
             }
         }
         let mut published = Vec::new();
-        for (row, delivery) in rows.iter().zip(deliveries) {
-            match delivery
-                .map(|outcome| outcome.map_err(|_| KafkaError::Canceled))
-                .await
-            {
-                Ok(Ok(_)) => published.push(row),
-                Ok(Err((err, _))) | Err(err) => {
-                    failure.get_or_insert(err);
-                    break;
+        let awaited = async {
+            for (row, delivery) in rows.iter().zip(deliveries) {
+                match delivery
+                    .map(|outcome| outcome.map_err(|_| KafkaError::Canceled))
+                    .await
+                {
+                    Ok(Ok(_)) => published.push(row),
+                    Ok(Err((err, _))) | Err(err) => {
+                        failure.get_or_insert(err);
+                        break;
+                    }
                 }
             }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return Ok(Round::Stopped),
+            () = awaited => {}
         }
         if !published.is_empty() {
             let positions: Vec<i64> = published.iter().map(|row| row.position).collect();
@@ -301,7 +393,83 @@ impl Worker {
         }
         match failure {
             Some(err) => Err(RelayError::Publish(err)),
-            None => Ok(published.len() as i64),
+            None => Ok(Round::Published(published.len() as i64)),
         }
+    }
+}
+
+/// The relay's span for publishing `row`, a child of the request that wrote it, and the
+/// `traceparent` the message carries on: the span's own, so consumers' spans hang below the
+/// publishing and the trace reads request → publish → consume.
+fn publish_span(row: &OutboxRow) -> (tracing::Span, Option<String>) {
+    let span = tracing::info_span!(
+        "outbox publish",
+        event.id = %row.event_id,
+        event.r#type = %row.event_type,
+        messaging.destination = %row.topic,
+    );
+    if row.traceparent.is_none() || span.is_disabled() {
+        return (span, row.traceparent.clone());
+    }
+    continue_trace(&span, row.traceparent.as_deref());
+    let traceparent = span
+        .in_scope(current_traceparent)
+        .or(row.traceparent.clone());
+    (span, traceparent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace_capture::capture;
+    use opentelemetry::trace::{SpanId, TraceId};
+
+    fn row(traceparent: Option<&str>) -> OutboxRow {
+        OutboxRow {
+            position: 1,
+            event_id: Uuid::now_v7(),
+            topic: "tasks.task.v1".into(),
+            message_key: "k".into(),
+            event_type: "io.taskstream.tasks.task.created.v1".into(),
+            source: "/taskstream/tasks".into(),
+            subject: "k".into(),
+            occurred_at: OffsetDateTime::now_utc(),
+            traceparent: traceparent.map(str::to_owned),
+            payload: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn publishing_joins_the_request_trace_and_hands_it_on() {
+        let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let request_span = "00f067aa0ba902b7";
+        let (handed_on, spans) = capture(|| {
+            let (span, traceparent) =
+                publish_span(&row(Some(&format!("00-{trace}-{request_span}-01"))));
+            drop(span);
+            traceparent.expect("a traceparent for the message")
+        });
+        assert_eq!(spans.len(), 1);
+        let publish = &spans[0];
+        assert_eq!(publish.name, "outbox publish");
+        assert_eq!(
+            publish.span_context.trace_id(),
+            TraceId::from_hex(trace).unwrap()
+        );
+        assert_eq!(
+            publish.parent_span_id,
+            SpanId::from_hex(request_span).unwrap()
+        );
+        assert_eq!(
+            handed_on,
+            format!("00-{trace}-{}-01", publish.span_context.span_id()),
+            "consumers continue below the publishing"
+        );
+    }
+
+    #[test]
+    fn an_event_without_a_trace_starts_none() {
+        let (handed_on, _) = capture(|| publish_span(&row(None)).1);
+        assert_eq!(handed_on, None);
     }
 }

@@ -55,7 +55,7 @@ impl Service for TasksService {
     async fn start(settings: TasksSettings, context: &AppContext) -> Result<Self, String> {
         let verifier = web::Data::new(TokenVerifier::remote(settings.keys, &settings.rules)?);
         let tasks = web::Data::new(Tasks::new(context.db.clone()));
-        Tasks::spawn_housekeeping(tasks.clone().into_inner());
+        tasks.spawn_housekeeping(context.config.housekeeping.interval);
         let relay = Relay::for_service(context)?;
         Ok(Self {
             tasks,

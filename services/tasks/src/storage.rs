@@ -3,6 +3,7 @@
 //! test checks the very plans the service runs.
 
 use serde_json::Value;
+use service_kit::housekeeping::Sweep;
 use service_kit::sqlx::{self, PgConnection, Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -331,15 +332,13 @@ pub async fn store_idempotent_response(
         .map(drop)
 }
 
-/// Forgets up to `batch` idempotency keys older than a day; returns how many.
-pub async fn forget_idempotency_keys(conn: &mut PgConnection, batch: i64) -> sqlx::Result<u64> {
-    sqlx::query(
+/// Housekeeping's statement (deletes at most `$1` rows; run until none is left): idempotency
+/// keys older than a day.
+pub fn housekeeping_sweeps() -> Vec<Sweep> {
+    vec![Sweep::new(
+        "idempotency_keys",
         "DELETE FROM idempotency_keys WHERE (owner_id, key) IN ( \
            SELECT owner_id, key FROM idempotency_keys \
            WHERE created_at < now() - interval '1 day' LIMIT $1)",
-    )
-    .bind(batch)
-    .execute(conn)
-    .await
-    .map(|done| done.rows_affected())
+    )]
 }

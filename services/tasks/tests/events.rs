@@ -4,9 +4,10 @@
 //! when it is back.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use events::catalog::{TaskCreated, TaskDeleted, TaskUpdated};
+use events::outbox::RELAY_LOCK;
 use reqwest::Method;
 use serde_json::json;
 use service_kit::sqlx::{self, Connection, PgConnection};
@@ -262,4 +263,305 @@ async fn one_relay_publishes_at_a_time_and_another_takes_over_when_it_dies() {
         .map(|r| r.headers["ce_id"].as_str())
         .collect();
     assert_eq!(ids.len(), 25);
+}
+
+/// Settings pointing tasks at `broker` and `database` (from [`TestStack::scratch_database`]).
+fn isolated<'a>(bootstrap: &'a str, database: &'a [(String, String)]) -> Vec<(&'a str, &'a str)> {
+    let mut settings: Vec<(&str, &str)> = vec![("KAFKA_BOOTSTRAP_SERVERS", bootstrap)];
+    settings.extend(database.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    settings
+}
+
+/// Polls the metric `name` at `metrics_url` until it is above zero; returns how long that took,
+/// or `None` if it stayed at zero for `limit`.
+async fn time_until_positive(metrics_url: &str, name: &str, limit: Duration) -> Option<Duration> {
+    let client = test_support::http1_client();
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if test_support::metric_sum(&client, metrics_url, name).await > 0.0 {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// The event ids in the outbox, and how many of them are not published yet.
+async fn outbox_state(conn: &mut PgConnection) -> (Vec<String>, i64) {
+    let rows: Vec<(String, bool)> =
+        sqlx::query_as("SELECT event_id::text, published_at IS NULL FROM outbox")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let pending = rows.iter().filter(|(_, pending)| *pending).count() as i64;
+    (rows.into_iter().map(|(id, _)| id).collect(), pending)
+}
+
+/// Waits until the outbox has nothing left to publish (bounded by `limit`).
+async fn wait_outbox_drained(conn: &mut PgConnection, limit: Duration) -> Vec<String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (ids, pending) = outbox_state(conn).await;
+        if pending == 0 {
+            return ids;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pending} events still unpublished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How often each event id appears on the topic.
+fn count_per_id(records: &[Record]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for record in records {
+        *counts.entry(record.headers["ce_id"].clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// What a relay publishes per round: the most a relay that lost its lock mid-round can publish
+/// after another took over (`RelaySettings::default().batch`).
+const RELAY_BATCH: usize = 200;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_broker_shows_as_backlog_at_once_and_a_stop_during_it_loses_nothing() {
+    let stack = TestStack::from_env();
+    let mut broker = stack.scratch_broker("tasks-paused");
+    let bootstrap = broker.bootstrap_servers();
+    stack.create_topics(&bootstrap, &events::catalog::topics_to_create(3));
+    let database = stack.scratch_database("tasks");
+    let settings = isolated(&bootstrap, &database);
+    // The system's instance starts first and takes the relay's lock; a second one waits.
+    let mut system = System::start_with("tasks-paused", None, &settings).await;
+    let second = system.another_tasks("tasks-paused-2", &settings).await;
+    let ada = system.user("paused").await;
+
+    broker.pause().expect("pause the broker");
+    let paused = Instant::now();
+    let created = system.create(&ada, json!({ "title": "stuck" })).await;
+    assert_eq!(created.status, 201, "writes go on without the broker");
+    for (instance, metrics) in [
+        ("the publishing instance", system.tasks.url("/metrics")),
+        ("the waiting instance", second.url("/metrics")),
+    ] {
+        let seen = time_until_positive(&metrics, "outbox_pending", Duration::from_secs(5)).await;
+        assert!(
+            seen.is_some_and(|after| after < Duration::from_secs(2)),
+            "{instance} reports the backlog within 2 s of the stuck write: {seen:?}"
+        );
+    }
+    for n in 0..10 {
+        let created = system
+            .create(&ada, json!({ "title": format!("during {n}") }))
+            .await;
+        assert_eq!(created.status, 201);
+    }
+
+    // SIGTERM to the publisher while its deliveries hang: it leaves within the budget.
+    let stopping = Instant::now();
+    system.tasks.terminate();
+    let status = system.tasks.wait_exit(Duration::from_secs(20)).await;
+    let stop_took = stopping.elapsed();
+    println!("SIGTERM with the broker paused: exited in {stop_took:?}");
+    assert!(status.success(), "{status}:\n{}", system.tasks.logs());
+    assert!(
+        stop_took < Duration::from_secs(10),
+        "stopped in {stop_took:?}, past the 5 s background budget (after a 20 s drain at most, under a 30 s grace period)"
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(paused.elapsed())).await;
+    broker.resume().expect("resume the broker");
+
+    // The survivor takes over and publishes every row; none is lost, duplicates are bounded.
+    let mut conn = PgConnection::connect(&database[0].1).await.unwrap();
+    let ids = wait_outbox_drained(&mut conn, Duration::from_secs(60)).await;
+    assert_eq!(ids.len(), 11, "one event per task created");
+    let records = published_after_settling(&bootstrap, ids.len()).await;
+    let counts = count_per_id(&records);
+    for id in &ids {
+        assert!(counts.contains_key(id), "event {id} never published");
+    }
+    let duplicates = records.len() - counts.len();
+    assert!(duplicates <= RELAY_BATCH, "{duplicates} duplicates");
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_loses_its_lock_mid_drain_stops_within_a_round() {
+    let stack = TestStack::from_env();
+    let broker = stack.scratch_broker("tasks-lock");
+    let bootstrap = broker.bootstrap_servers();
+    stack.create_topics(&bootstrap, &events::catalog::topics_to_create(3));
+    let database = stack.scratch_database("tasks");
+    let settings = isolated(&bootstrap, &database);
+    let system = System::start_with("tasks-lock", None, &settings).await;
+    let _second = system.another_tasks("tasks-lock-2", &settings).await;
+
+    // A backlog as a long outage leaves it: many committed events at once.
+    const BACKLOG: usize = 30_000;
+    let mut conn = PgConnection::connect(&database[0].1).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, message_key, event_type, source, subject, occurred_at, payload) \
+         SELECT gen_random_uuid(), 'tasks.task.v1', key, 'io.taskstream.tests.backlog.v1', '/tests', key, now(), \
+                json_build_object('n', n) \
+         FROM generate_series(1, $1) AS n, LATERAL (SELECT gen_random_uuid()::text AS key) AS k",
+    )
+    .bind(BACKLOG as i32)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('outbox', '')")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    // Once the drain is under way, the publisher's lock connection dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let published: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        assert!(
+            published < BACKLOG as i64,
+            "drained before the lock could be taken away"
+        );
+        if published > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drain never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted AND classid::int8 = $1 AND objid::int8 = $2 \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+    )
+    // A bigint advisory key shows as its high half in classid and low half in objid.
+    .bind(RELAY_LOCK >> 32)
+    .bind(RELAY_LOCK & 0xFFFF_FFFF)
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(killed, [true], "one relay held the lock");
+
+    let ids = wait_outbox_drained(&mut conn, Duration::from_secs(120)).await;
+    assert_eq!(ids.len(), BACKLOG);
+    let records = published_after_settling(&bootstrap, BACKLOG).await;
+    let counts = count_per_id(&records);
+    assert_eq!(counts.len(), BACKLOG, "every event published");
+    let duplicates = records.len() - BACKLOG;
+    println!("lock lost mid-drain: {duplicates} duplicates of {BACKLOG} events");
+    assert!(
+        duplicates <= RELAY_BATCH,
+        "{duplicates} duplicates: the old publisher went on after losing its lock"
+    );
+
+    // A consumer applies each event once all the same.
+    let recorder = test_support::workspace_binary("examples/recorder");
+    let recorder_db = local_postgres::database_url(stack.primary_port, "postgres");
+    let (status, _, stderr) = test_support::run_to_exit_with_args(
+        &recorder,
+        &["migrate"],
+        &[("DATABASE_WRITER_URL", recorder_db.as_str())],
+    );
+    assert!(status.success(), "recorder migrate: {stderr}");
+    let group = test_support::unique_name("lock-group");
+    let mut env = stack.service_env("postgres");
+    env.retain(|(key, _)| key != "KAFKA_BOOTSTRAP_SERVERS");
+    env.extend(
+        [
+            ("KAFKA_BOOTSTRAP_SERVERS", bootstrap.as_str()),
+            ("RECORDER_TOPIC", TOPIC),
+            ("RECORDER_GROUP", group.as_str()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let mut consumer =
+        test_support::ServiceProcess::spawn(&recorder, &env, &stack.scratch_dir("tasks-lock-rec"));
+    consumer.wait_ready().await;
+    let mut recorder_conn = PgConnection::connect(&recorder_db).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let applied = loop {
+        let applied: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT event_id::text, applications FROM recorded_events WHERE event_id = ANY($1::uuid[])",
+        )
+        .bind(&ids)
+        .fetch_all(&mut recorder_conn)
+        .await
+        .unwrap();
+        if applied.len() == BACKLOG || Instant::now() > deadline {
+            break applied;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(applied.len(), BACKLOG, "every event applied");
+    assert!(
+        applied.iter().all(|(_, applications)| *applications == 1),
+        "no event applied twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_works_through_a_large_backlog_in_batches() {
+    let stack = TestStack::from_env();
+    let database = stack.scratch_database("tasks");
+    let mut conn = PgConnection::connect(&database[0].1).await.unwrap();
+    // Long-published events and day-old idempotency keys, far more than one batch of each,
+    // and a few of each that must stay.
+    const OLD_EVENTS: i32 = 200_000;
+    const OLD_KEYS: i32 = 25_000;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, message_key, event_type, source, subject, occurred_at, payload, published_at) \
+         SELECT gen_random_uuid(), 'tasks.task.v1', 'k', 'io.taskstream.tests.old.v1', '/tests', 'k', \
+                now() - interval '3 hours', '{}', \
+                CASE WHEN n <= $1 THEN now() - interval '2 hours' ELSE now() END \
+         FROM generate_series(1, $1 + 5) AS n",
+    )
+    .bind(OLD_EVENTS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO idempotency_keys (owner_id, key, request_hash, task_id, created_at) \
+         SELECT gen_random_uuid(), 'key', '\\x00', gen_random_uuid(), \
+                CASE WHEN n <= $1 THEN now() - interval '2 days' ELSE now() END \
+         FROM generate_series(1, $1 + 5) AS n",
+    )
+    .bind(OLD_KEYS)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let mut settings: Vec<(&str, &str)> = database
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    settings.extend([
+        ("HOUSEKEEPING_INTERVAL_SECS", "1"),
+        // One DELETE of everything would be cancelled; batches are not.
+        ("DATABASE_STATEMENT_TIMEOUT_MS", "100"),
+    ]);
+    let _system = System::start_with("tasks-housekeeping", None, &settings).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let remaining = loop {
+        let remaining: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if remaining == (5, 5) || Instant::now() > deadline {
+            break remaining;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        remaining,
+        (5, 5),
+        "(outbox rows, idempotency keys) left: only the recent ones"
+    );
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use service_kit::db::{Database, Lsn};
+use service_kit::housekeeping;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -303,24 +304,14 @@ impl Tasks {
         Ok(RevisionPage { items, next_after })
     }
 
-    /// Forgets day-old idempotency keys now and then, for the life of the process.
-    pub fn spawn_housekeeping(tasks: std::sync::Arc<Self>) {
-        service_kit::workers::spawn_periodic(
-            "forget idempotency keys",
-            Duration::from_secs(300),
-            move || {
-                let tasks = tasks.clone();
-                async move {
-                    tasks
-                        .db
-                        .write(|mut conn| async move {
-                            storage::forget_idempotency_keys(&mut conn, 10_000).await
-                        })
-                        .await
-                        .map(drop)
-                        .map_err(|err| err.to_string())
-                }
-            },
+    /// Forgets day-old idempotency keys every `interval`, for the life of the process
+    /// (housekeeping: in batches, one instance at a time).
+    pub fn spawn_housekeeping(&self, interval: Duration) {
+        housekeeping::spawn(
+            self.db.clone(),
+            "idempotency keys",
+            interval,
+            storage::housekeeping_sweeps(),
         );
     }
 }

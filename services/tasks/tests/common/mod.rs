@@ -24,13 +24,8 @@ impl System {
     pub async fn start_with(label: &str, reader_port: Option<u16>, extra: &[(&str, &str)]) -> Self {
         let stack = TestStack::from_env();
         let auth = AuthServer::start(&stack, &format!("{label}-auth"), &[]).await;
-        let mut env =
-            stack.service_env_with_reader("tasks", reader_port.unwrap_or(stack.replica_port));
-        env.push(("AUTH_JWKS_URL".into(), auth.url("/v1/auth/jwks")));
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let log_dir = stack.scratch_dir(label);
-        let mut tasks = ServiceProcess::spawn(workspace_binary("tasks"), &env, &log_dir);
-        tasks.wait_ready().await;
+        let tasks = start_tasks(&stack, &auth, reader_port, extra, &log_dir).await;
         let edge = ServiceProcess::spawn_edge(
             &[("auth", auth.url("")), ("tasks", tasks.url(""))],
             &log_dir,
@@ -42,6 +37,14 @@ impl System {
             edge,
             client: h2c_client(),
         }
+    }
+
+    /// One more tasks instance beside the system's own (not behind the edge), with the same
+    /// auth and `extra` settings.
+    pub async fn another_tasks(&self, label: &str, extra: &[(&str, &str)]) -> ServiceProcess {
+        let stack = TestStack::from_env();
+        let log_dir = stack.scratch_dir(label);
+        start_tasks(&stack, &self.auth, None, extra, &log_dir).await
     }
 
     pub async fn user(&self, prefix: &str) -> Session {
@@ -64,6 +67,21 @@ impl System {
     pub async fn get(&self, user: &Session, path: &str) -> Answer {
         send(self.request(user, Method::GET, path)).await
     }
+}
+
+async fn start_tasks(
+    stack: &TestStack,
+    auth: &AuthServer,
+    reader_port: Option<u16>,
+    extra: &[(&str, &str)],
+    log_dir: &std::path::Path,
+) -> ServiceProcess {
+    let mut env = stack.service_env_with_reader("tasks", reader_port.unwrap_or(stack.replica_port));
+    env.push(("AUTH_JWKS_URL".into(), auth.url("/v1/auth/jwks")));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut tasks = ServiceProcess::spawn(workspace_binary("tasks"), &env, log_dir);
+    tasks.wait_ready().await;
+    tasks
 }
 
 /// Sends through the edge and checks it answered over HTTP/2.
