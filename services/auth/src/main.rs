@@ -56,7 +56,10 @@ impl Service for Auth {
             &settings.rules,
         ));
         let accounts = web::Data::new(Accounts::new(context.db.clone(), settings)?);
-        Accounts::spawn_housekeeping(accounts.clone().into_inner());
+        Accounts::spawn_housekeeping(
+            accounts.clone().into_inner(),
+            context.config.housekeeping.interval,
+        );
         let relay = Relay::for_service(context)?;
         Ok(Self {
             accounts,

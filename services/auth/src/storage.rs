@@ -1,6 +1,7 @@
 //! auth's SQL. Every function runs on a connection it is given, so the domain decides what runs
 //! on the primary, on a replica, or inside one transaction.
 
+use service_kit::housekeeping::Sweep;
 use service_kit::sqlx::{self, PgConnection};
 use uuid::Uuid;
 
@@ -173,26 +174,23 @@ pub async fn revoke_family_of_token(
     .map(drop)
 }
 
-/// Deletes up to `batch` refresh tokens that expired more than a day ago, then the sessions
-/// left without tokens; returns how many tokens went. Small batches keep locks short.
-pub async fn delete_expired_tokens(conn: &mut PgConnection, batch: i64) -> sqlx::Result<u64> {
-    let deleted = sqlx::query(
-        "DELETE FROM refresh_tokens WHERE token_hash IN ( \
-           SELECT token_hash FROM refresh_tokens \
-           WHERE expires_at < now() - interval '1 day' LIMIT $1)",
-    )
-    .bind(batch)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if deleted > 0 {
-        sqlx::query(
-            "DELETE FROM refresh_token_families f \
-             WHERE f.created_at < now() - interval '1 day' \
-               AND NOT EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family_id = f.id)",
-        )
-        .execute(conn)
-        .await?;
-    }
-    Ok(deleted)
+/// Housekeeping's statements (each deletes at most `$1` rows; run until none is left): refresh
+/// tokens expired more than a day ago, then sessions with no token left.
+pub fn housekeeping_sweeps() -> Vec<Sweep> {
+    vec![
+        Sweep::new(
+            "refresh_tokens",
+            "DELETE FROM refresh_tokens WHERE token_hash IN ( \
+               SELECT token_hash FROM refresh_tokens \
+               WHERE expires_at < now() - interval '1 day' LIMIT $1)",
+        ),
+        Sweep::new(
+            "refresh_token_families",
+            "DELETE FROM refresh_token_families WHERE id IN ( \
+               SELECT f.id FROM refresh_token_families f \
+               WHERE f.created_at < now() - interval '1 day' \
+                 AND NOT EXISTS (SELECT 1 FROM refresh_tokens t WHERE t.family_id = f.id) \
+               LIMIT $1)",
+        ),
+    ]
 }

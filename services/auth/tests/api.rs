@@ -942,3 +942,55 @@ async fn openapi_describes_every_route() {
         "bearer"
     );
 }
+
+#[tokio::test]
+async fn expired_refresh_tokens_are_deleted_in_batches_until_none_is_left() {
+    use service_kit::sqlx::{self, Connection, PgConnection};
+    let stack = TestStack::from_env();
+    let database = stack.scratch_database("auth");
+    let mut conn = PgConnection::connect(&database[0].1).await.unwrap();
+    // Far more long-expired tokens than one batch, in many old sessions, and one live session.
+    const EXPIRED: i32 = 25_000;
+    sqlx::query(
+        "WITH account AS ( \
+           INSERT INTO users (id, username, password_hash) \
+           VALUES (gen_random_uuid(), 'swept', 'x') RETURNING id), \
+         families AS ( \
+           INSERT INTO refresh_token_families (id, user_id, created_at) \
+           SELECT gen_random_uuid(), account.id, \
+                  CASE WHEN n <= $1 THEN now() - interval '40 days' ELSE now() END \
+           FROM account, generate_series(1, $1 + 1) AS n RETURNING id, created_at) \
+         INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at) \
+         SELECT sha256(id::text::bytea), id, created_at, created_at + interval '30 days' \
+         FROM families",
+    )
+    .bind(EXPIRED)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+
+    let mut settings: Vec<(&str, &str)> = database
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    settings.push(("HOUSEKEEPING_INTERVAL_SECS", "1"));
+    let _auth = AuthServer::start(&stack, "auth-housekeeping", &settings).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let remaining = loop {
+        let remaining: (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM refresh_tokens), (SELECT count(*) FROM refresh_token_families)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        if remaining == (1, 1) || Instant::now() > deadline {
+            break remaining;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(
+        remaining,
+        (1, 1),
+        "(tokens, sessions) left: only the live one"
+    );
+}

@@ -7,6 +7,7 @@ use futures_util::FutureExt;
 use jsonwebtoken::jwk::JwkSet;
 use service_kit::access_token::{AccessClaims, TokenRules};
 use service_kit::db::{Database, Lsn};
+use service_kit::housekeeping;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -282,28 +283,22 @@ impl Accounts {
         self.keys.jwks()
     }
 
-    /// Periodic chores, for the life of the process: forget idle rate-limit keys, delete
-    /// long-expired refresh tokens.
-    pub fn spawn_housekeeping(accounts: std::sync::Arc<Self>) {
+    /// Chores for the life of the process: forget idle rate-limit keys (this instance's
+    /// memory) every minute; delete long-expired refresh tokens and their sessions every
+    /// `interval` (housekeeping: in batches, one instance at a time).
+    pub fn spawn_housekeeping(accounts: std::sync::Arc<Self>, interval: Duration) {
+        housekeeping::spawn(
+            accounts.db.clone(),
+            "auth sessions",
+            interval,
+            storage::housekeeping_sweeps(),
+        );
         service_kit::workers::spawn_periodic(
-            "auth housekeeping",
+            "forget idle login limits",
             Duration::from_secs(60),
             move || {
-                let accounts = accounts.clone();
-                async move {
-                    accounts.limits.forget_idle();
-                    let deleted = accounts
-                        .db
-                        .write(|mut conn| async move {
-                            storage::delete_expired_tokens(&mut conn, 10_000).await
-                        })
-                        .await
-                        .map_err(|err| err.to_string())?;
-                    if deleted > 0 {
-                        tracing::info!(count = deleted, "deleted expired refresh tokens");
-                    }
-                    Ok(())
-                }
+                accounts.limits.forget_idle();
+                async { Ok(()) }
             },
         );
     }
