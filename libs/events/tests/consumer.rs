@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use service_kit::sqlx::{self, Connection, PgConnection};
 use test_support::kafka::{read_topic, topic_is_empty};
 use test_support::{
-    http1_client, metric_sum, run_to_exit_with_args, unique_name, workspace_binary, ServiceProcess,
-    TestStack,
+    http1_client, metric_sum, poll_until, run_to_exit_with_args, unique_name, workspace_binary,
+    ServiceProcess, TestStack,
 };
 use uuid::Uuid;
 
@@ -441,7 +441,7 @@ async fn processed_event_ids_are_forgotten_after_the_redelivery_window() {
         "postgres",
         "INSERT INTO processed_events (event_id, topic, processed_at) \
          SELECT gen_random_uuid(), 'old', \
-                CASE WHEN n <= 12000 THEN now() - interval '8 days' ELSE now() - interval '6 days' END \
+                CASE WHEN n <= 12000 THEN now() - interval '9 days' ELSE now() - interval '7 days' END \
          FROM generate_series(1, 12005) AS n",
     );
     let _recorder = start_recorder_with(
@@ -456,16 +456,14 @@ async fn processed_event_ids_are_forgotten_after_the_redelivery_window() {
         ],
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let remaining = loop {
-        let remaining = database.query("postgres", "SELECT count(*) FROM processed_events");
-        if remaining == "5" || Instant::now() > deadline {
-            break remaining;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let remaining = poll_until(
+        Duration::from_secs(30),
+        || async { database.query("postgres", "SELECT count(*) FROM processed_events") },
+        |remaining| remaining == "5",
+    )
+    .await;
     assert_eq!(
         remaining, "5",
-        "ids older than 7 days forgotten, younger ones kept"
+        "ids older than 8 days forgotten, younger ones kept"
     );
 }

@@ -278,6 +278,23 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Asks `probe` every half second until `done` holds for its answer or `limit` has passed;
+/// returns the last answer (for the test to assert on, so a timeout shows what was seen).
+pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = probe().await;
+        if done(&answer) || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// Sum of every series of the metric `name` in the Prometheus text at `metrics_url`.
 pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
     let text = client

@@ -13,7 +13,8 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use test_support::auth::{keygen, AuthServer, Session, KEY_ID};
 use test_support::{
-    http1_client, join_spawned, metric_sum, openapi_operations, unique_name, Answer, TestStack,
+    http1_client, join_spawned, metric_sum, openapi_operations, poll_until, unique_name, Answer,
+    TestStack,
 };
 
 async fn post(client: &reqwest::Client, url: String, body: Value) -> Answer {
@@ -975,19 +976,20 @@ async fn expired_refresh_tokens_are_deleted_in_batches_until_none_is_left() {
         .collect();
     settings.push(("HOUSEKEEPING_INTERVAL_SECS", "1"));
     let _auth = AuthServer::start(&stack, "auth-housekeeping", &settings).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let remaining = loop {
-        let remaining: (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM refresh_tokens), (SELECT count(*) FROM refresh_token_families)",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if remaining == (1, 1) || Instant::now() > deadline {
-            break remaining;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let pool = sqlx::PgPool::connect(&database[0].1).await.unwrap();
+    let remaining = poll_until(
+        Duration::from_secs(30),
+        || async {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT (SELECT count(*) FROM refresh_tokens), (SELECT count(*) FROM refresh_token_families)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        },
+        |remaining| *remaining == (1, 1),
+    )
+    .await;
     assert_eq!(
         remaining,
         (1, 1),

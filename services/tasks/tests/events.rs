@@ -546,19 +546,20 @@ async fn housekeeping_works_through_a_large_backlog_in_batches() {
         ("DATABASE_STATEMENT_TIMEOUT_MS", "100"),
     ]);
     let _system = System::start_with("tasks-housekeeping", None, &settings).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let remaining = loop {
-        let remaining: (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)",
-        )
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-        if remaining == (5, 5) || Instant::now() > deadline {
-            break remaining;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let pool = sqlx::PgPool::connect(&database[0].1).await.unwrap();
+    let remaining = test_support::poll_until(
+        Duration::from_secs(60),
+        || async {
+            sqlx::query_as::<_, (i64, i64)>(
+                "SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        },
+        |remaining| *remaining == (5, 5),
+    )
+    .await;
     assert_eq!(
         remaining,
         (5, 5),
