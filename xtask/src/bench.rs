@@ -6,7 +6,7 @@
 //! the `processed_events` dedup. The rate is counted from the first applied event to the last,
 //! so the group join is not part of it. Every event must be applied exactly once. A full run
 //! (200,000 events, release build) fails below the goal of 10,000 events/s; `--smoke` (5,000
-//! events, debug build, no goal) proves the benchmark still works.
+//! events, the debug binaries the tests use, no goal) proves the benchmark still works.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,7 +15,7 @@ use anyhow::{bail, ensure, Context, Result};
 use local_postgres::{database_url, PgInstall};
 
 use crate::stack::{log_file, state_dir, Infra, StackLayout};
-use crate::{cargo, target_dir, workspace_root};
+use crate::{target_dir, workspace_root, Build};
 
 /// The benchmarks `cargo xtask bench` knows.
 pub const BENCHES: [&str; 1] = ["consumer"];
@@ -32,22 +32,15 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
         BENCHES.join(", ")
     );
     let events: usize = if smoke { 5_000 } else { 200_000 };
-    let profile = if smoke { "debug" } else { "release" };
-    let mut build = vec![
-        "build",
-        "--quiet",
-        "--package",
-        "events",
-        "--example",
-        "recorder",
-        "--example",
-        "produce_events",
-    ];
-    if !smoke {
-        build.push("--release");
-    }
-    crate::prereqs::ensure_build_tools()?;
-    cargo(&build)?;
+    let build = if smoke {
+        Build::AsTests
+    } else {
+        Build::Release
+    };
+    let profile = build.run(
+        &["events"],
+        &["--example", "recorder", "--example", "produce_events"],
+    )?;
     let examples = target_dir()?.join(profile).join("examples");
 
     let root = workspace_root();

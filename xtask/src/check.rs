@@ -11,7 +11,7 @@ use reqwest::Version;
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
 use crate::up_process::RunningUp;
-use crate::{cargo, cargo_command, prereqs, workspace_root, EDGE_PORT};
+use crate::{cargo, cargo_command, prereqs, workspace_root, Build, EDGE_PORT};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
 /// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
@@ -28,10 +28,11 @@ pub fn test() -> Result<TestCounts> {
         "-D",
         "warnings",
     ])?;
-    // Build everything before the stack starts, so build time is not stack time.
-    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+    // Build everything before the stack starts, so build time is not stack time; the smoke
+    // runs, load scenarios and benchmarks after the tests run these same binaries.
+    Build::AsTests.run(&[], &[])?;
     // Charts, cluster manifests, ArgoCD and the Dockerfile: rendered, validated and audited.
-    let deploy_checks = crate::deploy_check::run()?;
+    let deploy_checks = crate::deploy_check::run(Build::AsTests)?;
 
     let infra = start_test_stack(&root)?;
     let mut cargo_test = cargo_command()
@@ -116,8 +117,7 @@ fn test_stack_env(infra: &Infra) -> Vec<(&'static str, String)> {
 /// `cargo xtask stack`: the test stack alone, until Ctrl-C, for running chosen integration
 /// tests against it (`eval` the printed exports, then `cargo test -p … --test … NAME`).
 pub async fn stack_until_signal() -> Result<()> {
-    prereqs::ensure_build_tools()?;
-    cargo(&["test", "--workspace", "--no-run", "--quiet"])?;
+    Build::AsTests.run(&[], &[])?;
     let infra = start_test_stack(&workspace_root())?;
     for (name, value) in test_stack_env(&infra) {
         println!("export {name}={value}");
@@ -179,7 +179,7 @@ pub async fn smoke_up() -> Result<()> {
             .timeout(Duration::from_secs(10))
             .build()?;
         println!("xtask: smoke run {round}/2 of `cargo xtask up`");
-        let up = RunningUp::start(false, &[]).await?;
+        let up = RunningUp::start(Build::AsTests, &[]).await?;
 
         // Through the edge over h2c: the tasks service itself answers (it wants a token).
         let routed = h2c

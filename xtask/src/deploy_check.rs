@@ -17,7 +17,7 @@ use std::process::{Command, Output};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::{cargo, edge, prereqs, target_dir, workspace_root};
+use crate::{edge, prereqs, target_dir, workspace_root, Build};
 
 /// The environments every chart has a values file for.
 const ENVIRONMENTS: [&str; 3] = ["dev", "staging", "prod"];
@@ -33,7 +33,8 @@ const CHARTS: [(&str, &str, &str); 3] = [
 ];
 
 /// Runs every check; returns how many passed (each fails the whole command when it fails).
-pub fn run() -> Result<u32> {
+/// `build` says how the doctor is built.
+pub fn run(build: Build) -> Result<u32> {
     let root = workspace_root();
     let work = root.join(".local/deploy-check");
     let scripts = root.join("xtask/deploy-check");
@@ -217,8 +218,8 @@ pub fn run() -> Result<u32> {
     passed += 1;
 
     // 5. The doctor on every render.
-    cargo(&["build", "--quiet", "--package", "doctor"])?;
-    let doctor = target_dir()?.join("debug/doctor");
+    let profile = build.run(&["doctor"], &[])?;
+    let doctor = target_dir()?.join(profile).join("doctor");
     let mut findings = 0;
     for variant in &variants {
         let dir = rendered.join(variant["name"].as_str().unwrap_or_default());

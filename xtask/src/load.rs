@@ -1,13 +1,14 @@
 //! `cargo xtask load <scenario> [--smoke]`: runs the k6 script `loadtest/<scenario>.js` against a
 //! fresh `cargo xtask up --release` started with load-test settings, writes the report, stops
-//! everything. `--smoke` runs it briefly on a debug build, to prove the script still works.
+//! everything. `--smoke` runs it briefly on the debug binaries the tests use, to prove the script
+//! still works.
 
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 
 use crate::up_process::RunningUp;
-use crate::{prereqs, stack, workspace_root, EDGE_PORT};
+use crate::{prereqs, stack, workspace_root, Build, EDGE_PORT};
 
 /// The scenarios in `loadtest/` (`<name>.js`).
 pub const SCENARIOS: [&str; 2] = ["auth", "tasks"];
@@ -32,7 +33,12 @@ pub async fn run(scenario: &str, smoke: bool) -> Result<()> {
     let reports = stack::state_dir(&root).join("loadtest");
     std::fs::create_dir_all(&reports)?;
 
-    let up = RunningUp::start(!smoke, &LOAD_SETTINGS).await?;
+    let build = if smoke {
+        Build::AsTests
+    } else {
+        Build::Release
+    };
+    let up = RunningUp::start(build, &LOAD_SETTINGS).await?;
     println!(
         "xtask: k6 run loadtest/{scenario}.js{}",
         if smoke { " (smoke)" } else { "" }

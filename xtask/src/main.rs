@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the plain entry points for running and checking taskstream.
 //!
-//! - `up [--release]`: the whole system on this machine (databases, broker, services, edge);
+//! - `up [--release | --as-tests]`: the whole system on this machine (databases, broker,
+//!   services, edge); `--as-tests` runs the binaries `cargo test` builds, as the smoke runs do;
 //! - `test`: format check, clippy, and every test against a real stack of its own;
 //! - `stack`: that test stack alone, for running chosen tests against it;
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
@@ -38,7 +39,7 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 pub(crate) const EDGE_PORT: u16 = 8080;
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
+    "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,7 +51,13 @@ fn main() -> ExitCode {
         }
     };
     let outcome = match args.first().map(String::as_str) {
-        Some("up") => runtime.block_on(up(args.iter().any(|arg| arg == "--release"))),
+        Some("up") => runtime.block_on(up(if args.iter().any(|arg| arg == "--release") {
+            Build::Release
+        } else if args.iter().any(|arg| arg == "--as-tests") {
+            Build::AsTests
+        } else {
+            Build::Debug
+        })),
         Some("test") => check::test().and_then(|mut counts| {
             runtime.block_on(check::smoke_up())?;
             // Every load scenario, briefly, so a script cannot rot unnoticed.
@@ -67,7 +74,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Some("stack") => runtime.block_on(check::stack_until_signal()),
-        Some("deploy-check") => deploy_check::run().map(|_| ()),
+        Some("deploy-check") => deploy_check::run(Build::Debug).map(|_| ()),
         Some("load") => match args.get(1) {
             Some(scenario) => {
                 runtime.block_on(load::run(scenario, args.iter().any(|arg| arg == "--smoke")))
@@ -147,23 +154,56 @@ pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// How the binaries a command runs are built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Build {
+    /// Debug build of just what is needed (a developer's `cargo xtask up`).
+    Debug,
+    /// Optimised (`--release`), for load tests and benchmarks.
+    Release,
+    /// The debug binaries of `cargo test --workspace --no-run`, which `cargo xtask test` has
+    /// built already. Building a smaller set of packages would resolve other dependency
+    /// features and compile dozens of crates again (measured: 67 crates, 3 min, for `up`).
+    AsTests,
+}
+
+impl Build {
+    /// Builds `packages` (or the whole workspace's tests for [`Build::AsTests`]); returns the
+    /// profile folder the binaries are in.
+    pub(crate) fn run(self, packages: &[&str], extra: &[&str]) -> Result<&'static str> {
+        prereqs::ensure_build_tools()?;
+        let mut args = vec![];
+        match self {
+            Build::AsTests => args.extend(["test", "--workspace", "--no-run", "--quiet"]),
+            Build::Debug | Build::Release => {
+                args.extend(["build", "--quiet"]);
+                for package in packages {
+                    args.extend(["--package", package]);
+                }
+                args.extend(extra);
+                if self == Build::Release {
+                    args.push("--release");
+                }
+            }
+        }
+        cargo(&args)?;
+        Ok(if self == Build::Release {
+            "release"
+        } else {
+            "debug"
+        })
+    }
+}
+
 /// `cargo xtask up`: builds the services, starts everything, prints `ready`, runs until
 /// Ctrl-C/SIGTERM, then stops every process it started.
-async fn up(release: bool) -> Result<()> {
+async fn up(build: Build) -> Result<()> {
     let root = workspace_root();
-    prereqs::ensure_build_tools()?;
-    let mut build = vec!["build", "--quiet"];
-    for (service, _) in SERVICES {
-        build.extend(["--package", service]);
-    }
-    if release {
-        build.push("--release");
-    }
-    cargo(&build)?;
+    let services: Vec<&str> = SERVICES.iter().map(|(service, _)| *service).collect();
+    let profile = build.run(&services, &[])?;
 
     let infra = Infra::start(StackLayout::up(&stack::state_dir(&root)))?;
     let logs = infra.logs_dir();
-    let profile = if release { "release" } else { "debug" };
     let mut children: Vec<(String, Child)> = Vec::new();
     let started = async {
         infra.create_topics()?;

@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::{own_binary, EDGE_PORT};
+use crate::{own_binary, Build, EDGE_PORT};
 
 pub struct RunningUp {
     child: Child,
@@ -16,13 +16,19 @@ pub struct RunningUp {
 }
 
 impl RunningUp {
-    /// Starts `cargo xtask up [--release]` with `env` added to ours; returns once it is ready.
-    /// Its output is echoed, indented.
-    pub async fn start(release: bool, env: &[(&str, &str)]) -> Result<Self> {
+    /// Starts `cargo xtask up` built as `build` says, with `env` added to ours; returns once it
+    /// is ready. Its output is echoed, indented.
+    pub async fn start(build: Build, env: &[(&str, &str)]) -> Result<Self> {
         let mut command = Command::new(own_binary()?);
         command.arg("up");
-        if release {
-            command.arg("--release");
+        match build {
+            Build::Release => {
+                command.arg("--release");
+            }
+            Build::AsTests => {
+                command.arg("--as-tests");
+            }
+            Build::Debug => {}
         }
         let mut child = command
             .envs(env.iter().copied())
