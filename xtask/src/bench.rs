@@ -1,5 +1,5 @@
 //! `cargo xtask bench consumer [--smoke]`: how many events per second one consumer instance
-//! applies, on a stack of its own (primary, replica, broker; ports 57432/57433/29092).
+//! applies, on a stack of its own (primary, replica, broker; ports 27432/27433/29092).
 //!
 //! The topic (6 partitions) is filled first, then the recorder example starts: a real consumer
 //! service whose handler writes one row per event, in the consumer library's transactions with

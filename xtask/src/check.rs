@@ -14,7 +14,7 @@ use crate::up_process::RunningUp;
 use crate::{cargo, cargo_command, prereqs, workspace_root, Build, EDGE_PORT};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
-/// (ports 56432/56433/19092, so it can run beside `cargo xtask up`).
+/// (ports 26432/26433/19092, so it can run beside `cargo xtask up`).
 pub fn test() -> Result<TestCounts> {
     let root = workspace_root();
     cargo(&["fmt", "--all", "--", "--check"])?;

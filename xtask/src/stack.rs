@@ -46,24 +46,26 @@ impl StackLayout {
     }
 
     /// `cargo xtask bench`: ports of its own, so it can run beside `up` and `test`; data thrown
-    /// away.
+    /// away. Below the kernel's ephemeral range (32768–60999), where no outgoing connection can
+    /// happen to hold them.
     pub fn bench(state_dir: &Path) -> Self {
         Self {
             root: state_dir.join("bench"),
-            primary_port: 57432,
-            replica_port: 57433,
+            primary_port: 27432,
+            replica_port: 27433,
             broker_port: 29092,
             fresh: true,
             throwaway: true,
         }
     }
 
-    /// `cargo xtask test`: ports of its own, so it can run beside `up`; data thrown away.
+    /// `cargo xtask test`: ports of its own, so it can run beside `up`; data thrown away. Below
+    /// the ephemeral range, like the bench's.
     pub fn test(state_dir: &Path) -> Self {
         Self {
             root: state_dir.join("test"),
-            primary_port: 56432,
-            replica_port: 56433,
+            primary_port: 26432,
+            replica_port: 26433,
             broker_port: 19092,
             fresh: true,
             throwaway: true,
