@@ -8,6 +8,7 @@
 //! runs only for a valid token and learns whose it is.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::{web, FromRequest, HttpRequest};
@@ -22,9 +23,10 @@ use uuid::Uuid;
 use crate::config::{ConfigError, Env};
 use crate::http::ApiError;
 use crate::metrics as names;
+use crate::revoked_users::RevokedUsers;
 
 /// Tolerated clock difference between auth and the verifying service.
-const CLOCK_LEEWAY_SECS: u64 = 30;
+pub const CLOCK_LEEWAY_SECS: u64 = 30;
 /// Tokens naming an unknown key trigger at most one JWKS fetch this often, so forged tokens
 /// cannot make a service hammer auth; failed refreshes of stale keys are retried this often too.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -119,6 +121,9 @@ pub enum TokenError {
     /// No keys to check against (auth unreachable since start-up): not the client's fault.
     #[error("signing keys unavailable: {0}")]
     KeysUnavailable(String),
+    /// Valid, but its account was deleted.
+    #[error("the access token belongs to a deleted account")]
+    Revoked,
 }
 
 impl TokenError {
@@ -130,6 +135,7 @@ impl TokenError {
             TokenError::UnknownKey => "unknown_key",
             TokenError::Invalid(_) => "invalid",
             TokenError::KeysUnavailable(_) => "keys_unavailable",
+            TokenError::Revoked => "revoked",
         }
     }
 }
@@ -165,6 +171,7 @@ pub struct TokenVerifier {
     validation: Validation,
     ring: ArcSwap<KeyRing>,
     remote: Option<RemoteKeys>,
+    revoked: Option<Arc<RevokedUsers>>,
 }
 
 impl TokenVerifier {
@@ -177,7 +184,14 @@ impl TokenVerifier {
                 fetched_at: None,
             }),
             remote: None,
+            revoked: None,
         }
+    }
+
+    /// Refuses the tokens of the users in `revoked` too (deleted accounts).
+    pub fn refusing(mut self, revoked: Arc<RevokedUsers>) -> Self {
+        self.revoked = Some(revoked);
+        self
     }
 
     /// A verifier that fetches auth's JWKS on first use and keeps it fresh.
@@ -198,6 +212,7 @@ impl TokenVerifier {
                 client,
                 fetches: tokio::sync::Mutex::new(FetchLog::default()),
             }),
+            revoked: None,
         })
     }
 
@@ -231,7 +246,7 @@ impl TokenVerifier {
                 self.key(&kid).ok_or(TokenError::UnknownKey)?
             }
         };
-        jsonwebtoken::decode::<AccessClaims>(token, &key, &self.validation)
+        let claims = jsonwebtoken::decode::<AccessClaims>(token, &key, &self.validation)
             .map(|data| data.claims)
             .map_err(|err| match err.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
@@ -242,7 +257,15 @@ impl TokenVerifier {
                     TokenError::Invalid(format!("claim {claim} is missing"))
                 }
                 _ => TokenError::Malformed,
-            })
+            })?;
+        if self
+            .revoked
+            .as_ref()
+            .is_some_and(|revoked| revoked.is_revoked(claims.sub))
+        {
+            return Err(TokenError::Revoked);
+        }
+        Ok(claims)
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {

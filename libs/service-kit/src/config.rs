@@ -85,6 +85,9 @@ pub struct HousekeepingConfig {
     /// `HOUSEKEEPING_INTERVAL_SECS`, default 60: how often published outbox rows, old event ids
     /// and expired tokens or keys are deleted (each round works through everything due).
     pub interval: Duration,
+    /// `OUTBOX_KEEP_PUBLISHED_SECS`, default 3600: how long a published event stays in the
+    /// outbox for inspection. Also how long a deleted account's id can outlive the account there.
+    pub outbox_keep_published: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +158,12 @@ impl ServiceConfig {
                     60,
                     1,
                     86_400,
+                )?),
+                outbox_keep_published: Duration::from_secs(env.ranged(
+                    "OUTBOX_KEEP_PUBLISHED_SECS",
+                    3_600,
+                    0,
+                    30 * 86_400,
                 )?),
             },
         })

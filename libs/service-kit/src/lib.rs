@@ -7,6 +7,7 @@
 //! - [`db`]: writer and reader pools with replica fallback and read-your-writes;
 //! - [`broker`]: the Kafka reachability probe;
 //! - [`access_token`]: verifying auth's access tokens (JWKS fetched and cached);
+//! - [`revoked_users`]: refusing the tokens of deleted accounts before they expire;
 //! - [`workers`]: bounded worker pools for CPU-heavy work, periodic chores;
 //! - [`housekeeping`]: deleting what has outlived its use, in batches, one instance at a time;
 //! - [`openapi`]: serving a service's OpenAPI document.
@@ -22,6 +23,7 @@ pub mod housekeeping;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod revoked_users;
 pub mod telemetry;
 pub mod workers;
 
