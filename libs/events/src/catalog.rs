@@ -30,7 +30,7 @@ pub const AUTH_USER: Topic = Topic {
     name: "auth.user.v1",
     owner: "auth",
     key: "the user id (UUID)",
-    description: "Accounts: registered and changed. All events of one user are in order.",
+    description: "Accounts: registered, changed and deleted. All events of one user are in order.",
 };
 
 pub const TASKS_TASK: Topic = Topic {
@@ -104,6 +104,22 @@ pub struct UserUpdated {
     pub updated_at: OffsetDateTime,
 }
 
+/// An account was deleted at its owner's request: every service erases what it holds of the
+/// user, and refuses the user's access tokens (issued before `deleted_at`) at once, although
+/// they would stay valid until `tokens_valid_until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserDeleted {
+    pub user_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub deleted_at: OffsetDateTime,
+    /// When the last access token issued to the user expires: a refusal list can forget the
+    /// user after that.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub tokens_valid_until: OffsetDateTime,
+}
+
 /// A task as it is after the change the event reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TaskSnapshot {
@@ -158,6 +174,12 @@ pub struct TaskDeleted {
     /// The version the task had when it was deleted.
     pub last_version: i64,
     pub actor_id: Uuid,
+    /// Why, when it was not the owner deleting the task: `account_deleted` when the owner's
+    /// account was erased (every task of the account gets its own event, so each follows the
+    /// task's earlier events in its partition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["account_deleted"]))]
+    pub reason: Option<String>,
 }
 
 macro_rules! payload {
@@ -192,6 +214,14 @@ payload!(
     |it| it.user_id
 );
 payload!(
+    UserDeleted,
+    "io.taskstream.auth.user.deleted.v1",
+    AUTH_USER,
+    "userDeleted",
+    "An account was deleted: erase the user's data and refuse their tokens.",
+    |it| it.user_id
+);
+payload!(
     TaskCreated,
     "io.taskstream.tasks.task.created.v1",
     TASKS_TASK,
@@ -212,7 +242,7 @@ payload!(
     "io.taskstream.tasks.task.deleted.v1",
     TASKS_TASK,
     "taskDeleted",
-    "A task was deleted (its history stays with the tasks service).",
+    "A task was deleted (its history stays with the tasks service, unless the account was deleted).",
     |it| it.task_id
 );
 
@@ -262,6 +292,7 @@ pub fn asyncapi() -> Value {
     let messages = [
         message::<UserRegistered>(&mut generator),
         message::<UserUpdated>(&mut generator),
+        message::<UserDeleted>(&mut generator),
         message::<TaskCreated>(&mut generator),
         message::<TaskUpdated>(&mut generator),
         message::<TaskDeleted>(&mut generator),
@@ -384,6 +415,7 @@ mod tests {
         let topics: Vec<&str> = TOPICS.iter().map(|topic| topic.name).collect();
         for topic in [
             UserRegistered::TOPIC,
+            UserDeleted::TOPIC,
             TaskCreated::TOPIC,
             TaskDeleted::TOPIC,
         ] {

@@ -74,12 +74,56 @@ pub async fn enqueue<P: EventPayload>(
     .bind(Json(payload))
     .execute(&mut *conn)
     .await?;
-    // Delivered at commit, once per transaction however many events it wrote.
+    wake_relay(conn).await?;
+    Ok(id)
+}
+
+/// Writes `payloads` as events into the outbox in one statement, in the caller's transaction and
+/// in the order given (for a batch of changes, such as erasing an account's tasks).
+pub async fn enqueue_all<P: EventPayload>(
+    conn: &mut PgConnection,
+    source: &'static str,
+    payloads: &[P],
+) -> sqlx::Result<()> {
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = payloads.iter().map(|_| Uuid::now_v7()).collect();
+    let keys: Vec<String> = payloads
+        .iter()
+        .map(|payload| payload.aggregate_id().to_string())
+        .collect();
+    let bodies = payloads
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<String>, _>>()
+        .map_err(|err| sqlx::Error::Encode(Box::new(err)))?;
+    sqlx::query(
+        "INSERT INTO outbox (event_id, topic, message_key, event_type, source, subject, occurred_at, traceparent, payload) \
+         SELECT id, $4, key, $5, $6, key, now(), $7, body::json \
+         FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS e (id, key, body, n) \
+         ORDER BY n",
+    )
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&bodies)
+    .bind(P::TOPIC.name)
+    .bind(P::TYPE)
+    .bind(source)
+    .bind(current_traceparent())
+    .execute(&mut *conn)
+    .await?;
+    wake_relay(conn).await
+}
+
+/// Wakes the publishing relay: delivered at commit, once per transaction however many events it
+/// wrote.
+async fn wake_relay(conn: &mut PgConnection) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, '')")
         .bind(CHANNEL)
         .execute(conn)
-        .await?;
-    Ok(id)
+        .await
+        .map(drop)
 }
 
 /// Relay settings.
@@ -121,6 +165,7 @@ impl Relay {
     pub fn for_service(context: &AppContext) -> Result<Self, String> {
         let settings = RelaySettings {
             housekeeping_interval: context.config.housekeeping.interval,
+            keep_published: context.config.housekeeping.outbox_keep_published,
             ..RelaySettings::default()
         };
         Self::spawn(
@@ -149,7 +194,7 @@ impl Relay {
                 format!(
                     "DELETE FROM outbox WHERE position IN ( \
                        SELECT position FROM outbox \
-                       WHERE published_at < now() - make_interval(secs => {}) LIMIT $1)",
+                       WHERE published_at <= now() - make_interval(secs => {}) LIMIT $1)",
                     settings.keep_published.as_secs()
                 ),
             )],
