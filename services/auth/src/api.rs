@@ -46,6 +46,15 @@ pub struct LoginRequest {
     pub password: String,
 }
 
+/// The body of account deletion: the current password, so a stolen access token is not enough.
+#[derive(Deserialize, Validate, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteAccountRequest {
+    #[validate(length(min = 1, max = PASSWORD_MAX))]
+    #[schema(format = Password)]
+    pub password: String,
+}
+
 /// The body of refresh and logout.
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]

@@ -8,7 +8,8 @@ use service_kit::http::{client_ip, ApiError, ErrorBody, ReadAfter, CONSISTENCY_T
 use validator::Validate;
 
 use crate::api::{
-    LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest, TokenResponse, UserProfile,
+    DeleteAccountRequest, LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest,
+    TokenResponse, UserProfile,
 };
 use crate::domain::{Accounts, AuthError, NewAccount, ProfileChange};
 
@@ -188,6 +189,37 @@ pub async fn update_me(
     Ok(HttpResponse::Ok()
         .insert_header((CONSISTENCY_TOKEN_HEADER, written_at.to_string()))
         .json(UserProfile::from(user)))
+}
+
+/// Delete the caller's account. The current password is required: a stolen access token alone
+/// is not enough. Every session ends, the account's access tokens are refused by every service
+/// within seconds, and every service erases what it holds of the user (through `user.deleted`
+/// on `auth.user.v1`). The username is free again afterwards.
+#[utoipa::path(
+    delete, path = "/v1/users/me", tag = "accounts",
+    security(("bearer" = [])),
+    request_body = DeleteAccountRequest,
+    responses(
+        (status = 204, description = "The account is deleted."),
+        (status = 400, description = "A field breaks a rule; `details` names each.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid access token (`invalid_token`), or a wrong password (`invalid_credentials`): nothing was deleted.", body = ErrorBody),
+        (status = 404, description = "The account no longer exists.", body = ErrorBody),
+        (status = 429, description = "Too many wrong passwords for this account or client; see `Retry-After`.", body = ErrorBody),
+        (status = 503, description = "Busy hashing passwords; retry after `Retry-After`.", body = ErrorBody),
+    )
+)]
+pub async fn delete_me(
+    request: HttpRequest,
+    caller: Authenticated,
+    accounts: web::Data<Accounts>,
+    body: web::Json<DeleteAccountRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    body.validate()?;
+    accounts
+        .delete_account(caller.user_id, body.password, client_ip(&request))
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// The public keys access tokens are signed with (JWKS, RFC 7517), for verifying them locally.

@@ -21,6 +21,7 @@ use service_kit::access_token::TokenVerifier;
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
 use service_kit::http::AppContext;
+use service_kit::revoked_users::RevokedUsers;
 use service_kit::sqlx::migrate::Migrator;
 use service_kit::Service;
 
@@ -51,11 +52,13 @@ impl Service for Auth {
     }
 
     async fn start(settings: AuthSettings, context: &AppContext) -> Result<Self, String> {
-        let verifier = web::Data::new(TokenVerifier::with_keys(
-            settings.keys.jwks(),
-            &settings.rules,
-        ));
-        let accounts = web::Data::new(Accounts::new(context.db.clone(), settings)?);
+        let revoked = RevokedUsers::new();
+        revoked.spawn_reload(context.db.clone());
+        let verifier = web::Data::new(
+            TokenVerifier::with_keys(settings.keys.jwks(), &settings.rules)
+                .refusing(revoked.clone()),
+        );
+        let accounts = web::Data::new(Accounts::new(context.db.clone(), settings, revoked)?);
         Accounts::spawn_housekeeping(
             accounts.clone().into_inner(),
             context.config.housekeeping.interval,

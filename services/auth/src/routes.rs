@@ -6,7 +6,8 @@ use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
 use crate::api::{
-    LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest, TokenResponse, UserProfile,
+    DeleteAccountRequest, LoginRequest, ProfilePatch, RefreshTokenRequest, SignupRequest,
+    TokenResponse, UserProfile,
 };
 use crate::handlers;
 
@@ -24,7 +25,8 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         .service(
             resource("/v1/users/me")
                 .route(web::get().to(handlers::me))
-                .route(web::patch().to(handlers::update_me)),
+                .route(web::patch().to(handlers::update_me))
+                .route(web::delete().to(handlers::delete_me)),
         );
 }
 
@@ -43,6 +45,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         handlers::logout,
         handlers::me,
         handlers::update_me,
+        handlers::delete_me,
         handlers::jwks,
     ),
     components(schemas(
@@ -50,13 +53,14 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         LoginRequest,
         RefreshTokenRequest,
         ProfilePatch,
+        DeleteAccountRequest,
         UserProfile,
         TokenResponse,
         ErrorBody
     )),
     modifiers(&BearerSecurity),
     tags(
-        (name = "accounts", description = "Signup and the caller's profile"),
+        (name = "accounts", description = "Signup, the caller's profile, account deletion"),
         (name = "sessions", description = "Login, refresh-token rotation, logout"),
         (name = "keys", description = "Public keys for verifying access tokens"),
     )

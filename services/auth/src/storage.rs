@@ -2,6 +2,7 @@
 //! on the primary, on a replica, or inside one transaction.
 
 use service_kit::housekeeping::Sweep;
+use service_kit::revoked_users;
 use service_kit::sqlx::{self, PgConnection};
 use uuid::Uuid;
 
@@ -45,6 +46,34 @@ pub async fn find_credentials(
         .bind(username)
         .fetch_optional(conn)
         .await
+}
+
+/// The username and password hash of account `id`.
+pub async fn find_credentials_by_id(
+    conn: &mut PgConnection,
+    id: Uuid,
+) -> sqlx::Result<Option<(String, String)>> {
+    sqlx::query_as("SELECT username, password_hash FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+}
+
+/// Deletes account `id` with its sessions and refresh tokens (cascading), and the outbox's
+/// published copies of its earlier events (they hold the username); false if it was gone.
+/// Events not yet published stay: they go out before the deletion's own, in order.
+pub async fn delete_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
+    let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected()
+        == 1;
+    sqlx::query("DELETE FROM outbox WHERE message_key = $1 AND published_at IS NOT NULL")
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(deleted)
 }
 
 pub async fn find_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<User>> {
@@ -175,9 +204,11 @@ pub async fn revoke_family_of_token(
 }
 
 /// Housekeeping's statements (each deletes at most `$1` rows; run until none is left): refresh
-/// tokens expired more than a day ago, then sessions with no token left.
+/// tokens expired more than a day ago, then sessions with no token left, then refusals of
+/// deleted accounts whose tokens have all expired.
 pub fn housekeeping_sweeps() -> Vec<Sweep> {
     vec![
+        revoked_users::sweep(),
         Sweep::new(
             "refresh_tokens",
             "DELETE FROM refresh_tokens WHERE token_hash IN ( \

@@ -923,6 +923,7 @@ async fn openapi_describes_every_route() {
         "GET /v1/auth/jwks",
         "GET /v1/users/me",
         "PATCH /v1/users/me",
+        "DELETE /v1/users/me",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -935,6 +936,7 @@ async fn openapi_describes_every_route() {
         "UserProfile",
         "ErrorBody",
         "ProfilePatch",
+        "DeleteAccountRequest",
     ] {
         assert!(schemas.get(schema).is_some(), "missing schema {schema}");
     }
@@ -995,4 +997,71 @@ async fn expired_refresh_tokens_are_deleted_in_batches_until_none_is_left() {
         (1, 1),
         "(tokens, sessions) left: only the live one"
     );
+}
+
+#[tokio::test]
+async fn deleting_an_account_needs_the_password_and_ends_everything() {
+    let auth = start("delete").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "gone").await;
+    let delete = |password: &str| {
+        client
+            .delete(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .json(&json!({ "password": password }))
+            .send()
+    };
+
+    let refused = Answer::read(delete("not my password").await.unwrap()).await;
+    assert_eq!(refused.status, 401);
+    assert_eq!(refused.body["error"]["code"], "invalid_credentials");
+    assert_eq!(
+        get_me(&auth, &client, &session.access_token).await.status,
+        200
+    );
+    let bad_body = Answer::read(
+        client
+            .delete(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .json(&json!({ "password": "" }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(bad_body.status, 400);
+
+    let deleted = delete(&session.password).await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    let me = get_me(&auth, &client, &session.access_token).await;
+    assert_eq!(
+        me.status, 401,
+        "the account's access token is refused at once"
+    );
+    assert_eq!(me.body["error"]["code"], "invalid_token");
+    let refreshed = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": session.refresh_token }),
+    )
+    .await;
+    assert_eq!(refreshed.status, 401, "every session ended");
+    let again = post(
+        &client,
+        auth.url("/v1/auth/login"),
+        json!({ "username": session.username, "password": session.password }),
+    )
+    .await;
+    assert_eq!(again.status, 401, "the credentials are gone");
+
+    // The name is free: a new account, with nothing of the old one.
+    let reborn = post(
+        &client,
+        auth.url("/v1/auth/signup"),
+        json!({ "username": session.username, "password": "another password" }),
+    )
+    .await;
+    assert_eq!(reborn.status, 201);
+    assert_ne!(reborn.body["id"], session.user_id.as_str());
+    assert_eq!(reborn.body["nickname"], Value::Null);
 }

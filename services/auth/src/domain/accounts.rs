@@ -1,6 +1,7 @@
 //! The account operations: signup, login, refresh, logout, profile.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
@@ -8,6 +9,7 @@ use jsonwebtoken::jwk::JwkSet;
 use service_kit::access_token::{AccessClaims, TokenRules};
 use service_kit::db::{Database, Lsn};
 use service_kit::housekeeping;
+use service_kit::revoked_users::{self, RevokedUsers};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -19,7 +21,7 @@ use super::AuthError;
 use crate::keys::SigningKeys;
 use crate::settings::AuthSettings;
 use crate::storage;
-use events::catalog::{UserRegistered, UserUpdated};
+use events::catalog::{UserDeleted, UserRegistered, UserUpdated};
 use events::outbox;
 
 /// The CloudEvents `source` of auth's events.
@@ -75,12 +77,19 @@ pub struct Accounts {
     rules: TokenRules,
     access_token_ttl: Duration,
     refresh_token_ttl: Duration,
+    /// Deleted accounts, whose tokens the verifier refuses.
+    revoked: Arc<RevokedUsers>,
 }
 
 impl Accounts {
-    pub fn new(db: Database, settings: AuthSettings) -> Result<Self, String> {
+    pub fn new(
+        db: Database,
+        settings: AuthSettings,
+        revoked: Arc<RevokedUsers>,
+    ) -> Result<Self, String> {
         Ok(Self {
             db,
+            revoked,
             passwords: Passwords::start(settings.password_workers, settings.password_queue)?,
             limits: LoginLimits::new(
                 settings.login_limit_per_username,
@@ -277,6 +286,64 @@ impl Accounts {
             })
             .await?;
         Ok((user.ok_or(AuthError::AccountGone)?, lsn))
+    }
+
+    /// Deletes the caller's account once the password proves it is them: credentials, every
+    /// session, and the outbox's copies of its earlier events, with `user.deleted` published
+    /// for the other services to erase what they hold. Its access tokens are refused from now
+    /// on (on this instance at once, on the others within a second). Wrong guesses count
+    /// against the username's login limit, so a stolen token cannot be used to guess.
+    pub async fn delete_account(
+        &self,
+        user_id: Uuid,
+        password: String,
+        client: Option<IpAddr>,
+    ) -> Result<(), AuthError> {
+        let found = self
+            .db
+            .write(
+                |mut conn| async move { storage::find_credentials_by_id(&mut conn, user_id).await },
+            )
+            .await?;
+        let Some((username, stored_hash)) = found else {
+            return Err(AuthError::AccountGone);
+        };
+        self.limits
+            .attempt(&username, client)
+            .map_err(AuthError::RateLimited)?;
+        if !self.passwords.verify(password, Some(stored_hash)).await? {
+            return Err(AuthError::InvalidCredentials);
+        }
+        let deleted_at = OffsetDateTime::now_utc();
+        // The last token issued before now is still good by signature until then.
+        let tokens_valid_until = deleted_at
+            + self.access_token_ttl
+            + Duration::from_secs(service_kit::access_token::CLOCK_LEEWAY_SECS);
+        let (deleted, _) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    if !storage::delete_user(tx, user_id).await? {
+                        return Ok(false);
+                    }
+                    revoked_users::record(tx, user_id, deleted_at, tokens_valid_until).await?;
+                    let event = UserDeleted {
+                        user_id,
+                        deleted_at,
+                        tokens_valid_until,
+                    };
+                    outbox::enqueue(tx, EVENT_SOURCE, &event).await?;
+                    Ok::<_, AuthError>(true)
+                }
+                .boxed()
+            })
+            .await?;
+        if !deleted {
+            return Err(AuthError::AccountGone);
+        }
+        self.revoked.note(user_id);
+        tracing::info!(%user_id, "account deleted");
+        Ok(())
     }
 
     pub fn jwks(&self) -> &JwkSet {
