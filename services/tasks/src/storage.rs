@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 use service_kit::housekeeping::Sweep;
+use service_kit::revoked_users;
 use service_kit::sqlx::{self, PgConnection, Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -31,6 +32,22 @@ pub const FIND_FOR_UPDATE_SQL: &str = concat!(
 pub const REVISIONS_SQL: &str = "SELECT version, kind, actor_id, changed_at, changes \
      FROM task_revisions WHERE task_id = $1 AND owner_id = $2 AND version > $3 \
      ORDER BY version LIMIT $4";
+
+/// Erasure: the account to erase next, claimed so instances share the work (`FOR UPDATE SKIP
+/// LOCKED`: another instance takes the next one).
+pub const CLAIM_ERASURE_SQL: &str = "SELECT user_id, requested_at FROM erasures \
+     ORDER BY requested_at LIMIT 1 FOR UPDATE SKIP LOCKED";
+/// Erasure: up to `$2` of owner `$1`'s tasks (their labels cascade); returns id and version.
+pub const ERASE_TASKS_SQL: &str = "DELETE FROM tasks WHERE id IN ( \
+     SELECT id FROM tasks WHERE owner_id = $1 ORDER BY id DESC LIMIT $2 FOR UPDATE) \
+     RETURNING id, version";
+/// Erasure: up to `$2` revisions of owner `$1`'s history (deleted tasks' included).
+pub const ERASE_REVISIONS_SQL: &str = "DELETE FROM task_revisions WHERE (task_id, version) IN ( \
+     SELECT task_id, version FROM task_revisions WHERE owner_id = $1 ORDER BY task_id LIMIT $2)";
+/// Erasure: up to `$2` of owner `$1`'s idempotency keys.
+pub const ERASE_IDEMPOTENCY_KEYS_SQL: &str = "DELETE FROM idempotency_keys \
+     WHERE owner_id = $1 AND key IN ( \
+     SELECT key FROM idempotency_keys WHERE owner_id = $1 LIMIT $2)";
 
 /// A `tasks` row as stored; [`Task`] once its text columns are checked.
 #[derive(sqlx::FromRow)]
@@ -332,13 +349,80 @@ pub async fn store_idempotent_response(
         .map(drop)
 }
 
-/// Housekeeping's statement (deletes at most `$1` rows; run until none is left): idempotency
-/// keys older than a day.
+/// Housekeeping's statements (each deletes at most `$1` rows; run until none is left):
+/// idempotency keys older than a day, refusals of deleted accounts whose tokens have expired.
 pub fn housekeeping_sweeps() -> Vec<Sweep> {
-    vec![Sweep::new(
-        "idempotency_keys",
-        "DELETE FROM idempotency_keys WHERE (owner_id, key) IN ( \
-           SELECT owner_id, key FROM idempotency_keys \
-           WHERE created_at < now() - interval '1 day' LIMIT $1)",
-    )]
+    vec![
+        Sweep::new(
+            "idempotency_keys",
+            "DELETE FROM idempotency_keys WHERE (owner_id, key) IN ( \
+               SELECT owner_id, key FROM idempotency_keys \
+               WHERE created_at < now() - interval '1 day' LIMIT $1)",
+        ),
+        revoked_users::sweep(),
+    ]
+}
+
+/// Asks for `user`'s data to be erased (again, if asked before: nothing changes).
+pub async fn request_erasure(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO erasures (user_id, requested_at) VALUES ($1, now()) ON CONFLICT DO NOTHING",
+    )
+    .bind(user)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// The next account to erase and when that was asked for, locked until the transaction ends.
+pub async fn claim_erasure(
+    conn: &mut PgConnection,
+) -> sqlx::Result<Option<(Uuid, OffsetDateTime)>> {
+    sqlx::query_as(CLAIM_ERASURE_SQL).fetch_optional(conn).await
+}
+
+/// What one erasure batch removed.
+pub struct Erased {
+    /// The tasks (id, last version).
+    pub tasks: Vec<(Uuid, i64)>,
+    pub revisions: u64,
+    pub idempotency_keys: u64,
+}
+
+impl Erased {
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty() && self.revisions == 0 && self.idempotency_keys == 0
+    }
+}
+
+/// Erases up to `batch` tasks, revisions and idempotency keys of `owner`.
+pub async fn erase_batch(conn: &mut PgConnection, owner: Uuid, batch: i64) -> sqlx::Result<Erased> {
+    let tasks = sqlx::query_as(ERASE_TASKS_SQL)
+        .bind(owner)
+        .bind(batch)
+        .fetch_all(&mut *conn)
+        .await?;
+    let affected = |sql: &'static str| sqlx::query(sql).bind(owner).bind(batch * 4);
+    let revisions = affected(ERASE_REVISIONS_SQL)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    let idempotency_keys = affected(ERASE_IDEMPOTENCY_KEYS_SQL)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    Ok(Erased {
+        tasks,
+        revisions,
+        idempotency_keys,
+    })
+}
+
+/// The erasure of `user` is complete.
+pub async fn finish_erasure(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM erasures WHERE user_id = $1")
+        .bind(user)
+        .execute(conn)
+        .await
+        .map(drop)
 }

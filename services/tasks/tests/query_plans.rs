@@ -123,6 +123,23 @@ async fn every_endpoint_query_is_served_by_an_index() {
         "revisions are not read through their primary key:\n{plan}"
     );
 
+    // Erasing a deleted account, batch by batch: each batch starts at the owner's rows.
+    for (name, sql) in [
+        ("erasure: a batch of tasks", storage::ERASE_TASKS_SQL),
+        (
+            "erasure: a batch of revisions",
+            storage::ERASE_REVISIONS_SQL,
+        ),
+    ] {
+        let rows = sqlx::query_as(&format!("EXPLAIN {sql}"))
+            .bind(owner)
+            .bind(500_i64)
+            .fetch_all(&mut conn)
+            .await
+            .expect("explain");
+        assert_indexed(name, &plan_text(rows), owner);
+    }
+
     let soon = OffsetDateTime::now_utc() + time::Duration::days(30);
     let cursor = Some(Uuid::max());
     let lists = [

@@ -2,6 +2,7 @@
 //! applied and recorded, and [`Tasks`], the operations handlers call.
 
 pub mod changes;
+pub mod erasure;
 pub mod rules;
 pub mod tasks;
 

@@ -17,7 +17,7 @@ use super::{NewTask, Revision, RevisionKind, Status, Task, TaskChange, TaskError
 use crate::storage;
 
 /// The CloudEvents `source` of tasks' events.
-const EVENT_SOURCE: &str = "/taskstream/tasks";
+pub(crate) const EVENT_SOURCE: &str = "/taskstream/tasks";
 
 /// What a change must find to go ahead: any version (`If-Match: *`) or exactly this one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +238,7 @@ impl Tasks {
                         owner_id: current.owner_id,
                         last_version: current.version,
                         actor_id: owner,
+                        reason: None,
                     };
                     outbox::enqueue(tx, EVENT_SOURCE, &deleted).await?;
                     Ok::<_, TaskError>(())

@@ -22,8 +22,18 @@ impl System {
 
     /// `reader_port`: a replica of the test's own instead of the stack's.
     pub async fn start_with(label: &str, reader_port: Option<u16>, extra: &[(&str, &str)]) -> Self {
+        Self::start_with_auth(label, reader_port, &[], extra).await
+    }
+
+    /// [`Self::start_with`], with settings of auth's own too (a database, a broker).
+    pub async fn start_with_auth(
+        label: &str,
+        reader_port: Option<u16>,
+        auth_extra: &[(&str, &str)],
+        extra: &[(&str, &str)],
+    ) -> Self {
         let stack = TestStack::from_env();
-        let auth = AuthServer::start(&stack, &format!("{label}-auth"), &[]).await;
+        let auth = AuthServer::start(&stack, &format!("{label}-auth"), auth_extra).await;
         let log_dir = stack.scratch_dir(label);
         let tasks = start_tasks(&stack, &auth, reader_port, extra, &log_dir).await;
         let edge = ServiceProcess::spawn_edge(
