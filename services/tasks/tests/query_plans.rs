@@ -6,6 +6,7 @@
 //! `services/tasks/QUERIES.md` keeps a copy for readers.
 
 use service_kit::sqlx::{self, Connection, PgConnection, QueryBuilder};
+use tasks::domain::erasure::TASKS_PER_BATCH;
 use tasks::domain::{ListQuery, Status};
 use tasks::storage;
 use test_support::TestStack;
@@ -58,9 +59,15 @@ async fn load(conn: &mut PgConnection, owner: Uuid) {
         .expect("analyze");
 }
 
+/// The plan's lines, with array literals (a batch's ids) shortened to `'{…}'`.
 fn plan_text(rows: Vec<(String,)>) -> String {
     rows.into_iter()
-        .map(|(line,)| line)
+        .map(|(line,)| match (line.find("'{"), line.find("}'")) {
+            (Some(start), Some(end)) if end > start => {
+                format!("{}'{{…}}'{}", &line[..start], &line[end + 2..])
+            }
+            _ => line,
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -123,21 +130,50 @@ async fn every_endpoint_query_is_served_by_an_index() {
         "revisions are not read through their primary key:\n{plan}"
     );
 
-    // Erasing a deleted account, batch by batch: each batch starts at the owner's rows.
+    // Erasing a deleted account, batch by batch: each batch picks rows through the owner's
+    // index, then deletes those by key.
     for (name, sql) in [
-        ("erasure: a batch of tasks", storage::ERASE_TASKS_SQL),
         (
-            "erasure: a batch of revisions",
-            storage::ERASE_REVISIONS_SQL,
+            "erasure: pick a batch of tasks",
+            storage::ERASE_PICK_TASKS_SQL,
+        ),
+        (
+            "erasure: pick a batch of histories",
+            storage::ERASE_PICK_HISTORIES_SQL,
         ),
     ] {
         let rows = sqlx::query_as(&format!("EXPLAIN {sql}"))
             .bind(owner)
-            .bind(500_i64)
+            .bind(TASKS_PER_BATCH)
             .fetch_all(&mut conn)
             .await
             .expect("explain");
         assert_indexed(name, &plan_text(rows), owner);
+    }
+    let picked: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM tasks WHERE owner_id = $1 LIMIT $2")
+        .bind(owner)
+        .bind(TASKS_PER_BATCH)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    for (name, sql) in [
+        ("erasure: delete the picked tasks", storage::ERASE_TASKS_SQL),
+        (
+            "erasure: delete the picked histories",
+            storage::ERASE_REVISIONS_SQL,
+        ),
+    ] {
+        let rows = sqlx::query_as(&format!("EXPLAIN {sql}"))
+            .bind(&picked)
+            .fetch_all(&mut conn)
+            .await
+            .expect("explain");
+        let plan = plan_text(rows);
+        println!("── {name}\n{plan}\n");
+        assert!(
+            !plan.contains("Seq Scan") && plan.contains("Index Cond"),
+            "{name} does not go by key:\n{plan}"
+        );
     }
 
     let soon = OffsetDateTime::now_utc() + time::Duration::days(30);

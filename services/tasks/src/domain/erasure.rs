@@ -31,8 +31,10 @@ use super::tasks::EVENT_SOURCE;
 use super::TaskError;
 use crate::storage;
 
-/// Tasks erased per transaction (with up to four times as many revisions and keys).
-pub const TASKS_PER_BATCH: i64 = 500;
+/// Tasks erased per transaction, with the history of as many and as many idempotency keys.
+/// Small enough that deleting a batch by key stays cheaper than a table scan even on small
+/// tables (the EXPLAIN test checks it): 10,000 tasks take 50 short transactions.
+pub const TASKS_PER_BATCH: i64 = 200;
 /// How long after the request an erasure goes on sweeping: the longest a request may run
 /// (`HTTP_REQUEST_TIMEOUT_MS`, 15 s by default) plus the refusal list's reload.
 pub const GRACE: Duration = Duration::from_secs(20);
