@@ -44,14 +44,14 @@ impl RevokedUsers {
     /// Whether `user`'s tokens are refused.
     pub fn is_revoked(&self, user: Uuid) -> bool {
         let hashes = self.hashes.load();
-        !hashes.is_empty() && hashes.contains(&hash(user))
+        !hashes.is_empty() && hashes.contains(&user_hash(user))
     }
 
     /// Refuses `user` on this instance at once (the others follow at their next reload).
     pub fn note(&self, user: Uuid) {
         self.hashes.rcu(|hashes| {
             let mut hashes = HashSet::clone(hashes);
-            hashes.insert(hash(user));
+            hashes.insert(user_hash(user));
             hashes
         });
     }
@@ -104,7 +104,7 @@ pub async fn record(
          ON CONFLICT (user_hash) DO UPDATE \
          SET forget_after = GREATEST(revoked_users.forget_after, EXCLUDED.forget_after)",
     )
-    .bind(&hash(user)[..])
+    .bind(&user_hash(user)[..])
     .bind(revoked_at)
     .bind(forget_after)
     .execute(conn)
@@ -121,7 +121,8 @@ pub fn sweep() -> Sweep {
     )
 }
 
-fn hash(user: Uuid) -> [u8; 32] {
+/// How a user is stored here (and in other tables that must not hold the id itself).
+pub fn user_hash(user: Uuid) -> [u8; 32] {
     Sha256::digest(user.as_bytes()).into()
 }
 

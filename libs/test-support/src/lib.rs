@@ -389,6 +389,19 @@ impl ServiceProcess {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// Its resident memory now, in KiB (`VmRSS`), for tests that check memory stays flat.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmRSS:"))
+                    .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Starts the local edge proxy (`xtask edge`) routing to `upstreams` (service, base URL),
     /// and waits until it answers.
     pub async fn spawn_edge(upstreams: &[(&str, String)], log_dir: &Path) -> Self {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::dispatch::PartitionQueue;
 use super::{ConsumerSettings, EventHandler, HandlerError, ReceivedEvent};
 use crate::catalog::dead_letter_topic;
-use crate::envelope::{continue_trace, Envelope};
+use crate::envelope::continue_trace;
 use crate::metric_names as names;
 
 /// How far a batch got.
@@ -330,19 +330,7 @@ impl<H: EventHandler> Applier<H> {
 
 /// A message as an event, or why it is not one.
 fn decode(message: OwnedMessage) -> Incoming {
-    let event = Envelope::from_headers(message.headers())
-        .map(|envelope| ReceivedEvent {
-            envelope,
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message
-                .key()
-                .and_then(|key| std::str::from_utf8(key).ok())
-                .map(str::to_owned),
-            payload: message.payload().unwrap_or_default().to_vec(),
-        })
-        .map_err(|err| format!("not an event: {err}"));
+    let event = ReceivedEvent::from_message(&message).map_err(|err| format!("not an event: {err}"));
     Incoming { message, event }
 }
 
@@ -479,6 +467,7 @@ impl Drop for Outage<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope::Envelope;
     use crate::trace_capture::capture;
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::trace::SpanData;

@@ -41,6 +41,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use rdkafka::consumer::Consumer as _;
 use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
 use serde::de::DeserializeOwned;
 use service_kit::db::{self, Database};
 use service_kit::housekeeping::{self, Sweep};
@@ -48,7 +49,7 @@ use service_kit::http::AppContext;
 use service_kit::sqlx::{self, PgConnection};
 use service_kit::workers::StoppableTask;
 
-use crate::envelope::Envelope;
+use crate::envelope::{Envelope, EnvelopeError};
 
 /// An event as a handler sees it.
 #[derive(Debug, Clone)]
@@ -62,6 +63,21 @@ pub struct ReceivedEvent {
 }
 
 impl ReceivedEvent {
+    /// A message read from a topic, as an event (its headers must carry an envelope).
+    pub fn from_message(message: &impl Message) -> Result<Self, EnvelopeError> {
+        Ok(Self {
+            envelope: Envelope::from_headers(message.headers())?,
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message
+                .key()
+                .and_then(|key| std::str::from_utf8(key).ok())
+                .map(str::to_owned),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        })
+    }
+
     /// The payload as `T`; a payload that does not fit is a permanent failure.
     pub fn data<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
         serde_json::from_slice(&self.payload).map_err(|err| {
