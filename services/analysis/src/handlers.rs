@@ -1,0 +1,219 @@
+//! HTTP handlers: decode the request, call the domain, shape the answer with its `ETag`. Domain
+//! errors become HTTP answers in one place, `From<AnalysisError> for ApiError` below.
+
+use std::collections::HashSet;
+
+use futures_util::{stream, StreamExt, TryStreamExt};
+use service_kit::access_token::Authenticated;
+use service_kit::actix_web::http::header;
+use service_kit::actix_web::web::{self, Bytes};
+use service_kit::actix_web::{HttpRequest, HttpResponse};
+use service_kit::http::{ApiError, ErrorBody, FieldIssue};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::api::{DashboardView, IdsParams, TaskAnalysisList, TaskAnalysisView};
+use crate::domain::model::TaskModel;
+use crate::domain::{Analysis, AnalysisError, MAX_IDS};
+
+impl From<AnalysisError> for ApiError {
+    fn from(err: AnalysisError) -> Self {
+        let message = err.to_string();
+        match err {
+            AnalysisError::NotFound(_) => ApiError::not_found(message),
+            AnalysisError::Database(db) => db.into(),
+            AnalysisError::Corrupt(_) => ApiError::internal(message),
+        }
+    }
+}
+
+/// A JSON answer with a strong `ETag` of its bytes; `304` when the client has them already.
+fn json_answer(
+    request: &HttpRequest,
+    body: &impl serde::Serialize,
+) -> Result<HttpResponse, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(ApiError::internal)?;
+    let digest = Sha256::digest(&bytes);
+    let tag = format!(
+        "\"{}\"",
+        digest[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let unchanged = request
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|tags| tags.split(',').any(|seen| seen.trim() == tag));
+    let mut answer = if unchanged {
+        HttpResponse::NotModified()
+    } else {
+        HttpResponse::Ok()
+    };
+    answer
+        .insert_header((header::ETAG, tag))
+        .insert_header((header::CACHE_CONTROL, "private, no-cache"));
+    Ok(if unchanged {
+        answer.finish()
+    } else {
+        answer.content_type("application/json").body(bytes)
+    })
+}
+
+/// One task's analysis.
+#[utoipa::path(
+    get, path = "/v1/analysis/tasks/{id}", tag = "analysis",
+    security(("bearer" = [])),
+    params(("id" = Uuid, Path), ("If-None-Match" = Option<String>, Header)),
+    responses(
+        (status = 200, description = "The analysis, as of the event in `as_of`.", body = TaskAnalysisView, headers(("etag" = String))),
+        (status = 304, description = "Unchanged since the `ETag` sent."),
+        (status = 400, description = "The id is not a UUID.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 404, description = "No analysis of that task for this user (not theirs, deleted, or not applied yet).", body = ErrorBody),
+        (status = 503, description = "The database is unavailable; `Retry-After` says when to retry.", body = ErrorBody),
+    )
+)]
+pub async fn task(
+    caller: Authenticated,
+    request: HttpRequest,
+    id: web::Path<Uuid>,
+    analysis: web::Data<Analysis>,
+) -> Result<HttpResponse, ApiError> {
+    let model = analysis.task(caller.user_id, *id).await?;
+    json_answer(
+        &request,
+        &TaskAnalysisView::new(model, OffsetDateTime::now_utc()),
+    )
+}
+
+fn parse_ids(text: &str) -> Result<Vec<Uuid>, ApiError> {
+    let invalid = |message: String| {
+        ApiError::invalid_input(vec![FieldIssue {
+            field: "ids".into(),
+            message,
+        }])
+    };
+    let mut seen = HashSet::new();
+    let mut ids = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let id = Uuid::parse_str(part).map_err(|_| invalid(format!("{part:?} is not a UUID")))?;
+        if seen.insert(id) {
+            ids.push(id);
+        }
+    }
+    if ids.is_empty() {
+        return Err(invalid("give at least one task id".into()));
+    }
+    if ids.len() > MAX_IDS {
+        return Err(invalid(format!(
+            "at most {MAX_IDS} task ids at once, not {}",
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
+/// Several tasks' analyses in one answer.
+#[utoipa::path(
+    get, path = "/v1/analysis/tasks", tag = "analysis",
+    security(("bearer" = [])),
+    params(IdsParams, ("If-None-Match" = Option<String>, Header)),
+    responses(
+        (status = 200, description = "Those found, in the order asked; `missing` lists the others.", body = TaskAnalysisList, headers(("etag" = String))),
+        (status = 304, description = "Unchanged since the `ETag` sent."),
+        (status = 400, description = "`ids` is missing, empty, longer than 200 or holds a non-UUID.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 503, description = "The database is unavailable.", body = ErrorBody),
+    )
+)]
+pub async fn tasks(
+    caller: Authenticated,
+    request: HttpRequest,
+    params: web::Query<IdsParams>,
+    analysis: web::Data<Analysis>,
+) -> Result<HttpResponse, ApiError> {
+    let ids = parse_ids(&params.ids)?;
+    let found = analysis.tasks(caller.user_id, &ids).await?;
+    let present: HashSet<Uuid> = found.iter().map(|model| model.task_id).collect();
+    let now = OffsetDateTime::now_utc();
+    let list = TaskAnalysisList {
+        missing: ids.into_iter().filter(|id| !present.contains(id)).collect(),
+        items: found
+            .into_iter()
+            .map(|model| TaskAnalysisView::new(model, now))
+            .collect(),
+    };
+    json_answer(&request, &list)
+}
+
+/// The caller's dashboard.
+#[utoipa::path(
+    get, path = "/v1/analysis/me", tag = "analysis",
+    security(("bearer" = [])),
+    params(("If-None-Match" = Option<String>, Header)),
+    responses(
+        (status = 200, description = "Counts, work in progress, overdue, weekly throughput, cycle-time percentiles and daily created vs completed, as of the newest event applied for the caller (`as_of` is null before the first).", body = DashboardView, headers(("etag" = String))),
+        (status = 304, description = "Unchanged since the `ETag` sent."),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 503, description = "The database is unavailable.", body = ErrorBody),
+    )
+)]
+pub async fn me(
+    caller: Authenticated,
+    request: HttpRequest,
+    analysis: web::Data<Analysis>,
+) -> Result<HttpResponse, ApiError> {
+    let board = analysis
+        .dashboard(caller.user_id, OffsetDateTime::now_utc())
+        .await?;
+    json_answer(&request, &board)
+}
+
+/// A page of analyses as NDJSON lines.
+fn ndjson(page: Vec<TaskModel>, now: OffsetDateTime) -> Result<Bytes, AnalysisError> {
+    let mut lines = Vec::with_capacity(page.len() * 640);
+    for model in page {
+        serde_json::to_writer(&mut lines, &TaskAnalysisView::new(model, now))
+            .map_err(|err| AnalysisError::Corrupt(err.to_string()))?;
+        lines.push(b'\n');
+    }
+    Ok(Bytes::from(lines))
+}
+
+/// Every analysis of the caller, streamed.
+#[utoipa::path(
+    get, path = "/v1/analysis/export", tag = "analysis",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "NDJSON (`application/x-ndjson`): one task analysis per line, each with its own `as_of`, in task id order. Streamed from the first page on, in constant memory; a stream that breaks off before its end (no final newline, or a reset) is incomplete. No `ETag`: the answer is built while it is sent.", body = TaskAnalysisView, content_type = "application/x-ndjson"),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 503, description = "The database is unavailable.", body = ErrorBody),
+    )
+)]
+pub async fn export(
+    caller: Authenticated,
+    analysis: web::Data<Analysis>,
+) -> Result<HttpResponse, ApiError> {
+    let now = OffsetDateTime::now_utc();
+    let mut pages = Box::pin(analysis.export(caller.user_id));
+    // The first page before the status line: a database that is away is a 503, not a cut stream.
+    let first = pages.try_next().await?.unwrap_or_default();
+    let body = stream::once(async move { Ok(first) })
+        .chain(pages)
+        .map(move |page| page.and_then(|page| ndjson(page, now)))
+        .map_err(|err| {
+            tracing::warn!(error = %err, "export broke off");
+            std::io::Error::other(err.to_string())
+        });
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .streaming(body))
+}
