@@ -290,10 +290,11 @@ impl TokenVerifier {
                         "the last attempt to fetch them failed moments ago".to_owned(),
                     ));
                 }
+                // Noted once the fetch has ended: a request dropped mid-fetch (actix drops a
+                // request's extractors when another fails) leaves the next one free to fetch.
+                let fetched = self.fetch(remote).await;
                 log.any = Some(Instant::now());
-                self.fetch(remote)
-                    .await
-                    .map_err(TokenError::KeysUnavailable)
+                fetched.map_err(TokenError::KeysUnavailable)
             }
             Some(fetched) if fetched.elapsed() > remote.settings.refresh_after => {
                 if let Ok(mut log) = remote.fetches.try_lock() {
@@ -473,6 +474,54 @@ mod tests {
 
     fn verifier_for(jwks: Vec<Jwk>) -> TokenVerifier {
         TokenVerifier::with_keys(&JwkSet { keys: jwks }, &rules())
+    }
+
+    /// A JWKS endpoint on loopback whose first answer comes only after `first_delay`.
+    async fn slow_jwks(jwks: &JwkSet, first_delay: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/auth/jwks", listener.local_addr().unwrap());
+        let body = serde_json::to_string(jwks).unwrap();
+        tokio::spawn(async move {
+            let mut delay = Some(first_delay);
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let body = body.clone();
+                let wait = delay.take().unwrap_or_default();
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    let _ = socket.read(&mut request).await;
+                    tokio::time::sleep(wait).await;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_request_abandoned_while_keys_are_fetched_does_not_fail_the_next_one() {
+        // actix drops a request's extractors when another one fails (a bad path, say): a first
+        // request abandoned mid-fetch must not count as a failed fetch for the requests after it.
+        let (key, jwk) = key_pair("k1");
+        let url = slow_jwks(&JwkSet { keys: vec![jwk] }, Duration::from_secs(5)).await;
+        let verifier = TokenVerifier::remote(
+            RemoteKeysSettings {
+                jwks_url: url,
+                refresh_after: Duration::from_secs(300),
+                timeout: Duration::from_secs(10),
+            },
+            &rules(),
+        )
+        .unwrap();
+        let token = sign(&claims(600), &key, Some("k1"));
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(100), verifier.verify(&token)).await;
+        assert!(abandoned.is_err(), "the first fetch is slow");
+        assert!(verifier.verify(&token).await.is_ok());
     }
 
     #[tokio::test]
