@@ -161,10 +161,44 @@ impl TestStack {
             &[("DATABASE_WRITER_URL", writer.as_str())],
         );
         assert!(status.success(), "{service} migrate on {name}: {stderr}");
+        self.wait_for_replica(&install);
         vec![
             ("DATABASE_WRITER_URL".to_owned(), writer),
             ("DATABASE_READER_URL".to_owned(), url(self.replica_port)),
         ]
+    }
+
+    /// Waits (up to 10 s) until the stack's replica has replayed everything the primary holds now:
+    /// a database created a moment ago is then there on both, schema included.
+    fn wait_for_replica(&self, install: &PgInstall) {
+        let lsn = local_postgres::query(
+            install,
+            self.primary_port,
+            "postgres",
+            "SELECT pg_current_wal_lsn()",
+        )
+        .expect("the primary's WAL position");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let replayed = local_postgres::query(
+                install,
+                self.replica_port,
+                "postgres",
+                &format!(
+                    "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
+                    lsn.trim()
+                ),
+            )
+            .unwrap_or_default();
+            if replayed.trim() == "t" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not replay up to {lsn} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A broker that only this test uses (and may pause), empty: create the topics it needs.
