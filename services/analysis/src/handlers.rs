@@ -192,7 +192,7 @@ fn ndjson(page: Vec<TaskModel>, now: OffsetDateTime) -> Result<Bytes, AnalysisEr
     get, path = "/v1/analysis/export", tag = "analysis",
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "NDJSON (`application/x-ndjson`): one task analysis per line, each with its own `as_of`, in task id order. Streamed from the first page on, in constant memory; a stream that breaks off before its end (no final newline, or a reset) is incomplete. No `ETag`: the answer is built while it is sent.", body = TaskAnalysisView, content_type = "application/x-ndjson"),
+        (status = 200, description = "NDJSON (`application/x-ndjson`): one task analysis per line, each with its own `as_of`, in task id order. Streamed from the first page on, in constant memory; a stream that breaks off before its end (no final newline, or a reset) is incomplete. A weak `ETag` names the newest event applied for the caller when the export began.", body = TaskAnalysisView, content_type = "application/x-ndjson", headers(("etag" = String))),
         (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
         (status = 503, description = "The database is unavailable.", body = ErrorBody),
     )
@@ -202,6 +202,18 @@ pub async fn export(
     analysis: web::Data<Analysis>,
 ) -> Result<HttpResponse, ApiError> {
     let now = OffsetDateTime::now_utc();
+    // Weak: the lines are read while they are sent, so the tag names the newest event applied
+    // when the export began; a client compares it to know whether an export is worth repeating.
+    let tag = match analysis.as_of(caller.user_id).await? {
+        Some(as_of) => format!(
+            "W/\"{}-{}-{}-{}\"",
+            as_of.event_at.unix_timestamp_nanos(),
+            as_of.topic,
+            as_of.partition,
+            as_of.offset
+        ),
+        None => "W/\"empty\"".to_owned(),
+    };
     let mut pages = Box::pin(analysis.export(caller.user_id));
     // The first page before the status line: a database that is away is a 503, not a cut stream.
     let first = pages.try_next().await?.unwrap_or_default();
@@ -215,5 +227,6 @@ pub async fn export(
     Ok(HttpResponse::Ok()
         .content_type("application/x-ndjson")
         .insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((header::ETAG, tag))
         .streaming(body))
 }

@@ -34,6 +34,10 @@ pub const DASHBOARD_SQL: &str = "SELECT \
             'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), 'topic', topic, 'partition', partition, \
             'offset', \"offset\") FROM user_as_of WHERE owner_id = $1) AS as_of";
 
+/// The newest event applied for a user (the export's `ETag`).
+pub const AS_OF_SQL: &str =
+    "SELECT event_at, topic, partition, \"offset\" FROM user_as_of WHERE owner_id = $1";
+
 /// A stored task row: a tombstone has no model.
 pub struct StoredTask {
     pub version: i64,
@@ -76,6 +80,19 @@ pub async fn tasks(
         .fetch_all(conn)
         .await
         .map(|rows| rows.into_iter().map(|Json(model)| model).collect())
+}
+
+pub async fn user_as_of(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<Option<AsOf>> {
+    let row: Option<(OffsetDateTime, String, i32, i64)> = sqlx::query_as(AS_OF_SQL)
+        .bind(owner)
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|(event_at, topic, partition, offset)| AsOf {
+        event_at,
+        topic,
+        partition,
+        offset,
+    }))
 }
 
 pub async fn export_page(

@@ -136,6 +136,10 @@ async fn bursts_over_one_h2c_connection_and_a_streamed_export() {
         response.headers()["content-type"].to_str().unwrap(),
         "application/x-ndjson"
     );
+    assert!(response.headers()["etag"]
+        .to_str()
+        .unwrap()
+        .starts_with("W/\""));
     let mut body = response.bytes_stream();
     let (mut first_byte, mut lines, mut bytes, mut rss_max) = (None, 0usize, 0usize, rss_before);
     let mut last_line = Vec::new();

@@ -116,6 +116,13 @@ async fn every_endpoint_query_is_served_by_an_index() {
         );
     }
 
+    let rows = sqlx::query_as(&explain(storage::AS_OF_SQL))
+        .bind(owner)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_indexed("GET /v1/analysis/export (its ETag)", &plan_text(rows));
+
     let from = (OffsetDateTime::now_utc() - time::Duration::days(84)).date();
     let rows = sqlx::query_as(&explain(storage::DASHBOARD_SQL))
         .bind(owner)

@@ -100,6 +100,14 @@ impl Analysis {
         Ok(dashboard::dashboard(totals, now))
     }
 
+    /// The newest event applied for `owner`, if any.
+    pub async fn as_of(&self, owner: Uuid) -> Result<Option<model::AsOf>, AnalysisError> {
+        Ok(self
+            .db
+            .read(|mut conn| async move { storage::user_as_of(&mut conn, owner).await })
+            .await?)
+    }
+
     /// Every analysis of `owner`, a page at a time (constant memory whatever their number).
     pub fn export(
         &self,
