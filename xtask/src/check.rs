@@ -19,6 +19,7 @@ pub fn test() -> Result<TestCounts> {
     let root = workspace_root();
     cargo(&["fmt", "--all", "--", "--check"])?;
     prereqs::ensure_build_tools()?;
+    prereqs::ensure_h2load()?;
     cargo(&[
         "clippy",
         "--workspace",

