@@ -24,6 +24,8 @@ pub struct Topic {
     /// What the message key is.
     pub key: &'static str,
     pub description: &'static str,
+    /// Who reads it: each consumer group and what it does with the events.
+    pub consumers: &'static [&'static str],
 }
 
 pub const AUTH_USER: Topic = Topic {
@@ -31,6 +33,10 @@ pub const AUTH_USER: Topic = Topic {
     owner: "auth",
     key: "the user id (UUID)",
     description: "Accounts: registered, changed and deleted. All events of one user are in order.",
+    consumers: &[
+        "tasks (refuses a deleted account's tokens, erases its tasks)",
+        "analysis (refuses a deleted account's tokens, erases its read models)",
+    ],
 };
 
 pub const TASKS_TASK: Topic = Topic {
@@ -38,6 +44,7 @@ pub const TASKS_TASK: Topic = Topic {
     owner: "tasks",
     key: "the task id (UUID)",
     description: "Tasks: created, changed, deleted. All events of one task are in order.",
+    consumers: &["analysis (builds the per-task and per-user read models)"],
 };
 
 pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
@@ -45,6 +52,7 @@ pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
     owner: "notifications",
     key: "the user id (UUID)",
     description: "Reserved for the notifications service; nothing is published on it yet.",
+    consumers: &[],
 };
 
 /// Every topic, each with its dead-letter topic beside it.
@@ -335,7 +343,17 @@ pub fn asyncapi() -> Value {
             id.clone(),
             json!({
                 "address": topic.name,
-                "description": format!("{} Published by {}; key: {}.", topic.description, topic.owner, topic.key),
+                "description": format!(
+                    "{} Published by {}; key: {}.{}",
+                    topic.description,
+                    topic.owner,
+                    topic.key,
+                    if topic.consumers.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" Consumer groups: {}.", topic.consumers.join("; "))
+                    }
+                ),
                 "messages": refs,
                 "bindings": { "kafka": { "topic": topic.name } },
             }),
