@@ -55,8 +55,21 @@ pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
     consumers: &[],
 };
 
+pub const ANALYSIS_TELEMETRY: Topic = Topic {
+    name: "analysis.telemetry.v1",
+    owner: "analysis",
+    key: "the user id (UUID)",
+    description: "Client telemetry, one message per batch accepted by `POST /v1/telemetry` (the answer was 202 only once the broker had it). The message id (`ce_id`) is the batch id.",
+    consumers: &["analysis (folds them into per-user, per-day, per-name counts)"],
+};
+
 /// Every topic, each with its dead-letter topic beside it.
-pub const TOPICS: [Topic; 3] = [AUTH_USER, TASKS_TASK, NOTIFICATIONS_NOTIFICATION];
+pub const TOPICS: [Topic; 4] = [
+    AUTH_USER,
+    TASKS_TASK,
+    NOTIFICATIONS_NOTIFICATION,
+    ANALYSIS_TELEMETRY,
+];
 
 /// Where messages of `topic` that cannot be processed go, with the reason in their headers.
 pub fn dead_letter_topic(topic: &str) -> String {
@@ -190,6 +203,42 @@ pub struct TaskDeleted {
     pub reason: Option<String>,
 }
 
+/// A property value of a telemetry event: flat, never an object or an array.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum TelemetryValue {
+    Bool(bool),
+    Number(f64),
+    /// At most 200 characters.
+    Text(String),
+}
+
+/// One client event of a telemetry batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TelemetryEvent {
+    /// 1–64 characters of `a-z`, `0-9`, `_`, `.`, `-`, starting with a letter.
+    pub name: String,
+    /// When it happened on the client.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub at: OffsetDateTime,
+    /// At most 20 properties; keys 1–40 characters of `a-z`, `0-9`, `_`.
+    pub props: BTreeMap<String, Option<TelemetryValue>>,
+}
+
+/// A batch of client events as `POST /v1/telemetry` accepted it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TelemetryBatch {
+    /// Also the message's `ce_id`: consumers count a batch once.
+    pub batch_id: Uuid,
+    pub user_id: Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub received_at: OffsetDateTime,
+    /// 1–500 events.
+    pub events: Vec<TelemetryEvent>,
+}
+
 macro_rules! payload {
     ($type:ty, $ce_type:literal, $topic:expr, $message:literal, $summary:literal, |$it:ident| $id:expr) => {
         impl EventPayload for $type {
@@ -244,6 +293,14 @@ payload!(
     "taskUpdated",
     "A task changed; `changes` names each changed field.",
     |it| it.task.id
+);
+payload!(
+    TelemetryBatch,
+    "io.taskstream.analysis.telemetry.batch.v1",
+    ANALYSIS_TELEMETRY,
+    "telemetryBatch",
+    "A batch of client telemetry events of one user.",
+    |it| it.user_id
 );
 payload!(
     TaskDeleted,
@@ -304,6 +361,7 @@ pub fn asyncapi() -> Value {
         message::<TaskCreated>(&mut generator),
         message::<TaskUpdated>(&mut generator),
         message::<TaskDeleted>(&mut generator),
+        message::<TelemetryBatch>(&mut generator),
     ];
     let mut schemas: serde_json::Map<String, Value> = generator.take_definitions(true);
     schemas.insert("CloudEventHeaders".into(), headers_schema());
@@ -436,6 +494,7 @@ mod tests {
             UserDeleted::TOPIC,
             TaskCreated::TOPIC,
             TaskDeleted::TOPIC,
+            TelemetryBatch::TOPIC,
         ] {
             assert!(topics.contains(&topic.name));
         }
