@@ -333,6 +333,18 @@ impl FromRequest for ReadAfter {
     }
 }
 
+/// How JSON bodies are read: at most `limit` bytes (413 beyond), and a body that is not JSON, or not
+/// of the handler's type, is a 400 `invalid_body` saying why. The server's default uses
+/// `HTTP_MAX_BODY_BYTES`; a route with a tighter bound registers its own with this.
+pub fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(limit)
+        .error_handler(|err, _| {
+            let status = err.status_code();
+            ApiError::new(status, "invalid_body", err.to_string()).into()
+        })
+}
+
 /// Serves the service's routes plus the standard endpoints until SIGTERM/SIGINT, then drains
 /// and returns.
 pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io::Result<()> {
@@ -342,14 +354,7 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
         App::new()
             .app_data(context.clone())
             .app_data(web::PayloadConfig::new(http.max_body_bytes))
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(http.max_body_bytes)
-                    .error_handler(|err, _| {
-                        let status = err.status_code();
-                        ApiError::new(status, "invalid_body", err.to_string()).into()
-                    }),
-            )
+            .app_data(json_config(http.max_body_bytes))
             .app_data(web::PathConfig::default().error_handler(|err, _| {
                 ApiError::bad_request("invalid_path", err.to_string()).into()
             }))
