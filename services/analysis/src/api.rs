@@ -101,3 +101,56 @@ pub struct TaskAnalysisList {
 
 /// `GET /v1/analysis/me`.
 pub type DashboardView = Dashboard;
+
+/// One client event of `POST /v1/telemetry` (the body is an array of 1–500 of them, at most
+/// 256 KiB).
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // documents the body; the handler checks it field by field
+pub struct TelemetryEventBody {
+    /// 1–64 characters of `a-z`, `0-9`, `_`, `.`, `-`, starting with a letter.
+    #[schema(min_length = 1, max_length = 64, pattern = "^[a-z][a-z0-9_.-]*$")]
+    pub name: String,
+    /// When it happened on the client: RFC 3339, within 30 days of the server's clock.
+    pub at: OffsetDateTime,
+    /// At most 20 flat properties: keys 1–40 characters of `a-z`, `0-9`, `_`; values strings (at
+    /// most 200 characters), numbers, booleans or null.
+    #[schema(value_type = Option<Object>)]
+    pub props: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// `202` to `POST /v1/telemetry`: the batch is on the broker.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TelemetryAccepted {
+    /// The batch's id (the message's `ce_id` on `analysis.telemetry.v1`).
+    pub batch_id: Uuid,
+    pub events: usize,
+}
+
+/// `GET /v1/analysis/usage`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageParams {
+    /// First UTC day (`2026-12-01`), default 6 days before `to`.
+    pub from: Option<String>,
+    /// Last UTC day, default today. At most 92 days after `from`.
+    pub to: Option<String>,
+}
+
+/// One user's count of one event name on one UTC day.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageDay {
+    #[schema(value_type = String, format = Date)]
+    pub day: String,
+    pub name: String,
+    pub events: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UsageView {
+    #[schema(value_type = String, format = Date)]
+    pub from: String,
+    #[schema(value_type = String, format = Date)]
+    pub to: String,
+    /// By day, then name; days without events are absent.
+    pub items: Vec<UsageDay>,
+}

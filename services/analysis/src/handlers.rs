@@ -13,9 +13,13 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::api::{DashboardView, IdsParams, TaskAnalysisList, TaskAnalysisView};
+use crate::api::{
+    DashboardView, IdsParams, TaskAnalysisList, TaskAnalysisView, TelemetryAccepted,
+    TelemetryEventBody, UsageDay, UsageParams, UsageView,
+};
 use crate::domain::model::TaskModel;
-use crate::domain::{Analysis, AnalysisError, MAX_IDS};
+use crate::domain::telemetry::{self, Ingest, IngestError};
+use crate::domain::{Analysis, AnalysisError, MAX_IDS, MAX_USAGE_DAYS};
 
 impl From<AnalysisError> for ApiError {
     fn from(err: AnalysisError) -> Self {
@@ -25,6 +29,17 @@ impl From<AnalysisError> for ApiError {
             AnalysisError::Database(db) => db.into(),
             AnalysisError::Corrupt(_) => ApiError::internal(message),
         }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(err: IngestError) -> Self {
+        // A full queue empties within moments; an unacknowledged batch needs the broker back.
+        let retry_after = match err {
+            IngestError::QueueFull => 1,
+            IngestError::NotAcknowledged | IngestError::Stopping => 2,
+        };
+        ApiError::unavailable(err.to_string()).retry_after(retry_after)
     }
 }
 
@@ -229,4 +244,99 @@ pub async fn export(
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((header::ETAG, tag))
         .streaming(body))
+}
+
+/// Accepts a batch of client events: 202 once the broker has it.
+#[utoipa::path(
+    post, path = "/v1/telemetry", tag = "telemetry",
+    security(("bearer" = [])),
+    request_body(content = Vec<TelemetryEventBody>, description = "1–500 events, at most 256 KiB."),
+    responses(
+        (status = 202, description = "The batch is on the broker (acknowledged by all in-sync replicas): durable.", body = TelemetryAccepted),
+        (status = 400, description = "The body breaks a rule; `details` names every broken field (`events[3].props.plan`).", body = ErrorBody),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 413, description = "The body is larger than 256 KiB.", body = ErrorBody),
+        (status = 503, description = "The queue is full, or the broker did not acknowledge in time: nothing was kept (or a copy may have been: retrying is safe, each batch is counted once). `Retry-After` says when to retry.", body = ErrorBody),
+    )
+)]
+pub async fn post_telemetry(
+    caller: Authenticated,
+    ingest: web::Data<Ingest>,
+    body: web::Json<serde_json::Value>,
+) -> Result<HttpResponse, ApiError> {
+    let events = telemetry::parse_batch(&body, OffsetDateTime::now_utc()).map_err(|broken| {
+        ApiError::invalid_input(
+            broken
+                .into_iter()
+                .map(|b| FieldIssue {
+                    field: b.field,
+                    message: b.message,
+                })
+                .collect(),
+        )
+    })?;
+    let count = events.len();
+    let batch_id = ingest.submit(caller.user_id, events).await?;
+    Ok(HttpResponse::Accepted().json(TelemetryAccepted {
+        batch_id,
+        events: count,
+    }))
+}
+
+fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Date>, ApiError> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    time::Date::parse(text, &time::format_description::well_known::Iso8601::DATE)
+        .map(Some)
+        .map_err(|_| {
+            ApiError::invalid_input(vec![FieldIssue {
+                field: field.into(),
+                message: format!("{text:?} is not a day (YYYY-MM-DD)"),
+            }])
+        })
+}
+
+/// The caller's telemetry counts per day and event name.
+#[utoipa::path(
+    get, path = "/v1/analysis/usage", tag = "telemetry",
+    security(("bearer" = [])),
+    params(UsageParams),
+    responses(
+        (status = 200, description = "Counts per UTC day (of the events' own time) and name.", body = UsageView),
+        (status = 400, description = "`from` or `to` is not a day, `from` is after `to`, or the range is longer than 92 days.", body = ErrorBody),
+        (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
+        (status = 503, description = "The database is unavailable.", body = ErrorBody),
+    )
+)]
+pub async fn usage(
+    caller: Authenticated,
+    params: web::Query<UsageParams>,
+    analysis: web::Data<Analysis>,
+) -> Result<HttpResponse, ApiError> {
+    let to =
+        parse_day("to", params.to.as_deref())?.unwrap_or_else(|| OffsetDateTime::now_utc().date());
+    let from = parse_day("from", params.from.as_deref())?.unwrap_or(to - time::Duration::days(6));
+    let days = (to - from).whole_days();
+    if !(0..MAX_USAGE_DAYS).contains(&days) {
+        return Err(ApiError::invalid_input(vec![FieldIssue {
+            field: "from".into(),
+            message: format!("must be on or before `to`, at most {MAX_USAGE_DAYS} days apart"),
+        }]));
+    }
+    let items = analysis
+        .usage(caller.user_id, from, to)
+        .await?
+        .into_iter()
+        .map(|(day, name, events)| UsageDay {
+            day: day.to_string(),
+            name,
+            events,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(UsageView {
+        from: from.to_string(),
+        to: to.to_string(),
+        items,
+    }))
 }

@@ -13,7 +13,7 @@ pub mod storage;
 
 use std::sync::Arc;
 
-use events::catalog::{AUTH_USER, TASKS_TASK};
+use events::catalog::{ANALYSIS_TELEMETRY, AUTH_USER, TASKS_TASK};
 use events::consumer::{Consumer, ConsumerSettings, CONSUMER_STOP_LIMIT};
 use service_kit::access_token::{RemoteKeysSettings, TokenRules, TokenVerifier};
 use service_kit::actix_web::web;
@@ -25,6 +25,7 @@ use service_kit::sqlx::migrate::Migrator;
 use service_kit::Service;
 
 use crate::domain::apply::ReadModelEvents;
+use crate::domain::telemetry::{Ingest, IngestSettings};
 use crate::domain::Analysis;
 
 /// The consumer group of analysis's instances.
@@ -32,16 +33,18 @@ pub const CONSUMER_GROUP: &str = "analysis";
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
 
-/// analysis's own settings: where auth publishes its keys.
+/// analysis's own settings: where auth publishes its keys, and the telemetry ingest's bounds.
 pub struct AnalysisSettings {
     keys: RemoteKeysSettings,
     rules: TokenRules,
+    ingest: IngestSettings,
 }
 
 pub struct AnalysisService {
     analysis: web::Data<Analysis>,
-    /// Folds task and account events into the read models.
+    /// Folds task, account and telemetry events into the read models.
     events: Consumer,
+    ingest: web::Data<Ingest>,
     verifier: web::Data<TokenVerifier>,
 }
 
@@ -54,6 +57,7 @@ impl Service for AnalysisService {
         Ok(AnalysisSettings {
             keys: RemoteKeysSettings::from_env(env)?,
             rules: TokenRules::from_env(env),
+            ingest: IngestSettings::from_env(env)?,
         })
     }
 
@@ -77,13 +81,17 @@ impl Service for AnalysisService {
             ConsumerSettings::for_service(
                 context,
                 CONSUMER_GROUP,
-                &[TASKS_TASK.name, AUTH_USER.name],
+                &[TASKS_TASK.name, AUTH_USER.name, ANALYSIS_TELEMETRY.name],
             ),
             context.db.clone(),
             Arc::new(ReadModelEvents::new(revoked)),
         )
         .map_err(|err| format!("cannot start the consumer of task events: {err}"))?;
+        let ingest = Ingest::start(&settings.ingest, &context.config.broker.bootstrap_servers)
+            .map_err(|err| format!("cannot start the telemetry producer: {err}"))?;
+        let ingest = web::Data::new(ingest);
         Ok(Self {
+            ingest,
             analysis: web::Data::new(Analysis::new(context.db.clone())),
             events,
             verifier,
@@ -97,6 +105,7 @@ impl Service for AnalysisService {
     fn routes(&self, routes: &mut web::ServiceConfig) {
         routes
             .app_data(self.analysis.clone())
+            .app_data(self.ingest.clone())
             .app_data(self.verifier.clone());
         routes::configure(routes);
     }

@@ -1,13 +1,17 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
 use service_kit::actix_web::web;
-use service_kit::http::{resource, ErrorBody};
+use service_kit::http::{json_config, resource, ErrorBody};
 use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
-use crate::api::{TaskAnalysisList, TaskAnalysisView, TimeInStatusView};
+use crate::api::{
+    TaskAnalysisList, TaskAnalysisView, TelemetryAccepted, TelemetryEventBody, TimeInStatusView,
+    UsageDay, UsageView,
+};
 use crate::domain::dashboard::{CycleTimes, Dashboard, DayCounts, WeekThroughput};
 use crate::domain::model::{AsOf, DueAdherence, Priority, Status};
+use crate::domain::telemetry::MAX_BATCH_BYTES;
 use crate::handlers;
 
 pub fn configure(routes: &mut web::ServiceConfig) {
@@ -19,7 +23,13 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         .service(resource("/v1/analysis/tasks").route(web::get().to(handlers::tasks)))
         .service(resource("/v1/analysis/tasks/{id}").route(web::get().to(handlers::task)))
         .service(resource("/v1/analysis/me").route(web::get().to(handlers::me)))
-        .service(resource("/v1/analysis/export").route(web::get().to(handlers::export)));
+        .service(resource("/v1/analysis/export").route(web::get().to(handlers::export)))
+        .service(resource("/v1/analysis/usage").route(web::get().to(handlers::usage)))
+        .service(
+            resource("/v1/telemetry")
+                .app_data(json_config(MAX_BATCH_BYTES))
+                .route(web::post().to(handlers::post_telemetry)),
+        );
 }
 
 #[derive(OpenApi)]
@@ -33,7 +43,14 @@ pub fn configure(routes: &mut web::ServiceConfig) {
             auth; a user only ever sees their own tasks. Times come from the events, in UTC; days \
             and ISO weeks are UTC days. Errors are always `{\"error\": {\"code\", \"message\"}}`."
     ),
-    paths(handlers::task, handlers::tasks, handlers::me, handlers::export),
+    paths(
+        handlers::task,
+        handlers::tasks,
+        handlers::me,
+        handlers::export,
+        handlers::post_telemetry,
+        handlers::usage
+    ),
     components(schemas(
         TaskAnalysisView,
         TaskAnalysisList,
@@ -46,9 +63,16 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         Status,
         Priority,
         DueAdherence,
+        TelemetryEventBody,
+        TelemetryAccepted,
+        UsageDay,
+        UsageView,
         ErrorBody
     )),
     modifiers(&BearerSecurity),
-    tags((name = "analysis", description = "Per-task and per-user analysis"))
+    tags(
+        (name = "analysis", description = "Per-task and per-user analysis"),
+        (name = "telemetry", description = "Client telemetry: ingest and per-day counts")
+    )
 )]
 pub struct ApiDoc;

@@ -38,6 +38,10 @@ pub const DASHBOARD_SQL: &str = "SELECT \
 pub const AS_OF_SQL: &str =
     "SELECT event_at, topic, partition, \"offset\" FROM user_as_of WHERE owner_id = $1";
 
+/// A user's telemetry counts for days `$2` to `$3`.
+pub const USAGE_SQL: &str = "SELECT day - DATE '1970-01-01', name, events FROM user_usage \
+     WHERE owner_id = $1 AND day BETWEEN $2 AND $3 ORDER BY day, name";
+
 /// A stored task row: a tombstone has no model.
 pub struct StoredTask {
     pub version: i64,
@@ -229,6 +233,42 @@ pub async fn change_totals(
     Ok(())
 }
 
+/// Adds `events` to `owner`'s count of `name` on `day`.
+pub async fn add_usage(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    day: Date,
+    name: &str,
+    events: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO user_usage (owner_id, day, name, events) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (owner_id, day, name) DO UPDATE SET events = user_usage.events + EXCLUDED.events",
+    )
+    .bind(owner)
+    .bind(day)
+    .bind(name)
+    .bind(events)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// `(days since 1970-01-01, name, events)` of `owner` from `from` to `to`, by day and name.
+pub async fn usage(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    from: Date,
+    to: Date,
+) -> sqlx::Result<Vec<(i32, String, i64)>> {
+    sqlx::query_as(USAGE_SQL)
+        .bind(owner)
+        .bind(from)
+        .bind(to)
+        .fetch_all(conn)
+        .await
+}
+
 /// Records that `owner`'s models reflect the event `as_of` if it is the newest seen (by time, then
 /// position: the same answer whatever order partitions were applied in).
 pub async fn note_as_of(conn: &mut PgConnection, owner: Uuid, as_of: &AsOf) -> sqlx::Result<()> {
@@ -271,6 +311,7 @@ pub async fn erase_user(
         "DELETE FROM user_days WHERE owner_id = $1",
         "DELETE FROM user_cycle_times WHERE owner_id = $1",
         "DELETE FROM user_as_of WHERE owner_id = $1",
+        "DELETE FROM user_usage WHERE owner_id = $1",
     ] {
         erased += sqlx::query(statement)
             .bind(owner)

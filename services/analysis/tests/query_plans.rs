@@ -33,6 +33,10 @@ async fn load(conn: &mut PgConnection, owner: Uuid) {
         "INSERT INTO user_cycle_times (owner_id, bucket, tasks) \
          SELECT CASE WHEN u = 0 THEN $1 ELSE ('00000000-0000-0000-0000-' || lpad(u::text, 12, '0'))::uuid END, b, 4 \
          FROM generate_series(0, $4) AS u, generate_series(1, 120) AS b",
+        "INSERT INTO user_usage (owner_id, day, name, events) \
+         SELECT CASE WHEN u = 0 THEN $1 ELSE ('00000000-0000-0000-0000-' || lpad(u::text, 12, '0'))::uuid END, \
+                current_date - d, 'event' || e, 7 \
+         FROM generate_series(0, $4) AS u, generate_series(0, 59) AS d, generate_series(1, 5) AS e",
         "INSERT INTO user_as_of (owner_id, event_at, topic, partition, \"offset\") \
          SELECT CASE WHEN u = 0 THEN $1 ELSE ('00000000-0000-0000-0000-' || lpad(u::text, 12, '0'))::uuid END, \
                 now(), 'tasks.task.v1', 0, u \
@@ -122,6 +126,16 @@ async fn every_endpoint_query_is_served_by_an_index() {
         .await
         .unwrap();
     assert_indexed("GET /v1/analysis/export (its ETag)", &plan_text(rows));
+
+    let today = OffsetDateTime::now_utc().date();
+    let rows = sqlx::query_as(&explain(storage::USAGE_SQL))
+        .bind(owner)
+        .bind(today - time::Duration::days(6))
+        .bind(today)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert_indexed("GET /v1/analysis/usage", &plan_text(rows));
 
     let from = (OffsetDateTime::now_utc() - time::Duration::days(84)).date();
     let rows = sqlx::query_as(&explain(storage::DASHBOARD_SQL))

@@ -362,6 +362,8 @@ async fn openapi_describes_every_route_and_every_route_needs_a_token() {
         "GET /v1/analysis/tasks",
         "GET /v1/analysis/me",
         "GET /v1/analysis/export",
+        "GET /v1/analysis/usage",
+        "POST /v1/telemetry",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -372,6 +374,7 @@ async fn openapi_describes_every_route_and_every_route_needs_a_token() {
         "/v1/analysis/tasks?ids=x".to_owned(),
         "/v1/analysis/me".to_owned(),
         "/v1/analysis/export".to_owned(),
+        "/v1/analysis/usage".to_owned(),
     ] {
         let refused = test_support::Answer::send(system.client.get(system.edge.url(&path))).await;
         assert_eq!(

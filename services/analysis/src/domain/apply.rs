@@ -14,12 +14,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use events::catalog::{EventPayload, TaskCreated, TaskDeleted, TaskUpdated, UserDeleted};
+use events::catalog::{
+    EventPayload, TaskCreated, TaskDeleted, TaskUpdated, TelemetryBatch, UserDeleted,
+};
 use events::consumer::{EventHandler, HandlerError, ReceivedEvent};
 use futures_util::future::BoxFuture;
 use service_kit::revoked_users::{self, RevokedUsers};
 use service_kit::sqlx::PgConnection;
-use time::OffsetDateTime;
+use time::{Date, OffsetDateTime};
 use uuid::Uuid;
 
 use super::model::{total_changes, AsOf, ModelError, TaskModel, Total};
@@ -46,6 +48,8 @@ enum TaskEvent {
 pub struct Pending {
     totals: BTreeMap<(Uuid, Total), i64>,
     as_of: BTreeMap<Uuid, AsOf>,
+    /// Telemetry events per user, UTC day and name.
+    usage: BTreeMap<(Uuid, Date, String), i64>,
 }
 
 impl Pending {
@@ -63,6 +67,16 @@ impl Pending {
     fn forget(&mut self, owner: Uuid) {
         self.totals.retain(|(seen, _), _| *seen != owner);
         self.as_of.remove(&owner);
+        self.usage.retain(|(seen, _, _), _| *seen != owner);
+    }
+
+    fn add_telemetry(&mut self, batch: &TelemetryBatch) {
+        for event in &batch.events {
+            *self
+                .usage
+                .entry((batch.user_id, event.at.date(), event.name.clone()))
+                .or_default() += 1;
+        }
     }
 
     /// Writes the summed totals, owner by owner in id order.
@@ -78,6 +92,9 @@ impl Pending {
         }
         for (owner, as_of) in self.as_of {
             storage::note_as_of(conn, owner, &as_of).await?;
+        }
+        for ((owner, day, name), events) in self.usage {
+            storage::add_usage(conn, owner, day, &name, events).await?;
         }
         Ok(())
     }
@@ -116,6 +133,14 @@ pub async fn apply(
             let deleted: UserDeleted = event.data()?;
             pending.forget(deleted.user_id);
             erase_user(conn, &deleted).await?;
+            return Ok(true);
+        }
+        TelemetryBatch::TYPE => {
+            let batch: TelemetryBatch = event.data()?;
+            if storage::is_erased(conn, &revoked_users::user_hash(batch.user_id)).await? {
+                return Ok(false);
+            }
+            pending.add_telemetry(&batch);
             return Ok(true);
         }
         // Registrations, profile changes: nothing analysis keeps.
@@ -261,6 +286,7 @@ fn short_type(event_type: &str) -> &'static str {
         TaskUpdated::TYPE => "task.updated",
         TaskDeleted::TYPE => "task.deleted",
         UserDeleted::TYPE => "user.deleted",
+        TelemetryBatch::TYPE => "telemetry.batch",
         _ => "other",
     }
 }

@@ -6,6 +6,7 @@ pub mod apply;
 pub mod dashboard;
 pub mod model;
 pub mod rebuild;
+pub mod telemetry;
 
 use futures_util::stream::{self, Stream};
 use service_kit::db::{Database, DbError};
@@ -18,6 +19,8 @@ use model::{Priority, Status, TaskModel};
 
 /// Most tasks one `GET /v1/analysis/tasks?ids=` asks for.
 pub const MAX_IDS: usize = 200;
+/// The longest range of `GET /v1/analysis/usage`, in days.
+pub const MAX_USAGE_DAYS: i64 = 92;
 /// Analyses read per round trip while exporting.
 pub const EXPORT_PAGE: i64 = 500;
 
@@ -98,6 +101,25 @@ impl Analysis {
             as_of: rows.as_of.map(|json| json.0),
         };
         Ok(dashboard::dashboard(totals, now))
+    }
+
+    /// `owner`'s telemetry counts from `from` to `to`: `(day, name, events)` by day and name.
+    pub async fn usage(
+        &self,
+        owner: Uuid,
+        from: Date,
+        to: Date,
+    ) -> Result<Vec<(Date, String, i64)>, AnalysisError> {
+        let rows = self
+            .db
+            .read(|mut conn| async move { storage::usage(&mut conn, owner, from, to).await })
+            .await?;
+        let epoch =
+            Date::from_ordinal_date(1970, 1).map_err(|e| AnalysisError::Corrupt(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|(days, name, events)| (epoch + Duration::days(i64::from(days)), name, events))
+            .collect())
     }
 
     /// The newest event applied for `owner`, if any.

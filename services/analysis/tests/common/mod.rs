@@ -33,6 +33,9 @@ pub struct System {
     pub database: Vec<(String, String)>,
     pub auth: AuthServer,
     pub analysis: ServiceProcess,
+    /// analysis's environment, to start it again.
+    pub analysis_env: Vec<(String, String)>,
+    pub log_dir: std::path::PathBuf,
     pub edge: ServiceProcess,
     pub client: reqwest::Client,
     pub producer: FutureProducer,
@@ -40,6 +43,11 @@ pub struct System {
 
 impl System {
     pub async fn start(label: &str) -> Self {
+        Self::start_with(label, &[]).await
+    }
+
+    /// [`Self::start`] with more settings for analysis.
+    pub async fn start_with(label: &str, extra: &[(&str, &str)]) -> Self {
         let stack = TestStack::from_env();
         let broker = stack.scratch_broker(label);
         let bootstrap = broker.bootstrap_servers();
@@ -52,6 +60,7 @@ impl System {
         env.extend(database.iter().cloned());
         env.push(("KAFKA_BOOTSTRAP_SERVERS".into(), bootstrap.clone()));
         env.push(("AUTH_JWKS_URL".into(), auth.url("/v1/auth/jwks")));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut analysis = ServiceProcess::spawn(workspace_binary("analysis"), &env, &log_dir);
         analysis.wait_ready().await;
         let edge = ServiceProcess::spawn_edge(
@@ -66,10 +75,23 @@ impl System {
             database,
             auth,
             analysis,
+            analysis_env: env,
+            log_dir,
             edge,
             client: h2c_client(),
             producer,
         }
+    }
+
+    /// Starts analysis again (after a kill, say) on a new port, not behind the edge.
+    pub async fn restart_analysis(&mut self) {
+        let mut analysis = ServiceProcess::spawn(
+            workspace_binary("analysis"),
+            &self.analysis_env,
+            &self.log_dir,
+        );
+        analysis.wait_ready().await;
+        self.analysis = analysis;
     }
 
     pub fn writer_url(&self) -> String {
