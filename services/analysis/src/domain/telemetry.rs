@@ -42,6 +42,7 @@ const WORKER_GRAB: usize = 64;
 
 /// Metric names.
 pub const QUEUE_DEPTH_METRIC: &str = "telemetry_queue_depth";
+pub const WORKERS_METRIC: &str = "telemetry_workers";
 pub const REJECTED_METRIC: &str = "telemetry_rejected_total";
 pub const PRODUCE_METRIC: &str = "telemetry_produce_seconds";
 pub const ACCEPTED_EVENTS_METRIC: &str = "telemetry_events_accepted_total";
@@ -248,6 +249,7 @@ impl Ingest {
         let publisher = Arc::new(Publisher::new(bootstrap_servers, settings.ack_timeout)?);
         let (queue, jobs) = mpsc::channel::<Job>(settings.max_queue);
         let jobs = Arc::new(Mutex::new(jobs));
+        metrics::gauge!(WORKERS_METRIC).set(settings.max_workers as f64);
         for _ in 0..settings.max_workers {
             tokio::spawn(work(jobs.clone(), publisher.clone()));
         }
@@ -389,6 +391,7 @@ async fn work(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, publisher: Arc<Publisher>) 
             if jobs.recv_many(&mut taken, WORKER_GRAB).await == 0 {
                 return; // the queue is closed: the service is stopping
             }
+            metrics::gauge!(QUEUE_DEPTH_METRIC).set(jobs.len() as f64);
         }
         let (generation, producer) = publisher.get();
         let started = Instant::now();
