@@ -253,15 +253,14 @@ pub async fn smoke_up() -> Result<()> {
     Ok(())
 }
 
-/// A task created through the edge shows on `tasks.task.v1` in kcat, with its CloudEvents
-/// headers: what a product team would see on the running stack.
-async fn published_task_shows_in_kcat(client: &reqwest::Client, broker_port: u16) -> Result<()> {
+/// Signs up `username` through the edge (a rerun finds the account already there, and the login
+/// works all the same) and returns an access token.
+pub(crate) async fn account_token(client: &reqwest::Client, username: &str) -> Result<String> {
     let edge = format!("http://127.0.0.1:{EDGE_PORT}");
     let account = serde_json::json!({
-        "username": format!("smoke{}", std::process::id()),
-        "password": "smoke-test-password",
+        "username": username,
+        "password": format!("{username}-local-password"),
     });
-    // A rerun finds the account already there: the login works all the same.
     client
         .post(format!("{edge}/v1/auth/signup"))
         .json(&account)
@@ -275,7 +274,17 @@ async fn published_task_shows_in_kcat(client: &reqwest::Client, broker_port: u16
         .error_for_status()?
         .json()
         .await?;
-    let token = tokens["access_token"].as_str().context("access token")?;
+    Ok(tokens["access_token"]
+        .as_str()
+        .context("access token")?
+        .to_owned())
+}
+
+/// A task created through the edge shows on `tasks.task.v1` in kcat, with its CloudEvents
+/// headers: what a product team would see on the running stack.
+async fn published_task_shows_in_kcat(client: &reqwest::Client, broker_port: u16) -> Result<()> {
+    let edge = format!("http://127.0.0.1:{EDGE_PORT}");
+    let token = &account_token(client, &format!("smoke{}", std::process::id())).await?;
     let task: serde_json::Value = client
         .post(format!("{edge}/v1/tasks"))
         .bearer_auth(token)

@@ -83,7 +83,11 @@ async fn telemetry(smoke: bool) -> Result<()> {
     };
     let up = RunningUp::start(build, &LOAD_SETTINGS).await?;
     let outcome = async {
-        let token = load_user_token().await?;
+        let token = crate::check::account_token(
+            &reqwest::Client::new(),
+            &format!("load{}", std::process::id()),
+        )
+        .await?;
         let analysis = pid_of("analysis").context("the analysis process")?;
         let cpu_before = cpu_seconds(analysis)?;
         let (duration, connections) = if smoke { ("3s", "4") } else { ("30s", "64") };
@@ -144,33 +148,6 @@ async fn telemetry(smoke: bool) -> Result<()> {
     ensure!(report.requests > 0, "wrk sent no request");
     ensure!(report.errors() == 0, "{} requests failed", report.errors());
     Ok(())
-}
-
-/// A fresh account's access token, through the edge.
-async fn load_user_token() -> Result<String> {
-    let client = reqwest::Client::new();
-    let edge = format!("http://127.0.0.1:{EDGE_PORT}");
-    let account = serde_json::json!({
-        "username": format!("load{}", std::process::id()),
-        "password": "load-test-password",
-    });
-    client
-        .post(format!("{edge}/v1/auth/signup"))
-        .json(&account)
-        .send()
-        .await?;
-    let tokens: serde_json::Value = client
-        .post(format!("{edge}/v1/auth/login"))
-        .json(&account)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(tokens["access_token"]
-        .as_str()
-        .context("access token")?
-        .to_owned())
 }
 
 /// The pid of the running process whose executable is named `name`.
