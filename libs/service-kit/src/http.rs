@@ -272,6 +272,16 @@ async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
     .error_response()
 }
 
+/// Whether the request's `If-None-Match` lists `etag` (the client holds that version already, so
+/// the answer is a 304).
+pub fn client_has(request: &HttpRequest, etag: &str) -> bool {
+    request
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == etag))
+}
+
 /// The client's address: the peer, or behind a trusted ingress (`HTTP_TRUST_FORWARDED_FOR`)
 /// the last `X-Forwarded-For` entry, which the ingress itself appended.
 pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {

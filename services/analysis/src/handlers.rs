@@ -8,7 +8,7 @@ use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::header;
 use service_kit::actix_web::web::{self, Bytes};
 use service_kit::actix_web::{HttpRequest, HttpResponse};
-use service_kit::http::{ApiError, ErrorBody, FieldIssue};
+use service_kit::http::{client_has, ApiError, ErrorBody, FieldIssue};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -57,11 +57,7 @@ fn json_answer(
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    let unchanged = request
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|tags| tags.split(',').any(|seen| seen.trim() == tag));
+    let unchanged = client_has(request, &tag);
     let mut answer = if unchanged {
         HttpResponse::NotModified()
     } else {

@@ -7,7 +7,7 @@ use service_kit::actix_web::http::header::{self, HeaderName};
 use service_kit::actix_web::http::StatusCode;
 use service_kit::actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use service_kit::db::Lsn;
-use service_kit::http::{ApiError, ErrorBody, ReadAfter, CONSISTENCY_TOKEN_HEADER};
+use service_kit::http::{client_has, ApiError, ErrorBody, ReadAfter, CONSISTENCY_TOKEN_HEADER};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use validator::Validate;
@@ -175,12 +175,7 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     let task = tasks.get(caller.user_id, *id, read_after.0).await?;
     let current = etag(task.version);
-    let unchanged = request
-        .headers()
-        .get(header::IF_NONE_MATCH)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == current));
-    if unchanged {
+    if client_has(&request, &current) {
         return Ok(HttpResponse::NotModified()
             .insert_header((header::ETAG, current))
             .finish());
