@@ -39,7 +39,7 @@ pub const AS_OF_SQL: &str =
     "SELECT event_at, topic, partition, \"offset\" FROM user_as_of WHERE owner_id = $1";
 
 /// A user's telemetry counts for days `$2` to `$3`.
-pub const USAGE_SQL: &str = "SELECT day - DATE '1970-01-01', name, events FROM user_usage \
+pub const USAGE_SQL: &str = "SELECT day, name, events FROM user_usage \
      WHERE owner_id = $1 AND day BETWEEN $2 AND $3 ORDER BY day, name";
 
 /// A stored task row: a tombstone has no model.
@@ -204,21 +204,22 @@ pub async fn change_totals(
             .bind(status.as_str())
             .bind(priority.as_str())
             .bind(by),
-            Total::Created(day) => sqlx::query(
-                "INSERT INTO user_days (owner_id, day, created) VALUES ($1, $2, $3) \
-                 ON CONFLICT (owner_id, day) DO UPDATE SET created = user_days.created + EXCLUDED.created",
-            )
-            .bind(owner)
-            .bind(day)
-            .bind(by),
-            Total::Completed(day) => sqlx::query(
-                "INSERT INTO user_days (owner_id, day, completed) VALUES ($1, $2, $3) \
-                 ON CONFLICT (owner_id, day) \
-                 DO UPDATE SET completed = user_days.completed + EXCLUDED.completed",
-            )
-            .bind(owner)
-            .bind(day)
-            .bind(by),
+            Total::Created(day) | Total::Completed(day) => {
+                let (created, completed) = match total {
+                    Total::Created(_) => (by, 0),
+                    _ => (0, by),
+                };
+                sqlx::query(
+                    "INSERT INTO user_days (owner_id, day, created, completed) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (owner_id, day) DO UPDATE \
+                     SET created = user_days.created + EXCLUDED.created, \
+                         completed = user_days.completed + EXCLUDED.completed",
+                )
+                .bind(owner)
+                .bind(day)
+                .bind(created)
+                .bind(completed)
+            }
             Total::CycleTime(bucket) => sqlx::query(
                 "INSERT INTO user_cycle_times (owner_id, bucket, tasks) VALUES ($1, $2, $3) \
                  ON CONFLICT (owner_id, bucket) \
@@ -254,13 +255,13 @@ pub async fn add_usage(
     .map(drop)
 }
 
-/// `(days since 1970-01-01, name, events)` of `owner` from `from` to `to`, by day and name.
+/// `(day, name, events)` of `owner` from `from` to `to`, by day and name.
 pub async fn usage(
     conn: &mut PgConnection,
     owner: Uuid,
     from: Date,
     to: Date,
-) -> sqlx::Result<Vec<(i32, String, i64)>> {
+) -> sqlx::Result<Vec<(Date, String, i64)>> {
     sqlx::query_as(USAGE_SQL)
         .bind(owner)
         .bind(from)

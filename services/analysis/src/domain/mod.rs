@@ -110,16 +110,10 @@ impl Analysis {
         from: Date,
         to: Date,
     ) -> Result<Vec<(Date, String, i64)>, AnalysisError> {
-        let rows = self
+        Ok(self
             .db
             .read(|mut conn| async move { storage::usage(&mut conn, owner, from, to).await })
-            .await?;
-        let epoch =
-            Date::from_ordinal_date(1970, 1).map_err(|e| AnalysisError::Corrupt(e.to_string()))?;
-        Ok(rows
-            .into_iter()
-            .map(|(days, name, events)| (epoch + Duration::days(i64::from(days)), name, events))
-            .collect())
+            .await?)
     }
 
     /// The newest event applied for `owner`, if any.
