@@ -10,7 +10,7 @@
 //! whose version the task's model already reflects changes nothing. That is what lets a rebuild
 //! replay the topic into fresh tables and then catch up beside the live consumer.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +50,8 @@ pub struct Pending {
     as_of: BTreeMap<Uuid, AsOf>,
     /// Telemetry events per user, UTC day and name.
     usage: BTreeMap<(Uuid, Date, String), i64>,
+    /// Whether each owner seen in the batch was erased: looked up once per owner, not per event.
+    erased: HashMap<Uuid, bool>,
 }
 
 impl Pending {
@@ -64,10 +66,21 @@ impl Pending {
         }
     }
 
-    fn forget(&mut self, owner: Uuid) {
+    /// `owner` was erased in this batch: nothing of theirs is written, now or later in it.
+    fn erased_now(&mut self, owner: Uuid) {
         self.totals.retain(|(seen, _), _| *seen != owner);
         self.as_of.remove(&owner);
         self.usage.retain(|(seen, _, _), _| *seen != owner);
+        self.erased.insert(owner, true);
+    }
+
+    async fn is_erased(&mut self, conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<bool> {
+        if let Some(&erased) = self.erased.get(&owner) {
+            return Ok(erased);
+        }
+        let erased = storage::is_erased(conn, &revoked_users::user_hash(owner)).await?;
+        self.erased.insert(owner, erased);
+        Ok(erased)
     }
 
     fn add_telemetry(&mut self, batch: &TelemetryBatch) {
@@ -131,13 +144,13 @@ pub async fn apply(
         TaskDeleted::TYPE => TaskEvent::Deleted(event.data()?),
         UserDeleted::TYPE => {
             let deleted: UserDeleted = event.data()?;
-            pending.forget(deleted.user_id);
             erase_user(conn, &deleted).await?;
+            pending.erased_now(deleted.user_id);
             return Ok(true);
         }
         TelemetryBatch::TYPE => {
             let batch: TelemetryBatch = event.data()?;
-            if storage::is_erased(conn, &revoked_users::user_hash(batch.user_id)).await? {
+            if pending.is_erased(conn, batch.user_id).await? {
                 return Ok(false);
             }
             pending.add_telemetry(&batch);
@@ -174,7 +187,7 @@ async fn apply_task_event(
         TaskEvent::Updated(updated) => (updated.task.id, updated.task.owner_id),
         TaskEvent::Deleted(deleted) => (deleted.task_id, deleted.owner_id),
     };
-    if storage::is_erased(conn, &revoked_users::user_hash(owner)).await? {
+    if pending.is_erased(conn, owner).await? {
         return Ok(false);
     }
     // A task seen for the first time gets its row first, so that every later step (and anyone
