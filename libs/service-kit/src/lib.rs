@@ -13,7 +13,8 @@
 //! - [`openapi`]: serving a service's OpenAPI document.
 //!
 //! A service implements [`Service`] and its `main` is `service_kit::run::<TheService>()`, which
-//! also gives the binary its `migrate` subcommand.
+//! also gives the binary its `migrate` subcommand; a service's own one-shot commands run through
+//! [`run_command`] the same way (logs, runtime, exit codes).
 
 pub mod access_token;
 pub mod broker;
@@ -183,57 +184,80 @@ fn serve<S: Service>() -> ExitCode {
     }
 }
 
-/// `<binary> migrate`: applies the service's pending migrations on the primary and exits. Only
-/// `DATABASE_WRITER_URL` (and `RUST_LOG`) matter. Concurrent runs are safe: the migrator holds
-/// an advisory lock while it works.
-fn migrate<S: Service>() -> ExitCode {
+/// Why a one-shot command ([`run_command`]) did not finish.
+#[derive(Debug)]
+pub enum CommandError {
+    /// A variable is missing or invalid: exit code 2.
+    Config(ConfigError),
+    /// The work failed: exit code 1.
+    Failed(String),
+}
+
+impl From<ConfigError> for CommandError {
+    fn from(err: ConfigError) -> Self {
+        Self::Config(err)
+    }
+}
+
+/// Runs a one-shot command of a service binary (`<binary> migrate`, or a service's own, such as
+/// `analysis rebuild`) with the service's JSON logs (`RUST_LOG`, default `info`; no trace
+/// exporter) on a current-thread runtime. Exits 0 when `work` succeeds, 2 on a configuration
+/// error (one line on stderr naming the variable), 1 on a failure (logged, and on stderr).
+pub fn run_command<F, Fut>(service: &'static str, command: &str, work: F) -> ExitCode
+where
+    F: FnOnce(Env) -> Fut,
+    Fut: Future<Output = Result<(), CommandError>>,
+{
     let env = Env::from_process();
-    let url = match env.postgres_url("DATABASE_WRITER_URL") {
-        Ok(url) => url,
-        Err(err) => return bad_config(S::NAME, err),
-    };
     let logs = TelemetryConfig {
         log_filter: env.raw("RUST_LOG").unwrap_or_else(|| "info".to_owned()),
         otlp_endpoint: None,
     };
-    let _telemetry = match telemetry::init(S::NAME, &logs) {
+    let _telemetry = match telemetry::init(service, &logs) {
         Ok(guard) => guard,
-        Err(err) => return bad_config(S::NAME, err),
+        Err(err) => return bad_config(service, err),
     };
-    let Some(migrator) = S::migrations() else {
-        tracing::info!("{} has no migrations", S::NAME);
-        return ExitCode::SUCCESS;
-    };
-    let outcome = tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| err.to_string())
-        .and_then(|runtime| {
-            runtime.block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&url)
-                    .await
-                    .map_err(|err| format!("cannot connect to DATABASE_WRITER_URL: {err}"))?;
-                migrator
-                    .run(&mut conn)
-                    .await
-                    .map_err(|err| format!("migration failed: {err}"))?;
-                let _ = conn.close().await;
-                Ok(())
-            })
-        });
-    match outcome {
-        Ok(()) => {
-            let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
-            tracing::info!(
-                migrations = migrator.iter().count(),
-                version = latest,
-                "database schema is up to date"
-            );
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "migrate failed");
-            fail(S::NAME, 1, &err)
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail(service, 1, &format_args!("cannot start a runtime: {err}")),
+    };
+    match runtime.block_on(work(env)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CommandError::Config(err)) => bad_config(service, err),
+        Err(CommandError::Failed(err)) => {
+            tracing::error!(error = %err, "{command} failed");
+            fail(service, 1, &err)
         }
     }
+}
+
+/// `<binary> migrate`: applies the service's pending migrations on the primary and exits. Only
+/// `DATABASE_WRITER_URL` (and `RUST_LOG`) matter. Concurrent runs are safe: the migrator holds
+/// an advisory lock while it works.
+fn migrate<S: Service>() -> ExitCode {
+    run_command(S::NAME, "migrate", |env| async move {
+        let url = env.postgres_url("DATABASE_WRITER_URL")?;
+        let Some(migrator) = S::migrations() else {
+            tracing::info!("{} has no migrations", S::NAME);
+            return Ok(());
+        };
+        let mut conn = sqlx::PgConnection::connect(&url).await.map_err(|err| {
+            CommandError::Failed(format!("cannot connect to DATABASE_WRITER_URL: {err}"))
+        })?;
+        migrator
+            .run(&mut conn)
+            .await
+            .map_err(|err| CommandError::Failed(format!("migration failed: {err}")))?;
+        let _ = conn.close().await;
+        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        tracing::info!(
+            migrations = migrator.iter().count(),
+            version = latest,
+            "database schema is up to date"
+        );
+        Ok(())
+    })
 }
