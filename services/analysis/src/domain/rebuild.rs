@@ -59,6 +59,8 @@ pub enum RebuildError {
     },
     #[error("the broker sent nothing for {0:?} before every partition was read")]
     Stalled(Duration),
+    #[error("writing the users' totals: {0}")]
+    Totals(String),
 }
 
 /// What a rebuild did.
@@ -246,12 +248,7 @@ async fn apply_batch(
     pending
         .flush(&mut tx)
         .await
-        .map_err(|err| RebuildError::Event {
-            topic: "(totals)".into(),
-            partition: -1,
-            offset: -1,
-            reason: err.to_string(),
-        })?;
+        .map_err(|err| RebuildError::Totals(err.to_string()))?;
     tx.commit().await?;
     Ok(batch.len() as u64)
 }
