@@ -32,10 +32,11 @@ pub const AUTH_USER: Topic = Topic {
     name: "auth.user.v1",
     owner: "auth",
     key: "the user id (UUID)",
-    description: "Accounts: registered, changed and deleted. All events of one user are in order.",
+    description: "Accounts: registered, changed and deleted; and their sessions as they end (logout, or a reused refresh token). All events of one user are in order.",
     consumers: &[
         "tasks (refuses a deleted account's tokens, erases its tasks)",
         "analysis (refuses a deleted account's tokens, erases its read models)",
+        "notifications (closes the live sockets of ended sessions and deleted accounts)",
     ],
 };
 
@@ -44,7 +45,10 @@ pub const TASKS_TASK: Topic = Topic {
     owner: "tasks",
     key: "the task id (UUID)",
     description: "Tasks: created, changed, deleted. All events of one task are in order.",
-    consumers: &["analysis (builds the per-task and per-user read models)"],
+    consumers: &[
+        "analysis (builds the per-task and per-user read models)",
+        "notifications (live updates to the owner's devices)",
+    ],
 };
 
 pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
@@ -136,6 +140,30 @@ pub struct UserDeleted {
     pub deleted_at: OffsetDateTime,
     /// When the last access token issued to the user expires: a refusal list can forget the
     /// user after that.
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub tokens_valid_until: OffsetDateTime,
+}
+
+/// A session (one login, with every refresh since: the `sid` of its access tokens) ended: its
+/// refresh tokens are dead, and whatever it holds open (live sockets) should close. Its access
+/// tokens stay valid by signature until `tokens_valid_until`; a service that must refuse them
+/// earlier can refuse the `sid` until then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionRevoked {
+    pub user_id: Uuid,
+    /// The session's id, the `sid` claim of its access tokens.
+    pub session_id: Uuid,
+    /// `logout` (its owner ended it) or `reuse` (a rotated refresh token of it was presented
+    /// again, so someone else may hold one).
+    #[schemars(extend("enum" = ["logout", "reuse"]))]
+    pub reason: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub revoked_at: OffsetDateTime,
+    /// When the last access token issued in the session expires (its lifetime plus the
+    /// verifiers' clock leeway after `revoked_at`): a refusal list can forget the session after
+    /// that.
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String", extend("format" = "date-time"))]
     pub tokens_valid_until: OffsetDateTime,
@@ -279,6 +307,14 @@ payload!(
     |it| it.user_id
 );
 payload!(
+    SessionRevoked,
+    "io.taskstream.auth.session.revoked.v1",
+    AUTH_USER,
+    "sessionRevoked",
+    "A session ended (logout, or a reused refresh token): close what it holds open, e.g. its live sockets.",
+    |it| it.user_id
+);
+payload!(
     TaskCreated,
     "io.taskstream.tasks.task.created.v1",
     TASKS_TASK,
@@ -358,6 +394,7 @@ pub fn asyncapi() -> Value {
         message::<UserRegistered>(&mut generator),
         message::<UserUpdated>(&mut generator),
         message::<UserDeleted>(&mut generator),
+        message::<SessionRevoked>(&mut generator),
         message::<TaskCreated>(&mut generator),
         message::<TaskUpdated>(&mut generator),
         message::<TaskDeleted>(&mut generator),
@@ -492,6 +529,7 @@ mod tests {
         for topic in [
             UserRegistered::TOPIC,
             UserDeleted::TOPIC,
+            SessionRevoked::TOPIC,
             TaskCreated::TOPIC,
             TaskDeleted::TOPIC,
             TelemetryBatch::TOPIC,

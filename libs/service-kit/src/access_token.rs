@@ -46,6 +46,12 @@ pub struct AccessClaims {
     pub exp: i64,
     /// Unique token id, for tracing a token through logs.
     pub jti: Uuid,
+    /// The session (auth's refresh-token family) the token was issued in: the same across its
+    /// refreshes, so a service can end what a session holds open (live sockets) when auth
+    /// publishes `session.revoked`. Absent in tokens issued before auth named sessions, which
+    /// still verify.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
 }
 
 /// Who issues tokens and for whom: shared by auth (signing) and every verifier.
@@ -463,6 +469,7 @@ mod tests {
             iat: now,
             exp: now + expires_in,
             jti: Uuid::new_v4(),
+            sid: Some(Uuid::new_v4()),
         }
     }
 
@@ -533,6 +540,26 @@ mod tests {
             verifier.verify(&sign(&claims, &key, Some("k1"))).await,
             Ok(claims)
         );
+    }
+
+    #[tokio::test]
+    async fn accepts_tokens_without_a_session_as_issued_before_sessions_were_named() {
+        let (key, jwk) = key_pair("k1");
+        let verifier = verifier_for(vec![jwk]);
+        let claims = AccessClaims {
+            sid: None,
+            ..claims(600)
+        };
+        let token = sign(&claims, &key, Some("k1"));
+        let payload = token.split('.').nth(1).unwrap();
+        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap();
+        assert!(
+            !String::from_utf8(payload).unwrap().contains("sid"),
+            "no session, no claim"
+        );
+        assert_eq!(verifier.verify(&token).await, Ok(claims));
     }
 
     #[tokio::test]

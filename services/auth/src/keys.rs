@@ -173,6 +173,7 @@ mod tests {
             iat: 0,
             exp: i64::MAX / 2,
             jti: uuid::Uuid::new_v4(),
+            sid: Some(uuid::Uuid::new_v4()),
         };
         let token = keys.sign(&claims).unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();

@@ -4,8 +4,10 @@
 use service_kit::housekeeping::Sweep;
 use service_kit::revoked_users;
 use service_kit::sqlx::{self, PgConnection};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::domain::sessions::EndReason;
 use crate::domain::{ProfileChange, User};
 
 const USER_COLUMNS: &str = "id, username, nickname, avatar_url, created_at, updated_at";
@@ -169,38 +171,51 @@ pub async fn mark_used(conn: &mut PgConnection, token_hash: &[u8; 32]) -> sqlx::
         .map(drop)
 }
 
+/// A session that a revocation just ended.
+#[derive(Debug, sqlx::FromRow)]
+pub struct EndedSession {
+    /// The family id, the `sid` of the session's access tokens.
+    pub id: Uuid,
+    pub user_id: Uuid,
+}
+
+/// Ends session `family_id`; `None` when it had ended already.
 pub async fn revoke_family(
     conn: &mut PgConnection,
     family_id: Uuid,
-    reason: &str,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = $2 \
-         WHERE id = $1 AND revoked_at IS NULL",
+    reason: EndReason,
+    at: OffsetDateTime,
+) -> sqlx::Result<Option<EndedSession>> {
+    sqlx::query_as(
+        "UPDATE refresh_token_families SET revoked_at = $3, revoked_reason = $2 \
+         WHERE id = $1 AND revoked_at IS NULL RETURNING id, user_id",
     )
     .bind(family_id)
-    .bind(reason)
-    .execute(conn)
+    .bind(reason.as_str())
+    .bind(at)
+    .fetch_optional(conn)
     .await
-    .map(drop)
 }
 
-/// Ends the session the token belongs to; a token we do not know changes nothing.
+/// Ends the session the token belongs to; `None` when the token is unknown or its session had
+/// ended already (nothing changed).
 pub async fn revoke_family_of_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],
-    reason: &str,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE refresh_token_families SET revoked_at = now(), revoked_reason = $2 \
+    reason: EndReason,
+    at: OffsetDateTime,
+) -> sqlx::Result<Option<EndedSession>> {
+    sqlx::query_as(
+        "UPDATE refresh_token_families SET revoked_at = $3, revoked_reason = $2 \
          WHERE id = (SELECT family_id FROM refresh_tokens WHERE token_hash = $1) \
-           AND revoked_at IS NULL",
+           AND revoked_at IS NULL \
+         RETURNING id, user_id",
     )
     .bind(&token_hash[..])
-    .bind(reason)
-    .execute(conn)
+    .bind(reason.as_str())
+    .bind(at)
+    .fetch_optional(conn)
     .await
-    .map(drop)
 }
 
 /// Housekeeping's statements (each deletes at most `$1` rows; run until none is left): refresh

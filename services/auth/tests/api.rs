@@ -355,6 +355,45 @@ async fn refresh_rotates_tokens_and_reuse_revokes_the_whole_session() {
 }
 
 #[tokio::test]
+async fn access_tokens_name_their_session_and_a_refresh_keeps_it() {
+    let auth = start("sid").await;
+    let client = http1_client();
+    let session = auth.signup_and_login(&client, "sid").await;
+    let sid = |token: &str| {
+        let claims = jwt_part(token, 1);
+        let sid = claims["sid"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no sid in {claims}"));
+        uuid::Uuid::parse_str(sid).unwrap_or_else(|_| panic!("sid {sid:?} is no UUID"))
+    };
+    let first = sid(&session.access_token);
+
+    let refreshed = post(
+        &client,
+        auth.url("/v1/auth/refresh"),
+        json!({ "refresh_token": session.refresh_token }),
+    )
+    .await;
+    assert_eq!(refreshed.status, 200, "{}", refreshed.body);
+    let refreshed_access = refreshed.body["access_token"].as_str().unwrap();
+    assert_eq!(
+        sid(refreshed_access),
+        first,
+        "a refresh stays in its session"
+    );
+    assert_eq!(get_me(&auth, &client, refreshed_access).await.status, 200);
+
+    let other = auth
+        .login(&client, &session.username, &session.password)
+        .await;
+    assert_ne!(
+        sid(other["access_token"].as_str().unwrap()),
+        first,
+        "each login is a session of its own"
+    );
+}
+
+#[tokio::test]
 async fn simultaneous_refreshes_with_one_token_let_exactly_one_through() {
     let auth = Arc::new(start("refresh-race").await);
     let session = auth.signup_and_login(&http1_client(), "refrace").await;

@@ -16,12 +16,12 @@ use uuid::Uuid;
 use super::login_limits::LoginLimits;
 use super::passwords::Passwords;
 use super::rules::normalize_username;
-use super::sessions::{hash_presented, RefreshToken};
+use super::sessions::{hash_presented, EndReason, RefreshToken};
 use super::AuthError;
 use crate::keys::SigningKeys;
 use crate::settings::AuthSettings;
 use crate::storage;
-use events::catalog::{UserDeleted, UserRegistered, UserUpdated};
+use events::catalog::{SessionRevoked, UserDeleted, UserRegistered, UserUpdated};
 use events::outbox;
 
 /// The CloudEvents `source` of auth's events.
@@ -63,8 +63,8 @@ pub struct TokenPair {
 
 /// How presenting a refresh token turned out.
 enum Rotation {
-    Rotated { user_id: Uuid },
-    Reused { user_id: Uuid },
+    Rotated { user_id: Uuid, session_id: Uuid },
+    Reused { user_id: Uuid, session_id: Uuid },
     Unusable,
 }
 
@@ -180,17 +180,18 @@ impl Accounts {
     async fn start_session(&self, user_id: Uuid) -> Result<TokenPair, AuthError> {
         let refresh = RefreshToken::generate();
         let (hash, ttl) = (refresh.hash, self.refresh_token_ttl.as_secs());
-        self.db
+        let (session_id, _) = self
+            .db
             .transaction(move |tx| {
                 async move {
                     let family = storage::create_family(tx, user_id).await?;
                     storage::insert_refresh_token(tx, &hash, family, ttl).await?;
-                    Ok::<_, AuthError>(())
+                    Ok::<_, AuthError>(family)
                 }
                 .boxed()
             })
             .await?;
-        self.token_pair(user_id, refresh.token)
+        self.token_pair(user_id, session_id, refresh.token)
     }
 
     /// Rotates a refresh token: the presented one dies, a new pair is issued. Presenting a token
@@ -199,6 +200,7 @@ impl Accounts {
         let hash = hash_presented(presented).ok_or(AuthError::RefreshTokenInvalid)?;
         let next = RefreshToken::generate();
         let (next_hash, ttl) = (next.hash, self.refresh_token_ttl.as_secs());
+        let (now, token_life) = (OffsetDateTime::now_utc(), self.token_life_with_leeway());
         let (rotation, _) = self
             .db
             .transaction(move |tx| {
@@ -210,10 +212,18 @@ impl Accounts {
                         return Ok(Rotation::Unusable);
                     }
                     if current.used {
-                        // Committed, even though the caller gets an error.
-                        storage::revoke_family(tx, current.family_id, "reuse").await?;
+                        // Committed, even though the caller gets an error. The family is locked
+                        // and was live, so it ends here, once.
+                        let reason = EndReason::Reuse;
+                        let ended =
+                            storage::revoke_family(tx, current.family_id, reason, now).await?;
+                        if let Some(ended) = ended {
+                            let event = session_revoked(ended, reason, now, token_life);
+                            outbox::enqueue(tx, EVENT_SOURCE, &event).await?;
+                        }
                         return Ok(Rotation::Reused {
                             user_id: current.user_id,
+                            session_id: current.family_id,
                         });
                     }
                     if current.expired {
@@ -223,31 +233,57 @@ impl Accounts {
                     storage::insert_refresh_token(tx, &next_hash, current.family_id, ttl).await?;
                     Ok::<_, AuthError>(Rotation::Rotated {
                         user_id: current.user_id,
+                        session_id: current.family_id,
                     })
                 }
                 .boxed()
             })
             .await?;
         match rotation {
-            Rotation::Rotated { user_id } => self.token_pair(user_id, next.token),
-            Rotation::Reused { user_id } => {
-                tracing::warn!(%user_id, "refresh token reused: session revoked");
+            Rotation::Rotated {
+                user_id,
+                session_id,
+            } => self.token_pair(user_id, session_id, next.token),
+            Rotation::Reused {
+                user_id,
+                session_id,
+            } => {
+                tracing::warn!(%user_id, %session_id, "refresh token reused: session revoked");
                 Err(AuthError::RefreshTokenReused)
             }
             Rotation::Unusable => Err(AuthError::RefreshTokenInvalid),
         }
     }
 
-    /// Ends the session of `presented`. Idempotent: an unknown or dead token changes nothing.
+    /// Ends the session of `presented`, publishing `session.revoked` with the revocation.
+    /// Idempotent: an unknown token, or one of a session that has ended, changes nothing and
+    /// publishes nothing.
     pub async fn logout(&self, presented: &str) -> Result<(), AuthError> {
         let Some(hash) = hash_presented(presented) else {
             return Ok(());
         };
-        self.db
-            .write(|mut conn| async move {
-                storage::revoke_family_of_token(&mut conn, &hash, "logout").await
+        let (now, token_life) = (OffsetDateTime::now_utc(), self.token_life_with_leeway());
+        let (ended, _) = self
+            .db
+            .transaction(move |tx| {
+                async move {
+                    let reason = EndReason::Logout;
+                    let Some(ended) =
+                        storage::revoke_family_of_token(tx, &hash, reason, now).await?
+                    else {
+                        return Ok(None);
+                    };
+                    let ids = (ended.user_id, ended.id);
+                    let event = session_revoked(ended, reason, now, token_life);
+                    outbox::enqueue(tx, EVENT_SOURCE, &event).await?;
+                    Ok::<_, AuthError>(Some(ids))
+                }
+                .boxed()
             })
             .await?;
+        if let Some((user_id, session_id)) = ended {
+            tracing::info!(%user_id, %session_id, "logged out: session revoked");
+        }
         Ok(())
     }
 
@@ -315,10 +351,7 @@ impl Accounts {
             return Err(AuthError::InvalidCredentials);
         }
         let deleted_at = OffsetDateTime::now_utc();
-        // The last token issued before now is still good by signature until then.
-        let tokens_valid_until = deleted_at
-            + self.access_token_ttl
-            + Duration::from_secs(service_kit::access_token::CLOCK_LEEWAY_SECS);
+        let tokens_valid_until = deleted_at + self.token_life_with_leeway();
         let (deleted, _) = self
             .db
             .transaction(move |tx| {
@@ -370,7 +403,19 @@ impl Accounts {
         );
     }
 
-    fn token_pair(&self, user_id: Uuid, refresh_token: String) -> Result<TokenPair, AuthError> {
+    /// How long after it is issued an access token is still accepted by signature: its lifetime
+    /// plus the verifiers' clock leeway. The last token issued before a moment is good until then.
+    fn token_life_with_leeway(&self) -> Duration {
+        self.access_token_ttl + Duration::from_secs(service_kit::access_token::CLOCK_LEEWAY_SECS)
+    }
+
+    /// An access token for `user_id` in session `session_id`, with `refresh_token` beside it.
+    fn token_pair(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        refresh_token: String,
+    ) -> Result<TokenPair, AuthError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |elapsed| elapsed.as_secs()) as i64;
@@ -382,11 +427,30 @@ impl Accounts {
             iat: now,
             exp: now + ttl as i64,
             jti: Uuid::new_v4(),
+            sid: Some(session_id),
         };
         Ok(TokenPair {
             access_token: self.keys.sign(&claims)?,
             refresh_token,
             expires_in: ttl,
         })
+    }
+}
+
+/// `session.revoked` for a session that ended at `revoked_at`: the last access token issued in it
+/// (at the latest then; the leeway covers a refresh finishing alongside) is good until
+/// `token_life` later.
+fn session_revoked(
+    ended: storage::EndedSession,
+    reason: EndReason,
+    revoked_at: OffsetDateTime,
+    token_life: Duration,
+) -> SessionRevoked {
+    SessionRevoked {
+        user_id: ended.user_id,
+        session_id: ended.id,
+        reason: reason.as_str().to_owned(),
+        revoked_at,
+        tokens_valid_until: revoked_at + token_life,
     }
 }

@@ -11,6 +11,26 @@ use sha2::{Digest, Sha256};
 /// Length of an encoded token: 32 bytes in unpadded base64url.
 const TOKEN_LENGTH: usize = 43;
 
+/// Why a session (refresh-token family) ended: stored with it, and published in
+/// `session.revoked`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its owner logged out.
+    Logout,
+    /// A rotated refresh token of it was presented again: someone else may hold one.
+    Reuse,
+}
+
+impl EndReason {
+    /// As stored and published (the catalog lists these values).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Logout => "logout",
+            EndReason::Reuse => "reuse",
+        }
+    }
+}
+
 pub struct RefreshToken {
     /// What the client gets.
     pub token: String,
