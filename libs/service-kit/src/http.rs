@@ -2,11 +2,13 @@
 //!
 //! One port serves HTTP/1.1 and HTTP/2 cleartext (h2c with prior knowledge). Every request is
 //! traced (W3C `traceparent` honoured), counted and timed per route, bounded in body size and
-//! in handler time. `/healthz`, `/readyz` and `/metrics` come with it. SIGTERM stops accepting,
-//! lets in-flight requests finish (up to `HTTP_SHUTDOWN_TIMEOUT_SECS`), then returns.
+//! in handler time. `/healthz`, `/readyz` and `/metrics` come with it. SIGTERM (or SIGINT) first
+//! lets the service close its long-lived connections ([`Service::draining`]), then stops
+//! accepting, lets in-flight requests finish (up to `HTTP_SHUTDOWN_TIMEOUT_SECS`) and returns.
 
 use std::fmt;
 use std::net::IpAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -360,7 +362,8 @@ pub fn json_config(limit: usize) -> web::JsonConfig {
 pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io::Result<()> {
     let http = context.config.http.clone();
     let context = web::Data::new(context);
-    HttpServer::new(move || {
+    let routes = service.clone();
+    let server = HttpServer::new(move || {
         App::new()
             .app_data(context.clone())
             .app_data(web::PayloadConfig::new(http.max_body_bytes))
@@ -378,18 +381,79 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
             .route("/healthz", web::get().to(healthz))
             .route("/readyz", web::get().to(readyz))
             .route("/metrics", web::get().to(render_metrics))
-            .app_data(web::Data::from(service.clone()))
-            .configure(|routes| service.routes(routes))
+            .app_data(web::Data::from(routes.clone()))
+            .configure(|config| routes.routes(config))
             .default_service(web::to(not_found))
     })
     .workers(http.workers)
     // Answers are written as head and body: without this, Nagle's algorithm holds the body back
     // until the client's delayed ACK (~40 ms) on keep-alive connections.
     .tcp_nodelay(true)
+    .on_connect(remember_socket)
     .shutdown_timeout(http.shutdown_timeout.as_secs())
+    // Signals are ours (below): the service closes its long-lived connections before the drain.
+    .disable_signals()
     .bind_auto_h2c((http.host, http.port))?
-    .run()
-    .await
+    .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        if let Err(err) = shutdown_signal().await {
+            tracing::error!(error = %err, "cannot listen for shutdown signals; stopping");
+        }
+        tracing::info!("shutdown signal: draining");
+        service.draining().await;
+        handle.stop(true).await;
+    });
+    server.await
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    Ok(())
+}
+
+/// The accepted socket of a request's connection, for what only the socket can be told (see
+/// [`set_send_buffer`]).
+#[derive(Debug, Clone, Copy)]
+struct ConnectionSocket(RawFd);
+
+fn remember_socket(connection: &dyn std::any::Any, extensions: &mut actix_web::dev::Extensions) {
+    if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        extensions.insert(ConnectionSocket(socket.as_raw_fd()));
+    }
+}
+
+/// Caps the kernel's send buffer of `request`'s connection at `bytes`. For long-lived streams
+/// (WebSockets) whose sender counts what a slow reader has not taken: a large, auto-tuned kernel
+/// buffer would hide megabytes of backlog from that count.
+pub fn set_send_buffer(request: &HttpRequest, bytes: usize) -> std::io::Result<()> {
+    let Some(ConnectionSocket(fd)) = request.conn_data::<ConnectionSocket>().copied() else {
+        return Ok(());
+    };
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `fd` is the socket of the connection `request` arrived on, open while the request
+    // is handled; `value` lives across the call and its size is passed with it.
+    let answer = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if answer == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 async fn healthz() -> HttpResponse {

@@ -71,6 +71,13 @@ pub trait Service: Sized + Send + Sync + 'static {
         context: &AppContext,
     ) -> impl Future<Output = Result<Self, String>>;
 
+    /// Called when SIGTERM/SIGINT arrives, before the server stops accepting and drains: the
+    /// place to close long-lived connections (WebSockets) so their clients reconnect elsewhere,
+    /// which a drain would otherwise wait on until its timeout.
+    fn draining(&self) -> impl Future<Output = ()> {
+        async {}
+    }
+
     /// Called on shutdown once in-flight requests are drained and before the pools close: the
     /// place to stop background work (relays, consumers) so it flushes and commits.
     fn stop(&self) -> impl Future<Output = ()> {
@@ -138,6 +145,7 @@ fn serve<S: Service>() -> ExitCode {
         }
     };
 
+    raise_open_files_limit();
     let outcome = actix_web::rt::System::new().block_on(async move {
         // Pools spawn maintenance tasks, so they are built inside the runtime.
         let db = Database::connect_lazy(&config.database).map_err(|err| err.to_string())?;
@@ -180,6 +188,30 @@ fn serve<S: Service>() -> ExitCode {
         Err(err) => {
             tracing::error!(error = %err, "{} failed", S::NAME);
             fail(S::NAME, 1, &err)
+        }
+    }
+}
+
+/// Raises the soft limit of open files to the hard limit: every socket is a file, and the soft
+/// default (often 1,024) is far below what a server holding WebSockets needs.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: both calls only read or write the struct passed, which lives across them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let soft = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                tracing::debug!(
+                    from = soft,
+                    to = limit.rlim_max,
+                    "raised the open files limit"
+                );
+            }
         }
     }
 }
