@@ -4,27 +4,82 @@
 //!
 //! Request bodies are buffered (bounded); response bodies stream through. Upstream calls use
 //! HTTP/1.1 keep-alive, like ingress controllers do.
+//!
+//! WebSockets (`GET` + `Upgrade: websocket` over HTTP/1.1) are proxied frame by frame, like the
+//! Gateway's WebSocket HTTPRoute: the edge opens the service's socket first, so a refusal (401,
+//! 403, 429, …) reaches the client as that HTTP answer, then completes the client's handshake with
+//! the subprotocol the service chose and pumps frames both ways, close codes included. Each
+//! direction sends a frame before it reads the next one, so a slow reader slows its writer instead
+//! of filling the edge's memory. WebSockets over HTTP/2 (extended CONNECT, RFC 8441) are not
+//! supported: an h2 request never carries `Upgrade` and takes the plain HTTP path.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
-use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::dev::Extensions;
+use actix_web::http::{Method, StatusCode, Version};
+use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer};
+use actix_ws::{CloseCode, CloseReason, Item, MessageStream, ProtocolError, Session};
 use anyhow::{Context, Result};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{self, HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{
+    CloseCode as UpstreamCloseCode, Data, OpCode,
+};
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Path prefixes and the service that owns them (see charts/ for the cluster's version).
-pub const ROUTES: [(&str, &str); 6] = [
+pub const ROUTES: [(&str, &str); 7] = [
     ("/v1/auth/", "auth"),
     ("/v1/users/", "users"),
     ("/v1/tasks", "tasks"),
     ("/v1/notifications", "notifications"),
+    // The live-updates WebSocket (the Gateway's WebSocket HTTPRoute).
+    ("/v1/live", "notifications"),
     ("/v1/analysis", "analysis"),
     ("/v1/telemetry", "analysis"),
 ];
 
 /// Largest request body the edge accepts (telemetry batches are the biggest).
 const MAX_REQUEST_BODY: usize = 8 << 20;
+
+/// Largest frame a WebSocket client may send; the services' frames are small.
+const MAX_CLIENT_FRAME: usize = 64 << 10;
+
+/// Largest message the edge takes from a service: bounded, but roomier than the client's limit
+/// because the services are ours.
+const MAX_UPSTREAM_MESSAGE: usize = 1 << 20;
+
+/// Send buffer of an upgraded client socket. The kernel's autotuned buffer can hold megabytes, so
+/// a client that stopped reading would look healthy for a long time; a small one makes the edge's
+/// writes wait soon, which stops it reading from the service, whose own budget then cuts the
+/// client off.
+const CLIENT_SEND_BUFFER: usize = 64 << 10;
+
+/// How long the service gets to accept or refuse a WebSocket.
+const UPSTREAM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After one side sent a close frame, how long the other gets to answer with its own.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Request headers a WebSocket handshake passes on to the service (besides `X-Forwarded-*`).
+/// Only these: the handshake's own headers are the edge's to write.
+const WEBSOCKET_FORWARDED: [&str; 6] = [
+    "sec-websocket-protocol",
+    "origin",
+    "authorization",
+    "user-agent",
+    "traceparent",
+    "tracestate",
+];
 
 /// Headers that describe one hop, not the request: never forwarded.
 const HOP_BY_HOP: [&str; 8] = [
@@ -54,6 +109,28 @@ struct Edge {
     client: reqwest::Client,
 }
 
+/// The accepted client socket of a connection, kept in its connection data so a WebSocket
+/// upgrade can shrink its send buffer (actix-web exposes the socket only at accept time).
+#[derive(Clone, Copy)]
+struct ClientSocket(RawFd);
+
+impl ClientSocket {
+    fn set_send_buffer_size(self, size: usize) -> std::io::Result<()> {
+        // SAFETY: the descriptor belongs to the connection the current request arrived on; actix
+        // keeps that socket open while the request is being handled, and the borrow ends before
+        // this function returns.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.0) };
+        socket2::SockRef::from(&fd).set_send_buffer_size(size)
+    }
+}
+
+/// `HttpServer::on_connect` hook: remembers each accepted socket (h1 and h2c alike).
+fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
+    if let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        data.insert(ClientSocket(stream.as_raw_fd()));
+    }
+}
+
 /// Serves on 127.0.0.1:`port` until SIGTERM/SIGINT. `upstreams` maps service → base URL.
 pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
     let client = reqwest::Client::builder()
@@ -71,8 +148,9 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
                 "/healthz",
                 web::get().to(|| async { HttpResponse::Ok().json(json!({"status": "ok"})) }),
             )
-            .default_service(web::to(forward))
+            .default_service(web::to(route))
     })
+    .on_connect(remember_socket)
     // Head and streamed body go out as separate writes: no Nagle delay between them.
     .tcp_nodelay(true)
     .shutdown_timeout(25)
@@ -81,6 +159,35 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
     .run()
     .await?;
     Ok(())
+}
+
+/// WebSocket upgrades on a routed path go to [`websocket`]; everything else to [`forward`].
+async fn route(request: HttpRequest, payload: web::Payload, edge: web::Data<Edge>) -> HttpResponse {
+    if is_websocket_upgrade(&request) {
+        if let Some(base) =
+            service_for(request.path()).and_then(|service| edge.upstreams.get(service))
+        {
+            return websocket(&request, payload, base).await;
+        }
+    }
+    // The same extraction (and `PayloadConfig` limit) as a `web::Bytes` argument would do.
+    match web::Bytes::from_request(&request, &mut payload.into_inner()).await {
+        Ok(body) => forward(request, body, edge).await,
+        Err(err) => HttpResponse::from_error(err),
+    }
+}
+
+/// An HTTP/1.1 `GET` asking to upgrade to a WebSocket. HTTP/2 has no `Upgrade` (its WebSockets
+/// use extended CONNECT, which the edge does not support), so only HTTP/1.1 qualifies.
+fn is_websocket_upgrade(request: &HttpRequest) -> bool {
+    request.method() == Method::GET
+        && request.version() == Version::HTTP_11
+        && request
+            .headers()
+            .get_all("upgrade")
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
 }
 
 async fn forward(request: HttpRequest, body: web::Bytes, edge: web::Data<Edge>) -> HttpResponse {
@@ -154,6 +261,273 @@ async fn forward(request: HttpRequest, body: web::Bytes, edge: web::Data<Edge>) 
     }
 }
 
+type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Proxies one WebSocket: service handshake first, then the client's, then the frame pump.
+async fn websocket(request: &HttpRequest, payload: web::Payload, base: &str) -> HttpResponse {
+    // A malformed client handshake is answered here, before the service sees a connection.
+    if let Err(err) = actix_http::ws::verify_handshake(request.head()) {
+        return HttpResponse::from_error(err);
+    }
+    let upstream_request = match upstream_request(request, base) {
+        Ok(upstream_request) => upstream_request,
+        Err(message) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", message),
+    };
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(MAX_UPSTREAM_MESSAGE))
+        .max_message_size(Some(MAX_UPSTREAM_MESSAGE));
+    // Nagle would hold back the small frames live updates are made of.
+    let connecting =
+        tokio_tungstenite::connect_async_with_config(upstream_request, Some(config), true);
+    let (upstream, handshake) =
+        match tokio::time::timeout(UPSTREAM_HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(Ok(connected)) => connected,
+            // The service answered the handshake with an error: the client gets that answer.
+            Ok(Err(WsError::Http(refusal))) => return refused(*refusal),
+            Ok(Err(err)) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    format!("upstream unavailable: {err}"),
+                )
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "bad_gateway",
+                    "upstream did not answer the WebSocket handshake in time".into(),
+                )
+            }
+        };
+    // Exactly the service's choice: tungstenite has checked that the client offered it.
+    let protocol = handshake
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|value| value.to_str().ok());
+    let protocols: Vec<&str> = protocol.into_iter().collect();
+    let (reply, session, messages) =
+        match actix_ws::handle_with_protocols(request, payload, &protocols) {
+            Ok(accepted) => accepted,
+            // Verified above, so not expected; dropping `upstream` ends the service's side.
+            Err(err) => return HttpResponse::from_error(err),
+        };
+    if let Some(socket) = request.conn_data::<ClientSocket>() {
+        // Best effort: without it a slow client is only noticed later.
+        let _ = socket.set_send_buffer_size(CLIENT_SEND_BUFFER);
+    }
+    actix_web::rt::spawn(pump(
+        session,
+        messages.max_frame_size(MAX_CLIENT_FRAME),
+        upstream,
+    ));
+    reply
+}
+
+/// The service's handshake request: `ws://` + the client's path and query, with the client's
+/// headers that matter to the service and the `X-Forwarded-*` the HTTP path sends too.
+fn upstream_request(
+    request: &HttpRequest,
+    base: &str,
+) -> std::result::Result<http::Request<()>, String> {
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("WebSocket upstream {base} is not http://"))?;
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or(request.path(), |pq| pq.as_str());
+    let mut upstream = format!("ws://{authority}{path}")
+        .into_client_request()
+        .map_err(|err| format!("upstream URL: {err}"))?;
+    let headers = upstream.headers_mut();
+    for name in WEBSOCKET_FORWARDED {
+        let name = HeaderName::from_static(name);
+        let values: Vec<&[u8]> = request
+            .headers()
+            .get_all(name.as_str())
+            .map(|value| value.as_bytes())
+            .collect();
+        if name == "sec-websocket-protocol" && values.len() > 1 {
+            // tungstenite checks the service's choice against the first header only: one list.
+            if let Ok(value) = HeaderValue::from_bytes(&values.join(&b", "[..])) {
+                headers.insert(name, value);
+            }
+            continue;
+        }
+        for value in values {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                headers.append(name.clone(), value);
+            }
+        }
+    }
+    let info = request.connection_info();
+    let forwarded = [
+        (
+            "x-forwarded-for",
+            request.peer_addr().map(|peer| peer.ip().to_string()),
+        ),
+        ("x-forwarded-proto", Some(info.scheme().to_owned())),
+        ("x-forwarded-host", Some(info.host().to_owned())),
+    ];
+    for (name, value) in forwarded {
+        if let Some(Ok(value)) = value.map(HeaderValue::try_from) {
+            headers.insert(HeaderName::from_static(name), value);
+        }
+    }
+    Ok(upstream)
+}
+
+/// The service's refusal of a handshake, as the client's answer: status, content type and body
+/// (the services' JSON errors), and `Retry-After` for a 429.
+fn refused(refusal: http::Response<Option<Vec<u8>>>) -> HttpResponse {
+    let (parts, body) = refusal.into_parts();
+    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut reply = HttpResponse::build(status);
+    for name in ["content-type", "retry-after"] {
+        for value in parts.headers.get_all(name) {
+            reply.append_header((name, value.as_bytes()));
+        }
+    }
+    reply.body(body.unwrap_or_default())
+}
+
+/// How one direction of the pump ended.
+enum End {
+    /// A close frame passed through; the other direction carries the answer.
+    Closed,
+    /// The client went away or broke the protocol; the code is what the client is told, if it
+    /// still listens.
+    Client(CloseCode),
+    /// The service went away without a close frame.
+    Upstream,
+}
+
+/// Moves frames both ways until either side ends, then closes the other.
+async fn pump(client: Session, mut from_client: MessageStream, upstream: Upstream) {
+    let (mut to_upstream, mut from_upstream) = upstream.split();
+    let end = {
+        let up = client_to_upstream(&mut from_client, &mut to_upstream);
+        let down = upstream_to_client(&mut from_upstream, client.clone());
+        tokio::pin!(up, down);
+        // Both directions run in this one task; each awaits its send before it reads again.
+        let (end, client_side_ended) = tokio::select! {
+            end = &mut up => (end, true),
+            end = &mut down => (end, false),
+        };
+        if let End::Closed = end {
+            // Let the other side answer the close through the still-running direction.
+            let other = if client_side_ended {
+                down.left_future()
+            } else {
+                up.right_future()
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, other).await;
+        }
+        end
+    };
+    let (client_close, upstream_close) = match end {
+        End::Closed => (None, None),
+        End::Client(code) => (
+            Some(code.into()),
+            Some(CloseFrame {
+                code: UpstreamCloseCode::Away,
+                reason: Utf8Bytes::from_static("client went away"),
+            }),
+        ),
+        End::Upstream => (
+            Some(CloseReason {
+                // 1014: a gateway got a bad answer from its upstream; clients reconnect.
+                code: CloseCode::Other(1014),
+                description: Some("upstream went away".into()),
+            }),
+            None,
+        ),
+    };
+    // Where a close already passed, these do nothing but flush tungstenite's pending reply.
+    let _ = to_upstream.send(Message::Close(upstream_close)).await;
+    let _ = to_upstream.close().await;
+    let _ = client.close(client_close).await;
+}
+
+async fn client_to_upstream(
+    client: &mut MessageStream,
+    upstream: &mut SplitSink<Upstream, Message>,
+) -> End {
+    while let Some(frame) = client.recv().await {
+        let message = match frame {
+            Ok(actix_ws::Message::Text(text)) => match Utf8Bytes::try_from(text.into_bytes()) {
+                Ok(text) => Message::Text(text),
+                Err(_) => return End::Client(CloseCode::Invalid),
+            },
+            Ok(actix_ws::Message::Binary(data)) => Message::Binary(data),
+            Ok(actix_ws::Message::Ping(data)) => Message::Ping(data),
+            Ok(actix_ws::Message::Pong(data)) => Message::Pong(data),
+            // Fragments pass as they came: reassembling them would buffer whole messages.
+            Ok(actix_ws::Message::Continuation(item)) => Message::Frame(fragment(item)),
+            Ok(actix_ws::Message::Close(reason)) => {
+                let _ = upstream
+                    .send(Message::Close(reason.map(upstream_close_frame)))
+                    .await;
+                return End::Closed;
+            }
+            Ok(actix_ws::Message::Nop) => continue,
+            Err(ProtocolError::Overflow) => return End::Client(CloseCode::Size),
+            Err(ProtocolError::Io(_)) => return End::Client(CloseCode::Away),
+            Err(_) => return End::Client(CloseCode::Protocol),
+        };
+        if upstream.send(message).await.is_err() {
+            return End::Upstream;
+        }
+    }
+    End::Client(CloseCode::Away)
+}
+
+async fn upstream_to_client(upstream: &mut SplitStream<Upstream>, mut client: Session) -> End {
+    while let Some(message) = upstream.next().await {
+        let sent = match message {
+            Ok(Message::Text(text)) => client.text(text.as_str()).await,
+            Ok(Message::Binary(data)) => client.binary(data).await,
+            Ok(Message::Ping(data)) => client.ping(&data).await,
+            Ok(Message::Pong(data)) => client.pong(&data).await,
+            Ok(Message::Close(frame)) => {
+                let _ = client.close(frame.map(client_close_reason)).await;
+                return End::Closed;
+            }
+            // Reads never yield raw frames.
+            Ok(Message::Frame(_)) => Ok(()),
+            Err(_) => return End::Upstream,
+        };
+        if sent.is_err() {
+            return End::Client(CloseCode::Away);
+        }
+    }
+    End::Upstream
+}
+
+fn fragment(item: Item) -> Frame {
+    let (data, kind, last) = match item {
+        Item::FirstText(data) => (data, Data::Text, false),
+        Item::FirstBinary(data) => (data, Data::Binary, false),
+        Item::Continue(data) => (data, Data::Continue, false),
+        Item::Last(data) => (data, Data::Continue, true),
+    };
+    Frame::message(data, OpCode::Data(kind), last)
+}
+
+fn upstream_close_frame(reason: CloseReason) -> CloseFrame {
+    CloseFrame {
+        code: u16::from(reason.code).into(),
+        reason: reason.description.unwrap_or_default().into(),
+    }
+}
+
+fn client_close_reason(frame: CloseFrame) -> CloseReason {
+    CloseReason {
+        code: u16::from(frame.code).into(),
+        description: (!frame.reason.is_empty()).then(|| frame.reason.to_string()),
+    }
+}
+
 fn error(status: StatusCode, code: &str, message: String) -> HttpResponse {
     HttpResponse::build(status).json(json!({ "error": { "code": code, "message": message } }))
 }
@@ -169,6 +543,7 @@ mod tests {
         assert_eq!(service_for("/v1/tasks"), Some("tasks"));
         assert_eq!(service_for("/v1/tasks/42/revisions"), Some("tasks"));
         assert_eq!(service_for("/v1/notifications/ws"), Some("notifications"));
+        assert_eq!(service_for("/v1/live"), Some("notifications"));
         assert_eq!(service_for("/v1/analysis/tasks/1"), Some("analysis"));
         assert_eq!(service_for("/v1/telemetry"), Some("analysis"));
     }
@@ -176,8 +551,252 @@ mod tests {
     #[test]
     fn unknown_and_lookalike_paths_are_not_routed() {
         assert_eq!(service_for("/v1/tasksfoo"), None);
+        assert_eq!(service_for("/v1/livefoo"), None);
         assert_eq!(service_for("/v1/auth"), None);
         assert_eq!(service_for("/metrics"), None);
         assert_eq!(service_for("/"), None);
+    }
+}
+
+/// The WebSocket path end to end: a real edge in front of a tiny echo service, all on 127.0.0.1.
+#[cfg(test)]
+mod websocket_tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    const LIMIT: Duration = Duration::from_secs(5);
+
+    /// What the echo service saw.
+    #[derive(Debug)]
+    enum Seen {
+        Handshake {
+            path: String,
+            origin: Option<String>,
+            protocol: Option<String>,
+        },
+        Close(Option<u16>),
+    }
+
+    /// Selects `taskstream.v1` when offered, refuses with 401 + JSON when no subprotocol is
+    /// offered, echoes text and binary, and answers the text `close-4008` by closing with 4008.
+    async fn echo_service(seen: mpsc::UnboundedSender<Seen>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let handshake_seen = seen.clone();
+                    // The callback's signature, large error included, is tungstenite's.
+                    #[allow(clippy::result_large_err)]
+                    let callback = move |request: &Request, mut response: Response| {
+                        let header = |name: &str| {
+                            request
+                                .headers()
+                                .get(name)
+                                .map(|value| value.to_str().unwrap().to_owned())
+                        };
+                        let protocol = header("sec-websocket-protocol");
+                        let _ = handshake_seen.send(Seen::Handshake {
+                            path: request.uri().to_string(),
+                            origin: header("origin"),
+                            protocol: protocol.clone(),
+                        });
+                        let offered = protocol
+                            .unwrap_or_default()
+                            .split(',')
+                            .any(|p| p.trim() == "taskstream.v1");
+                        if !offered {
+                            let refusal: ErrorResponse = Response::builder()
+                                .status(StatusCode::UNAUTHORIZED)
+                                .header("content-type", "application/json")
+                                .body(Some(
+                                    r#"{"error":{"code":"unauthorized","message":"no token"}}"#
+                                        .to_owned(),
+                                ))
+                                .unwrap();
+                            return Err(refusal);
+                        }
+                        response.headers_mut().insert(
+                            "sec-websocket-protocol",
+                            HeaderValue::from_static("taskstream.v1"),
+                        );
+                        Ok(response)
+                    };
+                    let Ok(mut socket) =
+                        tokio_tungstenite::accept_hdr_async(stream, callback).await
+                    else {
+                        return;
+                    };
+                    while let Some(Ok(message)) = socket.next().await {
+                        match message {
+                            Message::Text(text) if text.as_str() == "close-4008" => {
+                                let close = CloseFrame {
+                                    code: CloseCode::from(4008),
+                                    reason: "token expired".into(),
+                                };
+                                let _ = socket.send(Message::Close(Some(close))).await;
+                            }
+                            Message::Text(_) | Message::Binary(_) => {
+                                // A failed send shows up as the next read's end.
+                                let _ = socket.send(message).await;
+                            }
+                            Message::Close(frame) => {
+                                let _ = seen.send(Seen::Close(frame.map(|f| f.code.into())));
+                            }
+                            _ => {}
+                        }
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    async fn start_edge(upstream_port: u16) -> u16 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let upstreams = HashMap::from([(
+            "notifications".to_owned(),
+            format!("http://127.0.0.1:{upstream_port}"),
+        )]);
+        // `run` is not `Send` (actix builds its app per worker): it gets its own thread, as
+        // `cargo xtask edge` gives it its own runtime.
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let _ = runtime.block_on(super::run(port, upstreams));
+        });
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        port
+    }
+
+    fn live_request(edge: u16, protocol: Option<&'static str>) -> Request {
+        let mut request = format!("ws://127.0.0.1:{edge}/v1/live?since=7")
+            .into_client_request()
+            .unwrap();
+        let headers = request.headers_mut();
+        headers.insert("origin", HeaderValue::from_static("http://app.example"));
+        if let Some(protocol) = protocol {
+            headers.insert("sec-websocket-protocol", HeaderValue::from_static(protocol));
+        }
+        request
+    }
+
+    async fn next_text_or_close(
+        socket: &mut tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> Message {
+        loop {
+            match timeout(LIMIT, socket.next()).await.unwrap() {
+                Some(Ok(message @ (Message::Text(_) | Message::Close(_)))) => return message,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn websockets_pass_through_the_edge_frame_by_frame() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let upstream = echo_service(seen_tx).await;
+        let edge = timeout(LIMIT, start_edge(upstream)).await.unwrap();
+
+        // (1) The service's subprotocol choice, text echo, and the headers it was given.
+        let request = live_request(edge, Some("taskstream.v1, sometoken"));
+        let (mut socket, response) = timeout(LIMIT, tokio_tungstenite::connect_async(request))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            response.headers().get("sec-websocket-protocol").unwrap(),
+            "taskstream.v1"
+        );
+        match timeout(LIMIT, seen.recv()).await.unwrap().unwrap() {
+            Seen::Handshake {
+                path,
+                origin,
+                protocol,
+            } => {
+                assert_eq!(path, "/v1/live?since=7");
+                assert_eq!(origin.as_deref(), Some("http://app.example"));
+                assert_eq!(protocol.as_deref(), Some("taskstream.v1, sometoken"));
+            }
+            other => panic!("expected the handshake, got {other:?}"),
+        }
+        socket.send(Message::text("hello")).await.unwrap();
+        assert_eq!(
+            next_text_or_close(&mut socket).await,
+            Message::text("hello")
+        );
+
+        // A close from the client reaches the service with its code.
+        let bye = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        };
+        socket.send(Message::Close(Some(bye))).await.unwrap();
+        match timeout(LIMIT, seen.recv()).await.unwrap().unwrap() {
+            Seen::Close(code) => assert_eq!(code, Some(1000)),
+            other => panic!("expected the client's close, got {other:?}"),
+        }
+
+        // (2) A close from the service reaches the client with its code.
+        let request = live_request(edge, Some("taskstream.v1"));
+        let (mut socket, _) = timeout(LIMIT, tokio_tungstenite::connect_async(request))
+            .await
+            .unwrap()
+            .unwrap();
+        let _ = timeout(LIMIT, seen.recv()).await.unwrap();
+        socket.send(Message::text("close-4008")).await.unwrap();
+        match next_text_or_close(&mut socket).await {
+            Message::Close(Some(frame)) => {
+                assert_eq!(u16::from(frame.code), 4008);
+                assert_eq!(frame.reason.as_str(), "token expired");
+            }
+            other => panic!("expected close 4008, got {other:?}"),
+        }
+
+        // (3) A refused handshake reaches the client as that HTTP answer, never a 101.
+        let request = live_request(edge, None);
+        match timeout(LIMIT, tokio_tungstenite::connect_async(request))
+            .await
+            .unwrap()
+        {
+            Err(WsError::Http(refusal)) => {
+                assert_eq!(refusal.status(), StatusCode::UNAUTHORIZED);
+                assert_eq!(
+                    refusal.headers().get("content-type").unwrap(),
+                    "application/json"
+                );
+                let body: serde_json::Value =
+                    serde_json::from_slice(refusal.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "unauthorized");
+            }
+            other => panic!("expected an HTTP 401, got {other:?}"),
+        }
     }
 }
