@@ -1,31 +1,7 @@
-//! The notifications service. Its domain routes arrive with their issues; until then it runs the shared
-//! spine: configuration, telemetry, health, readiness, metrics and graceful shutdown.
+//! `notifications` serves live updates; `notifications migrate` applies its migrations.
 
 use std::process::ExitCode;
 
-use service_kit::actix_web::web;
-use service_kit::config::{ConfigError, Env};
-use service_kit::http::AppContext;
-use service_kit::Service;
-
-struct Notifications;
-
-impl Service for Notifications {
-    const NAME: &'static str = "notifications";
-    const DEFAULT_PORT: u16 = 8083;
-    type Settings = ();
-
-    fn settings(_: &Env) -> Result<(), ConfigError> {
-        Ok(())
-    }
-
-    async fn start(_: (), _: &AppContext) -> Result<Self, String> {
-        Ok(Self)
-    }
-
-    fn routes(&self, _: &mut web::ServiceConfig) {}
-}
-
 fn main() -> ExitCode {
-    service_kit::run::<Notifications>()
+    service_kit::run::<notifications::NotificationsService>()
 }

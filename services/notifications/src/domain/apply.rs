@@ -1,0 +1,160 @@
+//! The consumer's side of the feed: task events become entries of their owner's feed, account
+//! events end sockets. Runs in the consumer's transaction (which also records the events as
+//! processed); the NOTIFY that tells every instance is part of it, so instances hear of exactly
+//! the entries that were committed, when they were.
+
+use std::sync::Arc;
+
+use events::catalog::{
+    EventPayload, SessionRevoked, TaskCreated, TaskDeleted, TaskUpdated, UserDeleted,
+};
+use events::consumer::{EventHandler, HandlerError, ReceivedEvent};
+use futures_util::future::BoxFuture;
+use service_kit::revoked_users::{self, RevokedUsers};
+use service_kit::sqlx::PgConnection;
+
+use super::feed::{self, Broadcast, CloseOrder, NewChange};
+use crate::storage;
+
+/// The `reason` of a task deleted because its owner's account was: the account's feed is erased,
+/// not appended to.
+const ACCOUNT_DELETED: &str = "account_deleted";
+
+pub struct LiveFeedEvents {
+    /// Entries kept per user (the newest).
+    max_entries: i64,
+    /// Refused at once on this instance when a deletion arrives (the others reload it).
+    revoked: Arc<RevokedUsers>,
+}
+
+impl LiveFeedEvents {
+    pub fn new(max_entries: i64, revoked: Arc<RevokedUsers>) -> Self {
+        Self {
+            max_entries,
+            revoked,
+        }
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        events: &[ReceivedEvent],
+    ) -> Result<(), HandlerError> {
+        let mut changes = Vec::new();
+        for event in events {
+            if let Some(change) = task_change(event)? {
+                changes.push(change);
+                continue;
+            }
+            match event.envelope.event_type.as_str() {
+                UserDeleted::TYPE => {
+                    let deleted: UserDeleted = event.data()?;
+                    // Changes of this user earlier in the batch are erased with the rest.
+                    changes.retain(|change| change.user != deleted.user_id);
+                    self.erase(conn, &deleted).await?;
+                }
+                SessionRevoked::TYPE => {
+                    let revoked: SessionRevoked = event.data()?;
+                    storage::revoke_session(conn, revoked.session_id, revoked.tokens_valid_until)
+                        .await?;
+                    let order = CloseOrder {
+                        user: revoked.user_id,
+                        session: Some(revoked.session_id),
+                    };
+                    storage::notify(conn, &feed::encode(&Broadcast::Close(order))).await?;
+                }
+                // Registrations, profile changes: nothing a socket shows.
+                _ => {}
+            }
+        }
+        if !changes.is_empty() {
+            let appended = storage::append(conn, &changes, self.max_entries).await?;
+            for payload in feed::payloads(&appended) {
+                storage::notify(conn, &payload).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn erase(
+        &self,
+        conn: &mut PgConnection,
+        deleted: &UserDeleted,
+    ) -> Result<(), HandlerError> {
+        revoked_users::record(
+            conn,
+            deleted.user_id,
+            deleted.deleted_at,
+            deleted.tokens_valid_until,
+        )
+        .await?;
+        let rows = storage::erase_user(conn, deleted.user_id).await?;
+        let order = CloseOrder {
+            user: deleted.user_id,
+            session: None,
+        };
+        storage::notify(conn, &feed::encode(&Broadcast::Close(order))).await?;
+        self.revoked.note(deleted.user_id);
+        tracing::info!(rows, "erased a deleted account's change feed");
+        Ok(())
+    }
+}
+
+/// The feed entry a task event makes, if any.
+fn task_change(event: &ReceivedEvent) -> Result<Option<NewChange>, HandlerError> {
+    let at = event.envelope.time;
+    Ok(Some(match event.envelope.event_type.as_str() {
+        TaskCreated::TYPE => {
+            let created: TaskCreated = event.data()?;
+            NewChange {
+                user: created.task.owner_id,
+                kind: "task.created",
+                id: created.task.id,
+                version: created.task.version,
+                at,
+            }
+        }
+        TaskUpdated::TYPE => {
+            let updated: TaskUpdated = event.data()?;
+            NewChange {
+                user: updated.task.owner_id,
+                kind: "task.updated",
+                id: updated.task.id,
+                version: updated.task.version,
+                at,
+            }
+        }
+        TaskDeleted::TYPE => {
+            let deleted: TaskDeleted = event.data()?;
+            if deleted.reason.as_deref() == Some(ACCOUNT_DELETED) {
+                return Ok(None);
+            }
+            NewChange {
+                user: deleted.owner_id,
+                kind: "task.deleted",
+                id: deleted.task_id,
+                version: deleted.last_version,
+                at,
+            }
+        }
+        _ => return Ok(None),
+    }))
+}
+
+impl EventHandler for LiveFeedEvents {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        event: &'a ReceivedEvent,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.apply(tx, std::slice::from_ref(event)))
+    }
+
+    fn handle_batch<'a>(
+        &'a self,
+        tx: &'a mut PgConnection,
+        events: &'a [ReceivedEvent],
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(self.apply(tx, events))
+    }
+}
