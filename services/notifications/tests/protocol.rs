@@ -128,7 +128,7 @@ async fn idle_clients_are_pinged_and_closed_when_they_stop_answering() {
     // One that is not read sends no pongs: 4002 once it reads again. Straight to the instance:
     // the local edge relays frames with a WebSocket client of its own, which answers the
     // service's pings itself (the cluster's Gateway tunnels the client's pongs instead).
-    let mut idle = Device::connect(&system.direct_live_url(0), Some(&alice.access_token))
+    let idle = Device::connect(&system.direct_live_url(0), Some(&alice.access_token))
         .await
         .unwrap();
     // Meanwhile the reading device answers its pings.
