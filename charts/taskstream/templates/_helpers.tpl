@@ -107,7 +107,7 @@ against it by `cargo xtask deploy-check`. Prefixes match whole path segments (/v
 - {path: /v1/users, service: auth}
 - {path: /v1/tasks, service: tasks}
 - {path: /v1/notifications, service: notifications}
-- {path: /v1/notifications/ws, service: notifications, websocket: true}
+- {path: /v1/live, service: notifications, websocket: true}
 - {path: /v1/analysis, service: analysis}
 - {path: /v1/telemetry, service: analysis}
 {{- end -}}
