@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use local_postgres::database_url;
 
 use crate::stack::{log_file, StackLayout, SERVICES};
+use crate::EDGE_PORT;
 
 /// The key id of the signing key made for the local stack.
 pub const LOCAL_KEY_ID: &str = "local-1";
@@ -83,6 +84,13 @@ pub fn service_env(
             format!("127.0.0.1:{}", layout.broker_port),
         ),
     ];
+    if service == "notifications" {
+        // Pages served from the local edge may open live sockets.
+        env.push((
+            "LIVE_ALLOWED_ORIGINS",
+            format!("http://127.0.0.1:{EDGE_PORT},http://localhost:{EDGE_PORT}"),
+        ));
+    }
     if service == "auth" {
         env.push(("AUTH_JWT_KEYS_DIR", auth_keys.display().to_string()));
         env.push(("AUTH_JWT_ACTIVE_KEY_ID", LOCAL_KEY_ID.to_owned()));
