@@ -7,6 +7,9 @@
 //! so the group join is not part of it. Every event must be applied exactly once. A full run
 //! (200,000 events, release build) fails below the goal of 10,000 events/s; `--smoke` (5,000
 //! events, the debug binaries the tests use, no goal) proves the benchmark still works.
+//!
+//! `cargo xtask bench live` (the live-updates WebSocket against a fresh `up`) is in
+//! [`crate::bench_live`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +21,7 @@ use crate::stack::{log_file, state_dir, Infra, StackLayout};
 use crate::{target_dir, workspace_root, Build};
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHES: [&str; 1] = ["consumer"];
+pub const BENCHES: [&str; 2] = ["consumer", "live"];
 
 /// Events per second one instance must apply in a full run.
 const GOAL_EVENTS_PER_SEC: f64 = 10_000.0;
@@ -31,6 +34,10 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
         "no benchmark {bench:?}; known: {}",
         BENCHES.join(", ")
     );
+    if bench == "live" {
+        // Called outside the command's runtime (as `consumer` needs): this one gets its own.
+        return tokio::runtime::Runtime::new()?.block_on(crate::bench_live::run(smoke));
+    }
     let events: usize = if smoke { 5_000 } else { 200_000 };
     let build = if smoke {
         Build::AsTests

@@ -11,11 +11,11 @@ use crate::up_process::RunningUp;
 use crate::{prereqs, stack, workspace_root, Build, EDGE_PORT};
 
 /// The scenarios in `loadtest/` (`<name>.js` for k6, `<name>.lua` for wrk).
-pub const SCENARIOS: [&str; 3] = ["auth", "tasks", "telemetry"];
+pub const SCENARIOS: [&str; 4] = ["auth", "live", "tasks", "telemetry"];
 
 /// Settings the system runs with under load: login limits out of the way (every virtual user
 /// comes from 127.0.0.1 and reuses a few accounts) and only warnings logged.
-const LOAD_SETTINGS: [(&str, &str); 3] = [
+pub(crate) const LOAD_SETTINGS: [(&str, &str); 3] = [
     ("AUTH_LOGIN_LIMIT_PER_USERNAME", "1000000"),
     ("AUTH_LOGIN_LIMIT_PER_CLIENT", "1000000"),
     ("RUST_LOG", "warn"),
@@ -163,7 +163,7 @@ fn pid_of(name: &str) -> Option<u32> {
 }
 
 /// User plus system CPU time of `pid` so far, in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which is in parentheses and may hold spaces).
     let fields: Vec<&str> = stat

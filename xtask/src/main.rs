@@ -7,12 +7,14 @@
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
 //!   part of `test`);
 //! - `load <scenario> [--smoke]`: a k6 scenario from `loadtest/` against a fresh `up --release`;
-//! - `bench <name> [--smoke]`: a benchmark of one part on a stack of its own (`consumer`);
+//! - `bench <name> [--smoke]`: a benchmark of one part (`consumer` on a stack of its own, `live`
+//!   against a fresh `up`);
 //! - `catalog`: write the event catalog (`libs/events/asyncapi.json`) from the payload types;
 //! - `kcat <args>`: kcat against the local broker (with a librdkafka that can talk to it);
 //! - `edge`: the edge proxy alone (started by `up`).
 
 mod bench;
+mod bench_live;
 mod bootstrap;
 mod check;
 mod deploy_check;
