@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -281,13 +281,19 @@ impl Shared {
             return;
         }
         self.unexpected_ends.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_unexpected_end.lock().unwrap();
+        let mut first = self
+            .first_unexpected_end
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         first.get_or_insert(why);
     }
 
     fn refused(&self, why: String) {
         self.refused_handshakes.fetch_add(1, Ordering::Relaxed);
-        let mut first = self.first_refusal.lock().unwrap();
+        let mut first = self
+            .first_refusal
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         first.get_or_insert(why);
     }
 
@@ -298,7 +304,11 @@ impl Shared {
         if refused > 0 {
             problems.push(format!(
                 "{refused} handshakes failed (first: {})",
-                self.first_refusal.lock().unwrap().as_deref().unwrap_or("?")
+                self.first_refusal
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_deref()
+                    .unwrap_or("?")
             ));
         }
         let ended = self.unexpected_ends.load(Ordering::Relaxed);
@@ -307,7 +317,7 @@ impl Shared {
                 "{ended} sockets ended unexpectedly (first: {})",
                 self.first_unexpected_end
                     .lock()
-                    .unwrap()
+                    .unwrap_or_else(PoisonError::into_inner)
                     .as_deref()
                     .unwrap_or("?")
             ));
@@ -755,7 +765,7 @@ fn frame(text: &str, stats: &SocketStats, shared: &Shared, designated_task: Opti
             shared
                 .arrivals
                 .lock()
-                .unwrap()
+                .unwrap_or_else(PoisonError::into_inner)
                 .insert((task.to_owned(), version), arrived);
         }
     }
@@ -913,7 +923,10 @@ fn latency_of(
     shared: &Shared,
     server_event_to_frame: (f64, f64),
 ) -> Latency {
-    let arrivals = shared.arrivals.lock().unwrap();
+    let arrivals = shared
+        .arrivals
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     let mut after_answer_ms = Vec::new();
     let mut after_send_ms = Vec::new();
     let mut before_answer = 0;
