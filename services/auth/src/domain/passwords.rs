@@ -106,7 +106,9 @@ mod tests {
         assert!(!passwords.verify("anything".into(), None).await.unwrap());
         // An unknown user is checked against a hash as costly as a real one.
         assert!(
-            passwords.decoy.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            passwords
+                .decoy
+                .starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
             "{}",
             passwords.decoy
         );
