@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use local_postgres::{database_url, PgInstall};
 
-use crate::stack::{log_file, state_dir, Infra, StackLayout};
+use crate::stack::{log_file, reports_dir, state_dir, Infra, StackLayout};
 use crate::{target_dir, workspace_root, Build};
 
 /// The benchmarks `cargo xtask bench` knows.
@@ -39,11 +39,7 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
         return tokio::runtime::Runtime::new()?.block_on(crate::bench_live::run(smoke));
     }
     let events: usize = if smoke { 5_000 } else { 200_000 };
-    let build = if smoke {
-        Build::AsTests
-    } else {
-        Build::Release
-    };
+    let build = Build::for_measurement(smoke);
     let profile = build.run(
         &["events"],
         &["--example", "recorder", "--example", "produce_events"],
@@ -74,8 +70,7 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
         measured.rate,
         measured.applied_twice,
     );
-    let reports = state_dir(&root).join("loadtest");
-    std::fs::create_dir_all(&reports)?;
+    let reports = reports_dir(&root)?;
     let path = reports.join("consumer.md");
     std::fs::write(&path, &report)?;
     print!("{report}");

@@ -44,7 +44,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::load::{cpu_seconds, LOAD_SETTINGS};
-use crate::stack::{state_dir, SERVICES};
+use crate::stack::{reports_dir, SERVICES};
 use crate::up_process::RunningUp;
 use crate::{workspace_root, Build, EDGE_PORT};
 
@@ -124,11 +124,7 @@ pub async fn run(smoke: bool) -> Result<()> {
         open_files >= needed,
         "the open files limit is {open_files}; this benchmark needs {needed}"
     );
-    let build = if smoke {
-        Build::AsTests
-    } else {
-        Build::Release
-    };
+    let build = Build::for_measurement(smoke);
     let mut settings = LOAD_SETTINGS.to_vec();
     settings.push(("LIVE_MAX_CONNECTIONS_PER_USER", "1000"));
     let up = RunningUp::start(build, &settings).await?;
@@ -150,8 +146,7 @@ pub async fn run(smoke: bool) -> Result<()> {
     stopped_up?;
 
     let report = measured.report(&plan, shared.problems());
-    let reports = state_dir(&workspace_root()).join("loadtest");
-    std::fs::create_dir_all(&reports)?;
+    let reports = reports_dir(&workspace_root())?;
     let path = reports.join("live-bench.md");
     std::fs::write(&path, &report)?;
     print!("{report}");

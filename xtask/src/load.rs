@@ -33,14 +33,9 @@ pub async fn run(scenario: &str, smoke: bool) -> Result<()> {
         script.display()
     );
     let k6 = prereqs::ensure_k6()?;
-    let reports = stack::state_dir(&root).join("loadtest");
-    std::fs::create_dir_all(&reports)?;
+    let reports = stack::reports_dir(&root)?;
 
-    let build = if smoke {
-        Build::AsTests
-    } else {
-        Build::Release
-    };
+    let build = Build::for_measurement(smoke);
     let up = RunningUp::start(build, &LOAD_SETTINGS).await?;
     println!(
         "xtask: k6 run loadtest/{scenario}.js{}",
@@ -74,13 +69,8 @@ pub async fn run(scenario: &str, smoke: bool) -> Result<()> {
 async fn telemetry(smoke: bool) -> Result<()> {
     let root = workspace_root();
     let wrk = prereqs::ensure_wrk()?;
-    let reports = stack::state_dir(&root).join("loadtest");
-    std::fs::create_dir_all(&reports)?;
-    let build = if smoke {
-        Build::AsTests
-    } else {
-        Build::Release
-    };
+    let reports = stack::reports_dir(&root)?;
+    let build = Build::for_measurement(smoke);
     let up = RunningUp::start(build, &LOAD_SETTINGS).await?;
     let outcome = async {
         let token = crate::check::account_token(

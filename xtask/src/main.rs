@@ -170,6 +170,16 @@ pub(crate) enum Build {
 }
 
 impl Build {
+    /// What load scenarios and benchmarks run on: release binaries, or in a `--smoke` run the
+    /// debug binaries the tests already built.
+    pub(crate) fn for_measurement(smoke: bool) -> Self {
+        if smoke {
+            Build::AsTests
+        } else {
+            Build::Release
+        }
+    }
+
     /// Builds `packages` (or the whole workspace's tests for [`Build::AsTests`]); returns the
     /// profile folder the binaries are in.
     pub(crate) fn run(self, packages: &[&str], extra: &[&str]) -> Result<&'static str> {

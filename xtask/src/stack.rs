@@ -215,6 +215,13 @@ impl Infra {
 /// Where stacks keep their state: `<workspace>/.local` (git-ignored), unless the workspace sits
 /// below a folder the unprivileged server account cannot enter (a checkout under `/root`, say);
 /// then a folder under `/var/tmp` named after the workspace, so the servers can still reach it.
+/// Where load scenarios and benchmarks write their reports (`.local/loadtest/`), created.
+pub fn reports_dir(workspace: &Path) -> Result<PathBuf> {
+    let reports = state_dir(workspace).join("loadtest");
+    std::fs::create_dir_all(&reports).with_context(|| format!("creating {}", reports.display()))?;
+    Ok(reports)
+}
+
 pub fn state_dir(workspace: &Path) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let enterable_by_others = workspace
