@@ -121,7 +121,7 @@ impl CloseReason {
     }
 }
 
-/// A text frame's JSON.
+/// JSON of a frame, or of what instances tell each other.
 pub fn to_text<T: Serialize>(frame: &T) -> String {
     // Plain data with string keys: serializing cannot fail.
     serde_json::to_string(frame).unwrap_or_default()

@@ -14,6 +14,7 @@ use service_kit::revoked_users::{self, RevokedUsers};
 use service_kit::sqlx::PgConnection;
 
 use super::feed::{self, Broadcast, CloseOrder, NewChange};
+use crate::api::to_text;
 use crate::storage;
 
 /// The `reason` of a task deleted because its owner's account was: the account's feed is erased,
@@ -61,7 +62,7 @@ impl LiveFeedEvents {
                         user: revoked.user_id,
                         session: Some(revoked.session_id),
                     };
-                    storage::notify(conn, &feed::encode(&Broadcast::Close(order))).await?;
+                    storage::notify(conn, &to_text(&Broadcast::Close(order))).await?;
                 }
                 // Registrations, profile changes: nothing a socket shows.
                 _ => {}
@@ -93,7 +94,7 @@ impl LiveFeedEvents {
             user: deleted.user_id,
             session: None,
         };
-        storage::notify(conn, &feed::encode(&Broadcast::Close(order))).await?;
+        storage::notify(conn, &to_text(&Broadcast::Close(order))).await?;
         self.revoked.note(deleted.user_id);
         tracing::info!(rows, "erased a deleted account's change feed");
         Ok(())

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::api::to_text;
+
 /// The PostgreSQL channel on which the instance that appended changes tells every instance.
 pub const CHANNEL: &str = "live_feed";
 
@@ -65,8 +67,7 @@ pub fn payloads(changes: &[Change]) -> Vec<String> {
     let mut payloads = Vec::new();
     let mut payload = String::from(HEAD);
     for change in changes {
-        // Plain data with string keys: serializing cannot fail.
-        let json = serde_json::to_string(change).unwrap_or_default();
+        let json = to_text(change);
         if payload.len() > HEAD.len()
             && payload.len() + json.len() + 1 + TAIL.len() > MAX_PAYLOAD_BYTES
         {
@@ -83,11 +84,6 @@ pub fn payloads(changes: &[Change]) -> Vec<String> {
         payloads.push(payload);
     }
     payloads
-}
-
-pub fn encode(broadcast: &Broadcast) -> String {
-    // Plain data with string keys: serializing cannot fail.
-    serde_json::to_string(broadcast).unwrap_or_default()
 }
 
 /// Whether a client that last saw `since` can be given exactly what it missed, knowing the
