@@ -265,11 +265,7 @@ impl Socket<'_> {
         match (since, recovered) {
             (Some(since), Some(true)) => {
                 self.last_sent = since;
-                let full_page = first_page.len() as i64 == FEED_PAGE;
-                for change in &first_page {
-                    self.send_change(&Frame::of(change)).await?;
-                }
-                if full_page {
+                if self.send_page(&first_page).await? {
                     self.send_feed(None).await?;
                 }
             }
@@ -303,17 +299,21 @@ impl Socket<'_> {
                     storage::entries_after(&mut conn, user, after, before, FEED_PAGE).await
                 })
                 .await?;
-            let full = page.len() as i64 == FEED_PAGE;
-            for change in &page {
-                if change.seq != self.last_sent + 1 {
-                    return Err(CloseReason::Resync.into());
-                }
-                self.send_change(&Frame::of(change)).await?;
-            }
-            if !full {
+            if !self.send_page(&page).await? {
                 return Ok(());
             }
         }
+    }
+
+    /// Sends a page read from the feed; whether it was full (more may follow).
+    async fn send_page(&mut self, page: &[Change]) -> Result<bool, End> {
+        for change in page {
+            if change.seq != self.last_sent + 1 {
+                return Err(CloseReason::Resync.into());
+            }
+            self.send_change(&Frame::of(change)).await?;
+        }
+        Ok(page.len() as i64 == FEED_PAGE)
     }
 
     async fn send_change(&mut self, frame: &Frame) -> Result<(), End> {
