@@ -55,7 +55,7 @@ pub const NOTIFICATIONS_NOTIFICATION: Topic = Topic {
     name: "notifications.notification.v1",
     owner: "notifications",
     key: "the user id (UUID)",
-    description: "Reserved for the notifications service; nothing is published on it yet.",
+    description: "Notifications as they are created (a task's reminder came due), one event each, whether or not the user gets it pushed. All events of one user are in order.",
     consumers: &[],
 };
 
@@ -231,6 +231,26 @@ pub struct TaskDeleted {
     pub reason: Option<String>,
 }
 
+/// A notification was put in a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NotificationCreated {
+    pub notification_id: Uuid,
+    pub user_id: Uuid,
+    /// What it is about: `task.due_soon` (the task is due within the user's lead time) or
+    /// `task.overdue` (its due date passed).
+    #[schemars(extend("enum" = ["task.due_soon", "task.overdue"]))]
+    pub kind: String,
+    pub task_id: Option<Uuid>,
+    pub title: String,
+    pub body: String,
+    /// Whether the user's preferences send it to their devices too (`push`) or not (`inbox`).
+    #[schemars(extend("enum" = ["push", "inbox"]))]
+    pub delivery: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schemars(with = "String", extend("format" = "date-time"))]
+    pub created_at: OffsetDateTime,
+}
+
 /// A property value of a telemetry event: flat, never an object or an array.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
@@ -331,6 +351,14 @@ payload!(
     |it| it.task.id
 );
 payload!(
+    NotificationCreated,
+    "io.taskstream.notifications.notification.created.v1",
+    NOTIFICATIONS_NOTIFICATION,
+    "notificationCreated",
+    "A notification was put in a user's inbox (and, per their preferences, queued for their devices).",
+    |it| it.user_id
+);
+payload!(
     TelemetryBatch,
     "io.taskstream.analysis.telemetry.batch.v1",
     ANALYSIS_TELEMETRY,
@@ -398,6 +426,7 @@ pub fn asyncapi() -> Value {
         message::<TaskCreated>(&mut generator),
         message::<TaskUpdated>(&mut generator),
         message::<TaskDeleted>(&mut generator),
+        message::<NotificationCreated>(&mut generator),
         message::<TelemetryBatch>(&mut generator),
     ];
     let mut schemas: serde_json::Map<String, Value> = generator.take_definitions(true);
