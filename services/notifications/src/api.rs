@@ -1,5 +1,5 @@
-//! The live protocol on the wire: the JSON frames each side sends and the close codes, as
-//! documented in README ("Live updates") and the OpenAPI description of `GET /v1/live`.
+//! The wire: the live protocol's JSON frames and close codes (README "Live updates", the OpenAPI
+//! description of `GET /v1/live`), and the JSON bodies of the inbox, preferences and devices.
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -125,4 +125,134 @@ impl CloseReason {
 pub fn to_text<T: Serialize>(frame: &T) -> String {
     // Plain data with string keys: serializing cannot fail.
     serde_json::to_string(frame).unwrap_or_default()
+}
+
+// ---- The inbox, preferences and devices (HTTP JSON) ----
+
+/// One notification in the inbox.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NotificationView {
+    pub id: Uuid,
+    /// `task.due_soon` or `task.overdue`.
+    pub kind: String,
+    pub task_id: Option<Uuid>,
+    /// What a device shows, e.g. `Overdue: Pay rent`.
+    pub title: String,
+    pub body: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    pub read: bool,
+}
+
+/// A page of the inbox, newest first.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct NotificationPage {
+    pub items: Vec<NotificationView>,
+    /// Pass as `cursor` for the next (older) page; absent on the last page.
+    pub next_cursor: Option<String>,
+    pub unread_count: i64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UnreadCount {
+    pub unread_count: i64,
+}
+
+/// The inbox's first page size, and the most a page holds.
+pub const PAGE_DEFAULT: i64 = 20;
+pub const PAGE_MAX: i64 = 100;
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct InboxParams {
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+    /// 1–100, default 20.
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<i64>,
+    /// Only unread notifications.
+    pub unread: Option<bool>,
+}
+
+/// How a kind of notification reaches the user.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryName {
+    /// The inbox and every registered device.
+    Push,
+    /// The inbox only.
+    Inbox,
+    Off,
+}
+
+/// A daily window of local time during which pushes wait (the inbox does not).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuietHoursBody {
+    /// `HH:MM`, local time, e.g. `22:00`.
+    #[schema(example = "22:00")]
+    pub start: String,
+    /// `HH:MM`, local time; earlier than `start` means the next morning, e.g. `07:00`.
+    #[schema(example = "07:00")]
+    pub end: String,
+    /// An IANA time zone, e.g. `Europe/Berlin`.
+    #[schema(example = "Europe/Berlin")]
+    pub time_zone: String,
+}
+
+/// A user's notification preferences (`PUT` replaces them whole).
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PreferencesBody {
+    pub due_soon: DeliveryName,
+    pub overdue: DeliveryName,
+    /// How long before a due date "due soon" fires: 1–10080 minutes (default 60).
+    #[schema(minimum = 1, maximum = 10080)]
+    pub reminder_lead_minutes: u32,
+    pub quiet_hours: Option<QuietHoursBody>,
+}
+
+/// A Web Push subscription exactly as the browser's `PushSubscription.toJSON()` gives it.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct DeviceBody {
+    /// The push service's URL for this device (https).
+    pub endpoint: String,
+    pub keys: DeviceKeys,
+    /// Browsers send it (usually `null`); not used.
+    #[serde(default, rename = "expirationTime")]
+    #[schema(value_type = Option<i64>)]
+    pub expiration_time: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceKeys {
+    /// The device's P-256 public key, uncompressed, base64url (87 characters).
+    pub p256dh: String,
+    /// The device's 16-byte authentication secret, base64url (22 characters).
+    pub auth: String,
+}
+
+/// A registered device.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeviceView {
+    pub id: Uuid,
+    pub endpoint: String,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeviceList {
+    pub items: Vec<DeviceView>,
+}
+
+/// The application server key to subscribe with.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PushKey {
+    /// Pass as `applicationServerKey` to `pushManager.subscribe` (uncompressed P-256 point,
+    /// base64url).
+    pub public_key: String,
 }

@@ -2,6 +2,9 @@
 //! refused here, with a JSON error (a browser shows a failed handshake, never its body, but
 //! apps and proxies log it); then the socket runs on its own task (domain::connection).
 
+pub mod devices;
+pub mod inbox;
+
 use std::sync::Arc;
 
 use serde::Deserialize;

@@ -1,7 +1,11 @@
 //! notifications' SQL: appending to the users' feeds, reading what a client missed, the ended
-//! sessions. Each function runs on the connection it is given (the consumer's transaction, or a
+//! sessions (here); the reminder schedule, the inbox and preferences, and push (submodules). Each function runs on the connection it is given (the consumer's transaction, or a
 //! connection of the writer pool: recovery reads the primary, since a replica may not have the
 //! entries the live frames already announced).
+
+pub mod inbox;
+pub mod push;
+pub mod reminders;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -176,8 +180,9 @@ pub async fn session_revoked(conn: &mut PgConnection, session: Uuid) -> sqlx::Re
     .await
 }
 
-/// Housekeeping: entries past the retention, and ended sessions whose tokens have all expired.
-pub fn sweeps(retention: std::time::Duration) -> Vec<Sweep> {
+/// Housekeeping: feed entries past the retention, ended sessions whose tokens have all expired,
+/// notifications past the inbox's retention, and settled pushes after a week.
+pub fn sweeps(retention: std::time::Duration, inbox_retention: std::time::Duration) -> Vec<Sweep> {
     vec![
         Sweep::new(
             "live_feed",
@@ -187,6 +192,21 @@ pub fn sweeps(retention: std::time::Duration) -> Vec<Sweep> {
                    WHERE written_at < now() - make_interval(secs => {}) LIMIT $1)",
                 retention.as_secs()
             ),
+        ),
+        Sweep::new(
+            "notifications",
+            format!(
+                "DELETE FROM notifications WHERE id IN ( \
+                   SELECT id FROM notifications \
+                   WHERE created_at < now() - make_interval(secs => {}) LIMIT $1)",
+                inbox_retention.as_secs()
+            ),
+        ),
+        Sweep::new(
+            "push_deliveries",
+            "DELETE FROM push_deliveries WHERE id IN ( \
+               SELECT id FROM push_deliveries \
+               WHERE state <> 'pending' AND finished_at < now() - interval '7 days' LIMIT $1)",
         ),
         Sweep::new(
             "revoked_sessions",

@@ -1,7 +1,8 @@
-//! The consumer's side of the feed: task events become entries of their owner's feed, account
-//! events end sockets. Runs in the consumer's transaction (which also records the events as
-//! processed); the NOTIFY that tells every instance is part of it, so instances hear of exactly
-//! the entries that were committed, when they were.
+//! The consumer's side: task events become entries of their owner's feed and set the task's
+//! reminders; account events end sockets and erase a deleted account. Runs in the consumer's
+//! transaction (which also records the events as processed); the NOTIFY that tells every
+//! instance is part of it, so instances hear of exactly the entries that were committed, when
+//! they were.
 
 use std::sync::Arc;
 
@@ -14,8 +15,10 @@ use service_kit::revoked_users::{self, RevokedUsers};
 use service_kit::sqlx::PgConnection;
 
 use super::feed::{self, Broadcast, CloseOrder, NewChange};
+use super::reminders;
 use crate::api::to_text;
 use crate::storage;
+use crate::storage::reminders::ScheduledTask;
 
 /// The `reason` of a task deleted because its owner's account was: the account's feed is erased,
 /// not appended to.
@@ -43,7 +46,8 @@ impl LiveFeedEvents {
     ) -> Result<(), HandlerError> {
         let mut changes = Vec::new();
         for event in events {
-            if let Some(change) = task_change(event)? {
+            if let Some((change, schedule)) = task_effects(event)? {
+                storage::reminders::schedule(conn, &schedule).await?;
                 changes.push(change);
                 continue;
             }
@@ -89,54 +93,63 @@ impl LiveFeedEvents {
             deleted.tokens_valid_until,
         )
         .await?;
-        let rows = storage::erase_user(conn, deleted.user_id).await?;
+        let rows = storage::erase_user(conn, deleted.user_id).await?
+            + storage::inbox::erase_user(conn, deleted.user_id).await?;
         let order = CloseOrder {
             user: deleted.user_id,
             session: None,
         };
         storage::notify(conn, &to_text(&Broadcast::Close(order))).await?;
         self.revoked.note(deleted.user_id);
-        tracing::info!(rows, "erased a deleted account's change feed");
+        tracing::info!(
+            rows,
+            "erased a deleted account's feed, inbox, reminders and devices"
+        );
         Ok(())
     }
 }
 
-/// The feed entry a task event makes, if any.
-fn task_change(event: &ReceivedEvent) -> Result<Option<NewChange>, HandlerError> {
+/// The feed entry a task event makes and the reminders it asks for, if it is one. A task
+/// deleted with its account makes neither: the account's data is erased.
+fn task_effects(event: &ReceivedEvent) -> Result<Option<(NewChange, ScheduledTask)>, HandlerError> {
     let at = event.envelope.time;
+    let change = |kind, task: &events::catalog::TaskSnapshot| NewChange {
+        user: task.owner_id,
+        kind,
+        id: task.id,
+        version: task.version,
+        at,
+    };
     Ok(Some(match event.envelope.event_type.as_str() {
         TaskCreated::TYPE => {
             let created: TaskCreated = event.data()?;
-            NewChange {
-                user: created.task.owner_id,
-                kind: "task.created",
-                id: created.task.id,
-                version: created.task.version,
-                at,
-            }
+            (
+                change("task.created", &created.task),
+                reminders::plan(&created.task),
+            )
         }
         TaskUpdated::TYPE => {
             let updated: TaskUpdated = event.data()?;
-            NewChange {
-                user: updated.task.owner_id,
-                kind: "task.updated",
-                id: updated.task.id,
-                version: updated.task.version,
-                at,
-            }
+            (
+                change("task.updated", &updated.task),
+                reminders::plan(&updated.task),
+            )
         }
         TaskDeleted::TYPE => {
             let deleted: TaskDeleted = event.data()?;
             if deleted.reason.as_deref() == Some(ACCOUNT_DELETED) {
                 return Ok(None);
             }
-            NewChange {
-                user: deleted.owner_id,
-                kind: "task.deleted",
-                id: deleted.task_id,
-                version: deleted.last_version,
-                at,
-            }
+            (
+                NewChange {
+                    user: deleted.owner_id,
+                    kind: "task.deleted",
+                    id: deleted.task_id,
+                    version: deleted.last_version,
+                    at,
+                },
+                reminders::cancelled(deleted.task_id, deleted.owner_id),
+            )
         }
         _ => return Ok(None),
     }))

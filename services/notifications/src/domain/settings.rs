@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use base64::Engine as _;
 use service_kit::config::{ConfigError, Env};
 
 #[derive(Debug, Clone)]
@@ -76,5 +77,153 @@ impl LiveSettings {
         self.allowed_origins
             .iter()
             .any(|allowed| allowed.eq_ignore_ascii_case(origin))
+    }
+}
+
+/// The reminder schedulers' timing, from the environment.
+#[derive(Debug, Clone)]
+pub struct ReminderSettings {
+    /// `REMINDER_LOOKAHEAD_MS`, default 5 s: an instance claims the reminders due within this
+    /// long, then fires each at its time (so firing is on time without polling fast).
+    pub lookahead: Duration,
+    /// `REMINDER_CLAIM_LEASE_MS`, default 10 s, more than the look-ahead: how long a claim holds
+    /// past its fire time; an instance that died is replaced this late at most.
+    pub claim_lease: Duration,
+    /// `REMINDER_POLL_INTERVAL_MS`, default 1 s: how often each instance looks for new claims.
+    pub poll_interval: Duration,
+}
+
+impl ReminderSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let lookahead = env.millis("REMINDER_LOOKAHEAD_MS", 5_000, 100, 600_000)?;
+        let claim_lease = env.millis("REMINDER_CLAIM_LEASE_MS", 10_000, 200, 3_600_000)?;
+        if claim_lease <= lookahead {
+            return Err(ConfigError::Invalid {
+                name: "REMINDER_CLAIM_LEASE_MS",
+                value: claim_lease.as_millis().to_string(),
+                reason: "must be longer than REMINDER_LOOKAHEAD_MS".to_owned(),
+            });
+        }
+        Ok(Self {
+            lookahead,
+            claim_lease,
+            poll_interval: env.millis("REMINDER_POLL_INTERVAL_MS", 1_000, 50, 60_000)?,
+        })
+    }
+}
+
+/// Web Push: the VAPID identity, the worker pool and the retry policy, from the environment.
+#[derive(Clone)]
+pub struct PushSettings {
+    /// `PUSH_VAPID_PRIVATE_KEY`: the application server's P-256 private key, 32 bytes in
+    /// base64url (browsers are given its public key to subscribe with; every instance must use
+    /// the same). Unset: push is off (devices cannot be registered; the inbox works).
+    pub vapid_private_key: Option<Vec<u8>>,
+    /// `PUSH_VAPID_SUBJECT`, default `mailto:push@taskstream.invalid`: how push services reach
+    /// the operator (RFC 8292 `sub`), a `mailto:` or `https:` URL.
+    pub vapid_subject: String,
+    /// `PUSH_MAX_WORKERS`, default 16: pushes in flight per instance.
+    pub max_workers: usize,
+    /// `PUSH_MAX_QUEUE`, default 64: claimed pushes waiting for a worker; the rest stay pending
+    /// rows in the database, so a burst costs no memory. A claim must outlast its wait in the
+    /// queue: `(PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1) × PUSH_TIMEOUT_MS` must be below
+    /// `PUSH_CLAIM_LEASE_MS`, or the service refuses to start.
+    pub max_queue: usize,
+    /// `PUSH_POLL_INTERVAL_MS`, default 500 ms: how often an instance looks for due pushes
+    /// (a notification fired on this instance wakes it at once).
+    pub poll_interval: Duration,
+    /// `PUSH_TIMEOUT_MS`, default 10 s, for one request to a push service.
+    pub request_timeout: Duration,
+    /// `PUSH_TTL_SECONDS`, default 86,400: how long a push service keeps a message for an
+    /// offline device (the `TTL` header).
+    pub ttl: Duration,
+    /// `PUSH_RETRY_BASE_MS`, default 1 s, doubling per attempt up to `PUSH_RETRY_MAX_MS`
+    /// (default 5 min); a `Retry-After` from the push service is honoured when longer.
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// `PUSH_MAX_ATTEMPTS`, default 12: then the delivery is `failed`.
+    pub max_attempts: i32,
+    /// `PUSH_CLAIM_LEASE_MS`, default 60 s: a claimed push not settled by then (the instance
+    /// died mid-send) is sent again.
+    pub claim_lease: Duration,
+    /// `PUSH_MAX_DEVICES_PER_USER`, default 10.
+    pub max_devices_per_user: i64,
+    /// `PUSH_ALLOW_HTTP_LOOPBACK`, default false: accept `http://127.0.0.1` endpoints (the local
+    /// push service of the stack and the tests); otherwise endpoints must be `https`.
+    pub allow_http_loopback: bool,
+}
+
+impl std::fmt::Debug for PushSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushSettings")
+            .field(
+                "vapid_private_key",
+                &self.vapid_private_key.as_ref().map(|_| "<hidden>"),
+            )
+            .field("vapid_subject", &self.vapid_subject)
+            .field("max_workers", &self.max_workers)
+            .field("max_queue", &self.max_queue)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PushSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let vapid_private_key = match env.raw("PUSH_VAPID_PRIVATE_KEY") {
+            None => None,
+            Some(encoded) => Some(
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(encoded.trim().trim_end_matches('='))
+                    .ok()
+                    .filter(|key| key.len() == 32)
+                    .ok_or_else(|| ConfigError::Invalid {
+                        name: "PUSH_VAPID_PRIVATE_KEY",
+                        value: "<hidden>".to_owned(),
+                        reason: "must be a P-256 private key: 32 bytes in base64url".to_owned(),
+                    })?,
+            ),
+        };
+        let vapid_subject = env
+            .raw("PUSH_VAPID_SUBJECT")
+            .unwrap_or_else(|| "mailto:push@taskstream.invalid".to_owned());
+        if !(vapid_subject.starts_with("mailto:") || vapid_subject.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                name: "PUSH_VAPID_SUBJECT",
+                value: vapid_subject,
+                reason: "must be a mailto: or https: URL".to_owned(),
+            });
+        }
+        let max_workers: usize = env.ranged("PUSH_MAX_WORKERS", 16, 1, 1024)?;
+        let max_queue: usize = env.ranged("PUSH_MAX_QUEUE", 64, 1, 100_000)?;
+        let request_timeout = env.millis("PUSH_TIMEOUT_MS", 10_000, 100, 120_000)?;
+        let claim_lease = env.millis("PUSH_CLAIM_LEASE_MS", 60_000, 1_000, 3_600_000)?;
+        // A claim queued behind every other one, then sent with the full timeout.
+        let longest_hold = request_timeout * (max_queue / max_workers + 1) as u32;
+        if longest_hold >= claim_lease {
+            return Err(ConfigError::Invalid {
+                name: "PUSH_CLAIM_LEASE_MS",
+                value: claim_lease.as_millis().to_string(),
+                reason: format!(
+                    "must exceed (PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1) x PUSH_TIMEOUT_MS = {} ms, \
+                     or a claim can expire while it waits and be sent twice",
+                    longest_hold.as_millis()
+                ),
+            });
+        }
+        Ok(Self {
+            vapid_private_key,
+            vapid_subject,
+            max_workers,
+            max_queue,
+            poll_interval: env.millis("PUSH_POLL_INTERVAL_MS", 500, 10, 60_000)?,
+            request_timeout,
+            ttl: Duration::from_secs(env.ranged("PUSH_TTL_SECONDS", 86_400, 0, 2_419_200)?),
+            retry_base: env.millis("PUSH_RETRY_BASE_MS", 1_000, 10, 600_000)?,
+            retry_max: env.millis("PUSH_RETRY_MAX_MS", 300_000, 10, 86_400_000)?,
+            max_attempts: env.ranged("PUSH_MAX_ATTEMPTS", 12, 1, 100)?,
+            claim_lease,
+            max_devices_per_user: env.ranged("PUSH_MAX_DEVICES_PER_USER", 10, 1, 100)?,
+            allow_http_loopback: env.flag("PUSH_ALLOW_HTTP_LOOPBACK", false)?,
+        })
     }
 }

@@ -75,6 +75,13 @@ impl System {
         let mut live_env = stack.service_env("notifications");
         live_env.extend(on_scratch(stack.scratch_database("notifications")));
         live_env.push(jwks);
+        // Push is on, to the local push service of each test (plain http on loopback).
+        let vapid = web_push_native::jwt_simple::algorithms::ES256KeyPair::generate();
+        live_env.push((
+            "PUSH_VAPID_PRIVATE_KEY".into(),
+            base64_url(&vapid.to_bytes()),
+        ));
+        live_env.push(("PUSH_ALLOW_HTTP_LOOPBACK".into(), "true".into()));
         live_env.extend(
             live_extra
                 .iter()
@@ -188,7 +195,23 @@ impl System {
         body: Option<Value>,
         expected: StatusCode,
     ) -> Value {
-        let mut request = self.client.request(method.clone(), self.edges[0].url(path));
+        self.call_via(0, method, path, headers, body, expected)
+            .await
+    }
+
+    /// A call through edge `edge`; panics unless it answers `expected`.
+    pub async fn call_via(
+        &self,
+        edge: usize,
+        method: reqwest::Method,
+        path: &str,
+        headers: Option<(&str, String)>,
+        body: Option<Value>,
+        expected: StatusCode,
+    ) -> Value {
+        let mut request = self
+            .client
+            .request(method.clone(), self.edges[edge].url(path));
         if let Some((name, value)) = headers {
             request = request.header(name, value);
         }
@@ -261,6 +284,123 @@ impl System {
             expected,
         )
         .await
+    }
+
+    /// [`Self::authorized`] through edge `edge`.
+    pub async fn authorized_via(
+        &self,
+        edge: usize,
+        user: &Session,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        expected: StatusCode,
+    ) -> Value {
+        self.call_via(
+            edge,
+            method,
+            path,
+            Some(("authorization", format!("Bearer {}", user.access_token))),
+            body,
+            expected,
+        )
+        .await
+    }
+
+    /// Creates a task of `user` due at `due_at` (RFC 3339); returns it.
+    pub async fn create_task_due(
+        &self,
+        user: &Session,
+        title: &str,
+        due_at: OffsetDateTime,
+    ) -> Value {
+        self.authorized(
+            user,
+            reqwest::Method::POST,
+            "/v1/tasks",
+            Some(json!({ "title": title, "due_at": rfc3339(due_at) })),
+            StatusCode::CREATED,
+        )
+        .await
+    }
+
+    /// Changes a task's fields (any version).
+    pub async fn patch_task(&self, user: &Session, id: &str, patch: Value) {
+        let response = self
+            .client
+            .patch(self.edges[0].url(&format!("/v1/tasks/{id}")))
+            .bearer_auth(&user.access_token)
+            .header("if-match", "*")
+            .json(&patch)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+
+    /// Registers a device of `user` for a subscription of the local push service.
+    pub async fn register_device(&self, user: &Session, subscription: &Value) -> Value {
+        self.authorized(
+            user,
+            reqwest::Method::POST,
+            "/v1/notifications/devices",
+            Some(subscription.clone()),
+            StatusCode::CREATED,
+        )
+        .await
+    }
+
+    /// Sets `user`'s preferences.
+    pub async fn set_preferences(&self, user: &Session, preferences: Value) {
+        self.authorized(
+            user,
+            reqwest::Method::PUT,
+            "/v1/notifications/preferences",
+            Some(preferences),
+            StatusCode::OK,
+        )
+        .await;
+    }
+
+    /// `user`'s inbox (first page).
+    pub async fn inbox(&self, user: &Session) -> Value {
+        self.authorized(
+            user,
+            reqwest::Method::GET,
+            "/v1/notifications",
+            None,
+            StatusCode::OK,
+        )
+        .await
+    }
+
+    /// Waits until `user`'s inbox holds at least `count` notifications; returns them.
+    pub async fn inbox_with(&self, user: &Session, count: usize, limit: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let items = self.inbox(user).await["items"].as_array().unwrap().clone();
+            if items.len() >= count {
+                return items;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the inbox has {} of {count} notifications after {limit:?}: {items:?}",
+                items.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A connection to notifications' database (both instances share it).
+    pub async fn notifications_db(&self) -> service_kit::sqlx::PgPool {
+        // The last setting wins, as in the process's environment (the scratch database).
+        let url = self
+            .live_env
+            .iter()
+            .rfind(|(name, _)| name == "DATABASE_WRITER_URL")
+            .map(|(_, url)| url.clone())
+            .expect("DATABASE_WRITER_URL");
+        service_kit::sqlx::PgPool::connect(&url).await.unwrap()
     }
 
     /// A device of `user` connected through edge `instance`, token in the handshake.
@@ -338,6 +478,16 @@ impl System {
         futures_util::future::join_all(sends).await;
         id
     }
+}
+
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// A WebSocket client as a device would hold it.

@@ -1,0 +1,272 @@
+//! Web Push's SQL: the devices' subscriptions and the durable deliveries to them.
+
+use std::time::Duration;
+
+use service_kit::sqlx::{self, PgConnection};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+/// A device's subscription as stored.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionRow {
+    pub id: Uuid,
+    pub endpoint: String,
+    pub p256dh: Vec<u8>,
+    pub auth: Vec<u8>,
+    pub created_at: OffsetDateTime,
+}
+
+/// What registering did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    /// A new device.
+    Created(Uuid),
+    /// The endpoint was this user's already; its keys are updated.
+    Existing(Uuid),
+    /// The user has `max` devices already.
+    LimitReached,
+}
+
+/// Registers a subscription for `user`, at most `max` per user. The user's registrations are
+/// serialised (an advisory lock on the user), so two at once cannot pass the limit together. An
+/// endpoint registered by another account moves to this one: the browser belongs to whoever
+/// subscribed last.
+pub async fn register(
+    conn: &mut PgConnection,
+    user: Uuid,
+    endpoint: &str,
+    p256dh: &[u8],
+    auth: &[u8],
+    max: i64,
+) -> sqlx::Result<Registered> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 7))")
+        .bind(user)
+        .execute(&mut *conn)
+        .await?;
+    let existing: Option<(Uuid, Uuid)> =
+        sqlx::query_as("SELECT id, user_id FROM push_subscriptions WHERE endpoint = $1")
+            .bind(endpoint)
+            .fetch_optional(&mut *conn)
+            .await?;
+    if let Some((id, owner)) = existing {
+        if owner == user {
+            sqlx::query("UPDATE push_subscriptions SET p256dh = $2, auth = $3 WHERE id = $1")
+                .bind(id)
+                .bind(p256dh)
+                .bind(auth)
+                .execute(&mut *conn)
+                .await?;
+            return Ok(Registered::Existing(id));
+        }
+    }
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
+            .bind(user)
+            .fetch_one(&mut *conn)
+            .await?;
+    if count >= max {
+        return Ok(Registered::LimitReached);
+    }
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO push_subscriptions (id, user_id, endpoint, p256dh, auth) \
+         VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (endpoint) DO UPDATE SET id = EXCLUDED.id, user_id = EXCLUDED.user_id, \
+           p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, created_at = now()",
+    )
+    .bind(id)
+    .bind(user)
+    .bind(endpoint)
+    .bind(p256dh)
+    .bind(auth)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Registered::Created(id))
+}
+
+pub async fn subscriptions(
+    conn: &mut PgConnection,
+    user: Uuid,
+) -> sqlx::Result<Vec<SubscriptionRow>> {
+    sqlx::query_as(
+        "SELECT id, endpoint, p256dh, auth, created_at FROM push_subscriptions \
+         WHERE user_id = $1 ORDER BY id",
+    )
+    .bind(user)
+    .fetch_all(conn)
+    .await
+}
+
+/// Deletes one of `user`'s devices; `false` if there is no such one.
+pub async fn unregister(conn: &mut PgConnection, user: Uuid, id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query("DELETE FROM push_subscriptions WHERE id = $2 AND user_id = $1")
+        .bind(user)
+        .bind(id)
+        .execute(conn)
+        .await
+        .map(|done| done.rows_affected() == 1)
+}
+
+/// A push to make: one notification to one of its user's devices.
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub notification_id: Uuid,
+    pub user_id: Uuid,
+    pub urgency: &'static str,
+    /// Not before (quiet hours).
+    pub release_at: OffsetDateTime,
+}
+
+/// Queues `deliveries`, one row per device the user has now. Returns how many rows.
+pub async fn enqueue(conn: &mut PgConnection, deliveries: &[NewDelivery]) -> sqlx::Result<u64> {
+    if deliveries.is_empty() {
+        return Ok(0);
+    }
+    sqlx::query(
+        "INSERT INTO push_deliveries (id, notification_id, subscription_id, urgency, next_attempt_at) \
+         SELECT gen_random_uuid(), d.notification_id, s.id, d.urgency, d.release_at \
+         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::timestamptz[]) \
+              AS d (notification_id, user_id, urgency, release_at) \
+         JOIN push_subscriptions s ON s.user_id = d.user_id",
+    )
+    .bind(deliveries.iter().map(|d| d.notification_id).collect::<Vec<_>>())
+    .bind(deliveries.iter().map(|d| d.user_id).collect::<Vec<_>>())
+    .bind(deliveries.iter().map(|d| d.urgency).collect::<Vec<_>>())
+    .bind(deliveries.iter().map(|d| d.release_at).collect::<Vec<_>>())
+    .execute(conn)
+    .await
+    .map(|done| done.rows_affected())
+}
+
+/// A claimed push with what sending it needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ClaimedDelivery {
+    pub id: Uuid,
+    /// Counting this one.
+    pub attempts: i32,
+    pub urgency: String,
+    pub subscription_id: Uuid,
+    pub endpoint: String,
+    pub p256dh: Vec<u8>,
+    pub auth: Vec<u8>,
+    pub notification_id: Uuid,
+    pub kind: String,
+    pub task_id: Option<Uuid>,
+    pub title: String,
+    pub body: String,
+    pub created_at: OffsetDateTime,
+}
+
+/// Claims up to `limit` due pending pushes nobody holds (or whose holder's claim expired), for
+/// `lease`, counting the attempt.
+pub async fn claim(
+    conn: &mut PgConnection,
+    limit: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<ClaimedDelivery>> {
+    sqlx::query_as(
+        "WITH claimed AS ( \
+           UPDATE push_deliveries d \
+           SET claimed_until = now() + make_interval(secs => $2), attempts = d.attempts + 1 \
+           FROM (SELECT id FROM push_deliveries \
+                 WHERE state = 'pending' AND next_attempt_at <= now() \
+                   AND (claimed_until IS NULL OR claimed_until < now()) \
+                 ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) AS due \
+           WHERE d.id = due.id \
+           RETURNING d.id, d.attempts, d.urgency, d.subscription_id, d.notification_id) \
+         SELECT c.id, c.attempts, c.urgency, c.subscription_id, s.endpoint, s.p256dh, s.auth, \
+                c.notification_id, n.kind, n.task_id, n.title, n.body, n.created_at \
+         FROM claimed c \
+         JOIN push_subscriptions s ON s.id = c.subscription_id \
+         JOIN notifications n ON n.id = c.notification_id",
+    )
+    .bind(limit)
+    .bind(lease.as_secs_f64())
+    .fetch_all(conn)
+    .await
+}
+
+/// Gives up claims that were queued but not sent (the instance is stopping).
+pub async fn release(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE push_deliveries SET claimed_until = NULL, attempts = attempts - 1 \
+         WHERE id = ANY($1) AND state = 'pending'",
+    )
+    .bind(ids)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// The push service took it.
+pub async fn mark_sent(conn: &mut PgConnection, id: Uuid, status: u16) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE push_deliveries SET state = 'sent', last_status = $2, finished_at = now(), \
+           claimed_until = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .bind(i32::from(status))
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Try again `delay` from now (the database's clock, the one claims are made by).
+pub async fn retry_later(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: Option<u16>,
+    error: &str,
+    delay: Duration,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE push_deliveries SET next_attempt_at = now() + make_interval(secs => $2), \
+           last_status = $3, last_error = $4, claimed_until = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .bind(delay.as_secs_f64())
+    .bind(status.map(i32::from))
+    .bind(error)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// Given up on.
+pub async fn mark_failed(
+    conn: &mut PgConnection,
+    id: Uuid,
+    status: Option<u16>,
+    error: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE push_deliveries SET state = 'failed', last_status = $2, last_error = $3, \
+           finished_at = now(), claimed_until = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .bind(status.map(i32::from))
+    .bind(error)
+    .execute(conn)
+    .await
+    .map(drop)
+}
+
+/// The push service says the subscription is gone (404/410): the device is forgotten, with its
+/// pending pushes.
+pub async fn forget_subscription(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM push_subscriptions WHERE id = $1")
+        .bind(id)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// How many pushes are pending (for the backlog gauge), counted up to `cap`.
+pub async fn pending(conn: &mut PgConnection, cap: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM push_deliveries WHERE state = 'pending' LIMIT $1) AS p",
+    )
+    .bind(cap)
+    .fetch_one(conn)
+    .await
+}
