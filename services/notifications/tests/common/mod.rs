@@ -276,14 +276,8 @@ impl System {
         body: Option<Value>,
         expected: StatusCode,
     ) -> Value {
-        self.call(
-            method,
-            path,
-            Some(("authorization", format!("Bearer {}", user.access_token))),
-            body,
-            expected,
-        )
-        .await
+        self.authorized_via(0, user, method, path, body, expected)
+            .await
     }
 
     /// [`Self::authorized`] through edge `edge`.
