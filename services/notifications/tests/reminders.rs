@@ -97,6 +97,25 @@ async fn a_task_due_in_seconds_is_reminded_once_in_the_inbox_and_on_the_device()
         ]
     );
 
+    // Each is published on notifications.notification.v1 (through the outbox), keyed by user.
+    let records = test_support::kafka::read_topic(
+        &system.broker.bootstrap_servers(),
+        "notifications.notification.v1",
+        Duration::from_secs(20),
+        |records| records.len() >= 2,
+    )
+    .await;
+    assert_eq!(records.len(), 2, "{records:?}");
+    for record in &records {
+        assert_eq!(
+            record.headers.get("ce_type").map(String::as_str),
+            Some("io.taskstream.notifications.notification.created.v1")
+        );
+        assert_eq!(record.key.as_deref(), Some(user.user_id.as_str()));
+        assert_eq!(record.payload["delivery"], "push");
+        assert!(pushed_ids.contains(&&record.payload["notification_id"]));
+    }
+
     // Once: with two instances sharing the schedule, nothing more comes.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(push.delivered().len(), 2, "{:?}", push.attempts());
