@@ -310,3 +310,69 @@ async fn preferences_are_checked_and_decide_what_is_notified() {
     assert_eq!(items[0]["title"], "Due soon: Soon");
     assert_eq!(items[0]["kind"], "task.due_soon");
 }
+
+#[tokio::test]
+async fn a_deleted_account_leaves_no_inbox_schedule_preferences_or_devices() {
+    let push = local_push::LocalPush::start().await;
+    let system = System::start_with("inbox-erasure", FAST, &[]).await;
+    let user = system.user("leaving").await;
+    system
+        .set_preferences(
+            &user,
+            json!({ "due_soon": "inbox", "overdue": "push", "reminder_lead_minutes": 15, "quiet_hours": null }),
+        )
+        .await;
+    system
+        .register_device(&user, &push.subscribe().json())
+        .await;
+    let now = OffsetDateTime::now_utc();
+    system
+        .create_task_due(&user, "Past", now - Duration::from_secs(60))
+        .await;
+    system
+        .create_task_due(&user, "Next week", now + Duration::from_secs(7 * 86_400))
+        .await;
+    system.inbox_with(&user, 1, Duration::from_secs(10)).await;
+    push.wait_delivered(1, Duration::from_secs(10)).await;
+
+    let db = system.notifications_db().await;
+    let user_id: uuid::Uuid = user.user_id.parse().unwrap();
+    let rows = |db: service_kit::sqlx::PgPool| async move {
+        service_kit::sqlx::query_scalar::<_, i64>(
+            "SELECT (SELECT count(*) FROM notifications WHERE user_id = $1) \
+                  + (SELECT count(*) FROM reminders WHERE user_id = $1) \
+                  + (SELECT count(*) FROM notification_preferences WHERE user_id = $1) \
+                  + (SELECT count(*) FROM push_subscriptions WHERE user_id = $1)",
+        )
+        .bind(user_id)
+        .fetch_one(&db)
+        .await
+        .unwrap()
+    };
+    assert!(
+        rows(db.clone()).await >= 5,
+        "the account's data is there first"
+    );
+
+    system
+        .authorized(
+            &user,
+            Method::DELETE,
+            "/v1/users/me",
+            Some(json!({ "password": user.password })),
+            StatusCode::NO_CONTENT,
+        )
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = rows(db.clone()).await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} rows of the deleted account remain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
