@@ -49,7 +49,7 @@ pub struct Refreshed {
 #[derive(Debug, Serialize)]
 pub struct ChangeFrame<'a> {
     pub seq: i64,
-    /// `task.created`, `task.updated`, `task.deleted`.
+    /// `task.created`, `task.updated`, `task.deleted`, `notification.created`.
     #[serde(rename = "type")]
     pub kind: &'a str,
     pub id: Uuid,

@@ -49,12 +49,13 @@ impl From<Refusal> for ApiError {
         handshake; without that, the first frame must be `{\"type\":\"auth\",\"token\":\"…\"}` \
         within 5 s. Tokens never go in the URL. The server first sends `{\"type\":\"ready\",\
         \"seq\",\"recovered\",\"token_expires_at\"}`, then frames `{\"seq\",\"type\",\"id\",\
-        \"version\",\"at\"}` (`type` is `task.created`, `task.updated` or `task.deleted`; `seq` \
-        counts per user without gaps). Before `token_expires_at` send `{\"type\":\"refresh\",\
-        \"token\":\"…\"}`; the answer is `{\"type\":\"refreshed\",\"token_expires_at\"}`. Close \
-        codes: 1012 restart (reconnect with `since`), 1009 frame too large, 1003 unsupported \
-        frame, 1002 protocol error, 1011 internal, 4001 unauthorized or token expired, 4002 \
-        idle, 4003 session ended, 4008 slow client, 4011 resync, 4029 too many sockets.",
+        \"version\",\"at\"}` (`type` is `task.created`, `task.updated`, `task.deleted`, or \
+        `notification.created` with the notification's `id`; `seq` counts per user without \
+        gaps). Before `token_expires_at` send `{\"type\":\"refresh\",\"token\":\"…\"}`; \
+        the answer is `{\"type\":\"refreshed\",\"token_expires_at\"}`. Close codes: \
+        1012 restart (reconnect with `since`), 1009 frame too large, 1003 unsupported frame, \
+        1002 protocol error, 1011 internal, 4001 unauthorized or token expired, 4002 idle, \
+        4003 session ended, 4008 slow client, 4011 resync, 4029 too many sockets.",
     responses(
         (status = 101, description = "Switched to the WebSocket protocol"),
         (status = 400, description = "Not a valid WebSocket handshake, or `taskstream.v1` not offered", body = ErrorBody),
