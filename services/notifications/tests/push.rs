@@ -259,3 +259,45 @@ async fn devices_are_checked_bounded_and_private_to_their_account() {
         .await;
     assert_eq!(devices(&system, &user).await, 1);
 }
+
+#[tokio::test]
+async fn quiet_hours_hold_the_push_but_not_the_inbox() {
+    let push = LocalPush::start().await;
+    let system = System::start_with("push-quiet", FAST_PUSH, &[]).await;
+    let user = system.user("sleeper").await;
+    system
+        .register_device(&user, &push.subscribe().json())
+        .await;
+    // Quiet from an hour ago until two hours from now, in UTC.
+    let now = OffsetDateTime::now_utc();
+    let hh_mm = |at: OffsetDateTime| format!("{:02}:{:02}", at.hour(), at.minute());
+    let end = now + Duration::from_secs(2 * 3600);
+    system
+        .set_preferences(
+            &user,
+            json!({
+                "due_soon": "push", "overdue": "push", "reminder_lead_minutes": 60,
+                "quiet_hours": { "start": hh_mm(now - Duration::from_secs(3600)), "end": hh_mm(end), "time_zone": "UTC" }
+            }),
+        )
+        .await;
+    overdue_task(&system, &user, "At night").await;
+    system.inbox_with(&user, 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(push.attempts().is_empty(), "{:?}", push.attempts());
+
+    // The push waits, pending, for the end of the quiet hours.
+    let db = system.notifications_db().await;
+    let (state, release): (String, OffsetDateTime) =
+        service_kit::sqlx::query_as("SELECT state, next_attempt_at FROM push_deliveries")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(state, "pending");
+    let expected = end
+        .replace_second(0)
+        .unwrap()
+        .replace_nanosecond(0)
+        .unwrap();
+    assert_eq!(release, expected);
+}
