@@ -9,7 +9,8 @@
 //! events, the debug binaries the tests use, no goal) proves the benchmark still works.
 //!
 //! `cargo xtask bench live` (the live-updates WebSocket against a fresh `up`) is in
-//! [`crate::bench_live`].
+//! [`crate::bench_live`], `cargo xtask bench push` (Web Push delivery against a fresh `up`) in
+//! [`crate::bench_push`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use crate::stack::{log_file, reports_dir, state_dir, Infra, StackLayout};
 use crate::{target_dir, workspace_root, Build};
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHES: [&str; 2] = ["consumer", "live"];
+pub const BENCHES: [&str; 3] = ["consumer", "live", "push"];
 
 /// Events per second one instance must apply in a full run.
 const GOAL_EVENTS_PER_SEC: f64 = 10_000.0;
@@ -37,6 +38,9 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
     if bench == "live" {
         // Called outside the command's runtime (as `consumer` needs): this one gets its own.
         return tokio::runtime::Runtime::new()?.block_on(crate::bench_live::run(smoke));
+    }
+    if bench == "push" {
+        return tokio::runtime::Runtime::new()?.block_on(crate::bench_push::run(smoke));
     }
     let events: usize = if smoke { 5_000 } else { 200_000 };
     let build = Build::for_measurement(smoke);

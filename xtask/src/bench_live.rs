@@ -511,7 +511,7 @@ fn ensure_healthy(shared: &Shared) -> Result<()> {
     Ok(())
 }
 
-fn service_port(name: &str) -> Result<u16> {
+pub(crate) fn service_port(name: &str) -> Result<u16> {
     SERVICES
         .iter()
         .find_map(|(service, port)| (*service == name).then_some(*port))
@@ -520,7 +520,7 @@ fn service_port(name: &str) -> Result<u16> {
 
 /// The pid of the process running the `name` binary on `port` (tests run their own copies of
 /// the services on other ports, so the name alone is not enough).
-fn service_pid(name: &str, port: u16) -> Option<u32> {
+pub(crate) fn service_pid(name: &str, port: u16) -> Option<u32> {
     let wanted = format!("HTTP_PORT={port}");
     std::fs::read_dir("/proc")
         .ok()?
@@ -540,7 +540,7 @@ fn service_pid(name: &str, port: u16) -> Option<u32> {
 }
 
 /// VmRSS of `pid`, in KiB.
-fn rss_kib(pid: u32) -> Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
@@ -962,7 +962,7 @@ fn latency_of(
     }
 }
 
-async fn scrape(client: &reqwest::Client, port: u16) -> Result<String> {
+pub(crate) async fn scrape(client: &reqwest::Client, port: u16) -> Result<String> {
     Ok(client
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .send()
@@ -973,7 +973,7 @@ async fn scrape(client: &reqwest::Client, port: u16) -> Result<String> {
 }
 
 /// The sum of every series of `name` in a Prometheus text exposition.
-fn metric_sum(text: &str, name: &str) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;

@@ -14,6 +14,11 @@ use crate::EDGE_PORT;
 /// The key id of the signing key made for the local stack.
 pub const LOCAL_KEY_ID: &str = "local-1";
 
+/// The VAPID private key (P-256, 32 bytes base64url) notifications signs pushes with on the
+/// local stack. LOCAL DEVELOPMENT ONLY: it is public in this repository, so it must never be
+/// used by a cluster (their key comes from a secret, see charts/).
+pub const LOCAL_VAPID_PRIVATE_KEY: &str = "i2L6D3LUgWwDx8d-i6zIQ31x467ckHuY3DlmmvF29ZE";
+
 /// Runs `<service> migrate` for every service against the primary on `primary_port`.
 pub fn migrate_all(binaries: &Path, primary_port: u16, logs: &Path) -> Result<()> {
     for (service, _) in SERVICES {
@@ -90,6 +95,10 @@ pub fn service_env(
             "LIVE_ALLOWED_ORIGINS",
             format!("http://127.0.0.1:{EDGE_PORT},http://localhost:{EDGE_PORT}"),
         ));
+        // Web Push on, towards the local push service (`local-push`, http on loopback).
+        env.push(("PUSH_VAPID_PRIVATE_KEY", LOCAL_VAPID_PRIVATE_KEY.to_owned()));
+        env.push(("PUSH_VAPID_SUBJECT", "mailto:dev@localhost".to_owned()));
+        env.push(("PUSH_ALLOW_HTTP_LOOPBACK", "true".to_owned()));
     }
     if service == "auth" {
         env.push(("AUTH_JWT_KEYS_DIR", auth_keys.display().to_string()));

@@ -11,7 +11,7 @@ use reqwest::Version;
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
 use crate::up_process::RunningUp;
-use crate::{cargo, cargo_command, prereqs, workspace_root, Build, EDGE_PORT};
+use crate::{cargo, cargo_command, prereqs, workspace_root, Build, EDGE_PORT, LOCAL_PUSH_PORT};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
 /// (ports 26432/26433/19092, so it can run beside `cargo xtask up`).
@@ -212,6 +212,27 @@ pub async fn smoke_up() -> Result<()> {
                 }
             }
         }
+        // The local push service answers, and notifications has push on (its server key).
+        let push = h1
+            .get(format!("http://127.0.0.1:{LOCAL_PUSH_PORT}/messages"))
+            .send()
+            .await?;
+        ensure!(
+            push.status() == 200,
+            "local push service: {}",
+            push.status()
+        );
+        let key = h1
+            .get(format!(
+                "http://127.0.0.1:{EDGE_PORT}/v1/notifications/push-key"
+            ))
+            .send()
+            .await?;
+        ensure!(
+            key.status() == 200,
+            "push is not on in notifications: GET /v1/notifications/push-key answered {}",
+            key.status()
+        );
         let up_layout = StackLayout::up(Path::new("."));
         let replica = Command::new("psql")
             .args([
@@ -242,7 +263,10 @@ pub async fn smoke_up() -> Result<()> {
             up_layout.replica_port,
             up_layout.broker_port,
         ];
-        for port in service_ports.chain(infra_ports).chain([EDGE_PORT]) {
+        for port in service_ports
+            .chain(infra_ports)
+            .chain([EDGE_PORT, LOCAL_PUSH_PORT])
+        {
             ensure!(
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
                 "port {port} still open after `cargo xtask up` stopped"

@@ -1,20 +1,22 @@
 //! `cargo xtask <command>`: the plain entry points for running and checking taskstream.
 //!
 //! - `up [--release | --as-tests]`: the whole system on this machine (databases, broker,
-//!   services, edge); `--as-tests` runs the binaries `cargo test` builds, as the smoke runs do;
+//!   services, edge, and a local Web Push service that notifications pushes to); `--as-tests`
+//!   runs the binaries `cargo test` builds, as the smoke runs do;
 //! - `test`: format check, clippy, and every test against a real stack of its own;
 //! - `stack`: that test stack alone, for running chosen tests against it;
 //! - `deploy-check`: render, validate and audit charts/, k8s/, argocd/ and docker/ offline (also
 //!   part of `test`);
 //! - `load <scenario> [--smoke]`: a k6 scenario from `loadtest/` against a fresh `up --release`;
 //! - `bench <name> [--smoke]`: a benchmark of one part (`consumer` on a stack of its own, `live`
-//!   against a fresh `up`);
+//!   and `push` against a fresh `up`);
 //! - `catalog`: write the event catalog (`libs/events/asyncapi.json`) from the payload types;
 //! - `kcat <args>`: kcat against the local broker (with a librdkafka that can talk to it);
 //! - `edge`: the edge proxy alone (started by `up`).
 
 mod bench;
 mod bench_live;
+mod bench_push;
 mod bootstrap;
 mod check;
 mod deploy_check;
@@ -39,6 +41,10 @@ use crate::stack::{log_file, Infra, StackLayout, SERVICES};
 
 /// The edge's public port.
 pub(crate) const EDGE_PORT: u16 = 8080;
+/// The local Web Push service's port (`local-push`, started by `up` beside the services).
+pub(crate) const LOCAL_PUSH_PORT: u16 = 8085;
+/// The local push service's binary, built with the services.
+const LOCAL_PUSH: &str = "local-push";
 
 const USAGE: &str =
     "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
@@ -211,8 +217,14 @@ impl Build {
 /// Ctrl-C/SIGTERM, then stops every process it started.
 async fn up(build: Build) -> Result<()> {
     let root = workspace_root();
-    let services: Vec<&str> = SERVICES.iter().map(|(service, _)| *service).collect();
-    let profile = build.run(&services, &[])?;
+    // The local push service in the same cargo invocation as the services: one feature
+    // resolution, so neither build invalidates the other.
+    let packages: Vec<&str> = SERVICES
+        .iter()
+        .map(|(service, _)| *service)
+        .chain([LOCAL_PUSH])
+        .collect();
+    let profile = build.run(&packages, &[])?;
 
     let infra = Infra::start(StackLayout::up(&stack::state_dir(&root)))?;
     let logs = infra.logs_dir();
@@ -225,6 +237,12 @@ async fn up(build: Build) -> Result<()> {
     let outcome = match started {
         Ok(()) => {
             println!("logs: {}", logs.display());
+            println!(
+                "push: http://127.0.0.1:{LOCAL_PUSH_PORT} (local Web Push service: \
+                 `curl -X POST http://127.0.0.1:{LOCAL_PUSH_PORT}/subscriptions` makes a \
+                 subscription to register as-is with POST /v1/notifications/devices; \
+                 GET /messages lists what was pushed)"
+            );
             println!("ready: http://127.0.0.1:{EDGE_PORT}");
             supervise_until_signal(&mut children).await
         }
@@ -253,6 +271,12 @@ async fn start_processes(
     let binaries = target_dir()?.join(profile);
     bootstrap::migrate_all(&binaries, layout.primary_port, &logs)?;
     let auth_keys = bootstrap::auth_keys(&binaries, &layout.root)?;
+    let mut push = Command::new(binaries.join(LOCAL_PUSH));
+    push.arg("--port").arg(LOCAL_PUSH_PORT.to_string());
+    children.push((
+        LOCAL_PUSH.to_owned(),
+        spawn_logged(push, &logs, LOCAL_PUSH)?,
+    ));
     for (service, port) in SERVICES {
         let mut command = Command::new(binaries.join(service));
         command.envs(bootstrap::service_env(service, port, layout, &auth_keys));
@@ -276,10 +300,16 @@ async fn start_processes(
                 format!("http://127.0.0.1:{port}/readyz"),
             )
         })
-        .chain([(
-            "edge".to_owned(),
-            format!("http://127.0.0.1:{EDGE_PORT}/healthz"),
-        )]);
+        .chain([
+            (
+                "edge".to_owned(),
+                format!("http://127.0.0.1:{EDGE_PORT}/healthz"),
+            ),
+            (
+                LOCAL_PUSH.to_owned(),
+                format!("http://127.0.0.1:{LOCAL_PUSH_PORT}/messages"),
+            ),
+        ]);
     for (name, url) in checks {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
