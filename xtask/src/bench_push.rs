@@ -398,8 +398,8 @@ async fn measure(plan: &Plan) -> Result<Measured> {
         samples.len()
     );
     Ok(Measured {
-        max_workers: std::env::var("PUSH_MAX_WORKERS").unwrap_or_else(|_| "16".to_owned()),
-        max_queue: std::env::var("PUSH_MAX_QUEUE").unwrap_or_else(|_| "256".to_owned()),
+        max_workers: std::env::var("PUSH_MAX_WORKERS").unwrap_or_else(|_| "64".to_owned()),
+        max_queue: std::env::var("PUSH_MAX_QUEUE").unwrap_or_else(|_| "128".to_owned()),
         throughput,
         overload: Overload {
             capacity,

@@ -215,21 +215,27 @@ impl Dispatcher {
         Ok(StoppableTask::spawn(move |mut stop| async move {
             let (queue, jobs) = mpsc::channel::<ClaimedDelivery>(self.settings.max_queue);
             let jobs = Arc::new(tokio::sync::Mutex::new(jobs));
+            // Told each time a worker takes a job, so the queue is refilled as it drains.
+            let freed = Arc::new(Notify::new());
             let mut workers = tokio::task::JoinSet::new();
             for _ in 0..self.settings.max_workers {
                 let jobs = jobs.clone();
                 let sender = sender.clone();
+                let freed = freed.clone();
                 workers.spawn(async move {
                     loop {
                         let job = jobs.lock().await.recv().await;
                         let Some(job) = job else { return };
+                        freed.notify_one();
                         sender.deliver(job).await;
                     }
                 });
             }
+            // Refill once half the queue is free: one claim per batch, not per push.
+            let refill_at = (self.settings.max_queue / 2).max(1);
             loop {
                 let room = queue.capacity();
-                let mut claimed_all = false;
+                let mut claimed_all = room == 0;
                 if room > 0 {
                     let lease = self.settings.claim_lease;
                     match self
@@ -253,16 +259,23 @@ impl Dispatcher {
                 }
                 metrics::gauge!(PUSH_QUEUE_DEPTH)
                     .set((self.settings.max_queue - queue.capacity()) as f64);
-                // More may be due when the queue took all it could; look again once it drains.
-                let pause = if claimed_all {
-                    Duration::from_millis(20)
+                if claimed_all {
+                    // More may be due: claim again as soon as the workers made room.
+                    let made_room = async {
+                        while queue.capacity() < refill_at {
+                            freed.notified().await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = made_room => {}
+                        _ = stop.wait_for(|stop| *stop) => break,
+                    }
                 } else {
-                    self.settings.poll_interval
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = self.wake.notified() => {}
-                    _ = stop.wait_for(|stop| *stop) => break,
+                    tokio::select! {
+                        _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                        _ = self.wake.notified() => {}
+                        _ = stop.wait_for(|stop| *stop) => break,
+                    }
                 }
             }
             // Claims still queued go back at once (an instance that dies instead leaves them

@@ -122,9 +122,11 @@ pub struct PushSettings {
     /// `PUSH_VAPID_SUBJECT`, default `mailto:push@taskstream.invalid`: how push services reach
     /// the operator (RFC 8292 `sub`), a `mailto:` or `https:` URL.
     pub vapid_subject: String,
-    /// `PUSH_MAX_WORKERS`, default 16: pushes in flight per instance.
+    /// `PUSH_MAX_WORKERS`, default 64: pushes in flight per instance. A push mostly waits on
+    /// the push service's answer (tens of milliseconds across the internet), so workers are
+    /// tasks, not threads, and many are cheap.
     pub max_workers: usize,
-    /// `PUSH_MAX_QUEUE`, default 64: claimed pushes waiting for a worker; the rest stay pending
+    /// `PUSH_MAX_QUEUE`, default 128: claimed pushes waiting for a worker; the rest stay pending
     /// rows in the database, so a burst costs no memory. A claim must outlast its wait in the
     /// queue: `(PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1) × PUSH_TIMEOUT_MS` must be below
     /// `PUSH_CLAIM_LEASE_MS`, or the service refuses to start.
@@ -193,8 +195,8 @@ impl PushSettings {
                 reason: "must be a mailto: or https: URL".to_owned(),
             });
         }
-        let max_workers: usize = env.ranged("PUSH_MAX_WORKERS", 16, 1, 1024)?;
-        let max_queue: usize = env.ranged("PUSH_MAX_QUEUE", 64, 1, 100_000)?;
+        let max_workers: usize = env.ranged("PUSH_MAX_WORKERS", 64, 1, 1024)?;
+        let max_queue: usize = env.ranged("PUSH_MAX_QUEUE", 128, 1, 100_000)?;
         let request_timeout = env.millis("PUSH_TIMEOUT_MS", 10_000, 100, 120_000)?;
         let claim_lease = env.millis("PUSH_CLAIM_LEASE_MS", 60_000, 1_000, 3_600_000)?;
         // A claim queued behind every other one, then sent with the full timeout.
