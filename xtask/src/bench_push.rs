@@ -27,7 +27,7 @@ use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, ensure, Context, Result};
 use futures_util::StreamExt;
@@ -257,7 +257,7 @@ async fn measure(plan: &Plan) -> Result<Measured> {
     );
     let mut users = make_users(&client, &format!("push{run}"), plan.users, false).await?;
     let started = Instant::now();
-    let past = rfc3339(SystemTime::now() - Duration::from_secs(3600));
+    let past = rfc3339(SystemTime::now() - Duration::from_secs(3600))?;
     create_tasks(&client, &mut users, plan.tasks_per_user, &past, "overdue").await?;
     let created_in = started.elapsed();
     let deadline = started + plan.drain_limit;
@@ -341,7 +341,7 @@ async fn measure(plan: &Plan) -> Result<Measured> {
     let per_task = created_in.as_secs_f64() / throughput.tasks.max(1) as f64;
     let lead = Duration::from_secs_f64((2.0 * per_task * tasks as f64 + 3.0).max(5.0));
     let due = SystemTime::now() + lead;
-    create_tasks(&client, &mut users, tasks_per_user, &rfc3339(due), "burst").await?;
+    create_tasks(&client, &mut users, tasks_per_user, &rfc3339(due)?, "burst").await?;
     let created_in = phase.elapsed();
     let created_before_due = due.duration_since(SystemTime::now()).map_or_else(
         |late| -late.duration().as_secs_f64(),
@@ -679,32 +679,11 @@ async fn sample(
 }
 
 /// `at` as RFC 3339 in UTC, with milliseconds.
-fn rfc3339(at: SystemTime) -> String {
-    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs() as i64;
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    let of_day = secs.rem_euclid(86_400);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        of_day / 3600,
-        of_day % 3600 / 60,
-        of_day % 60,
-        since.subsec_millis()
-    )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+fn rfc3339(at: SystemTime) -> Result<String> {
+    let format = time::format_description::parse_borrowed::<2>(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z",
+    )?;
+    Ok(time::OffsetDateTime::from(at).format(&format)?)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -893,12 +872,12 @@ mod tests {
     #[test]
     fn formats_rfc3339_in_utc() {
         let at = |secs: u64, millis: u64| {
-            rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis))
+            rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)).unwrap()
         };
         assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(at(1_704_067_199, 999), "2023-12-31T23:59:59.999Z");
-        assert!(rfc3339(SystemTime::now()).ends_with('Z'));
+        assert!(rfc3339(SystemTime::now()).unwrap().ends_with('Z'));
     }
 
     #[test]
