@@ -139,12 +139,12 @@ impl Devices {
         }
     }
 
-    /// Returns the device's id and whether it is new.
+    /// Returns the device and whether it is new.
     pub async fn register(
         &self,
         user: Uuid,
         subscription: &Subscription,
-    ) -> Result<(Uuid, bool), DeviceError> {
+    ) -> Result<(SubscriptionRow, bool), DeviceError> {
         if !self.push_enabled {
             return Err(DeviceError::PushDisabled);
         }
@@ -161,8 +161,8 @@ impl Devices {
         .await?;
         tx.commit().await?;
         match registered {
-            Registered::Created(id) => Ok((id, true)),
-            Registered::Existing(id) => Ok((id, false)),
+            Registered::Created(device) => Ok((device, true)),
+            Registered::Existing(device) => Ok((device, false)),
             Registered::LimitReached => Err(DeviceError::LimitReached(self.max_per_user)),
         }
     }

@@ -69,19 +69,12 @@ pub async fn register(
                 .collect(),
         )
     })?;
-    let (id, created) = devices.register(caller.user_id, &subscription).await?;
-    let listed = devices.list(caller.user_id).await?;
-    let view = listed
-        .into_iter()
-        .find(|device| device.id == id)
-        .map(|device| DeviceView {
-            id: device.id,
-            endpoint: device.endpoint,
-            created_at: device.created_at,
-        })
-        .ok_or_else(|| {
-            ApiError::unavailable("the device was registered; list devices to see it")
-        })?;
+    let (device, created) = devices.register(caller.user_id, &subscription).await?;
+    let view = DeviceView {
+        id: device.id,
+        endpoint: device.endpoint,
+        created_at: device.created_at,
+    };
     let mut answer = if created {
         HttpResponse::Created()
     } else {

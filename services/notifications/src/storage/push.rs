@@ -17,12 +17,12 @@ pub struct SubscriptionRow {
 }
 
 /// What registering did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Registered {
     /// A new device.
-    Created(Uuid),
+    Created(SubscriptionRow),
     /// The endpoint was this user's already; its keys are updated.
-    Existing(Uuid),
+    Existing(SubscriptionRow),
     /// The user has `max` devices already.
     LimitReached,
 }
@@ -50,13 +50,16 @@ pub async fn register(
             .await?;
     if let Some((id, owner)) = existing {
         if owner == user {
-            sqlx::query("UPDATE push_subscriptions SET p256dh = $2, auth = $3 WHERE id = $1")
-                .bind(id)
-                .bind(p256dh)
-                .bind(auth)
-                .execute(&mut *conn)
-                .await?;
-            return Ok(Registered::Existing(id));
+            let row = sqlx::query_as(
+                "UPDATE push_subscriptions SET p256dh = $2, auth = $3 WHERE id = $1 \
+                 RETURNING id, endpoint, p256dh, auth, created_at",
+            )
+            .bind(id)
+            .bind(p256dh)
+            .bind(auth)
+            .fetch_one(&mut *conn)
+            .await?;
+            return Ok(Registered::Existing(row));
         }
     }
     let count: i64 =
@@ -67,21 +70,21 @@ pub async fn register(
     if count >= max {
         return Ok(Registered::LimitReached);
     }
-    let id = Uuid::now_v7();
-    sqlx::query(
+    let row = sqlx::query_as(
         "INSERT INTO push_subscriptions (id, user_id, endpoint, p256dh, auth) \
          VALUES ($1, $2, $3, $4, $5) \
          ON CONFLICT (endpoint) DO UPDATE SET id = EXCLUDED.id, user_id = EXCLUDED.user_id, \
-           p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, created_at = now()",
+           p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, created_at = now() \
+         RETURNING id, endpoint, p256dh, auth, created_at",
     )
-    .bind(id)
+    .bind(Uuid::now_v7())
     .bind(user)
     .bind(endpoint)
     .bind(p256dh)
     .bind(auth)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(Registered::Created(id))
+    Ok(Registered::Created(row))
 }
 
 pub async fn subscriptions(
