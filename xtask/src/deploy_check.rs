@@ -40,7 +40,8 @@ pub fn run(build: Build) -> Result<u32> {
     let scripts = root.join("xtask/deploy-check");
     prereqs::ensure_deploy_check_packages()?;
     prereqs::ensure_node()?;
-    let promtool = prereqs::ensure_promtool(&work.join("promtool"))?;
+    // The same unpacked package as the local Prometheus of `up` (see observability.rs).
+    let promtool = prereqs::ensure_promtool(&root.join(".local/debian/prometheus"))?;
     let node_modules = ensure_node_modules(&scripts, &work.join("node"))?;
     let rendered = work.join("rendered");
     if rendered.exists() {
@@ -196,6 +197,7 @@ pub fn run(build: Build) -> Result<u32> {
         passed += test_alert_rules(
             &promtool,
             &root,
+            env,
             &promql,
             &work.join("rule-tests").join(env),
         )
@@ -287,7 +289,7 @@ fn plan() -> Vec<Value> {
 }
 
 /// Runs a Python script from the workspace root; fails with its output when it fails.
-fn python(root: &Path, script: &Path, args: &[&Path]) -> Result<Output> {
+pub(crate) fn python(root: &Path, script: &Path, args: &[&Path]) -> Result<Output> {
     let output = Command::new("python3")
         .arg(script)
         .args(args)
@@ -338,32 +340,58 @@ fn ensure_node_modules(scripts: &Path, dir: &Path) -> Result<PathBuf> {
     Ok(node_modules)
 }
 
-/// `promtool test rules` for every file in `charts/observability/rule-tests/`, against the
-/// rendered rule files in `promql` (copied beside the tests into `dir`, since a test names its
-/// rule files relative to itself). Returns how many test files passed.
-fn test_alert_rules(promtool: &Path, root: &Path, promql: &Path, dir: &Path) -> Result<u32> {
+/// `promtool test rules` for `charts/observability/rule-tests/` against `env`'s rendered rule
+/// files in `promql` (copied beside the tests into `dir`, since a test names its rule files
+/// relative to itself). A test file in `rule-tests/<env>/` replaces the shared one of the same
+/// name for that environment (for thresholds that differ per environment). First, every alert
+/// must have a case that fires and one that stays quiet, and every tested alert must exist.
+/// Returns how many checks passed: the coverage and each test file.
+fn test_alert_rules(
+    promtool: &Path,
+    root: &Path,
+    env: &str,
+    promql: &Path,
+    dir: &Path,
+) -> Result<u32> {
     if dir.exists() {
         std::fs::remove_dir_all(dir)?;
     }
     std::fs::create_dir_all(dir)?;
+    let mut rule_files = Vec::new();
     for rules in yaml_files(promql)? {
         let name = rules.file_name().context("a rule file name")?;
         if name.to_string_lossy().starts_with("rules-") {
             std::fs::copy(&rules, dir.join(name))?;
+            rule_files.push(rules);
         }
     }
+    let sources = rule_test_files(&root.join("charts/observability/rule-tests"), env)?;
+    ensure!(!sources.is_empty(), "no alert rule tests found");
+    let (alerts, tested, problems) = alert_test_coverage(&rule_files, &sources)?;
+    println!(
+        "deploy-check: alert rule tests (observability-{env}): {alerts} alerts, {tested} tested \
+         (shown firing and staying quiet)"
+    );
+    if !problems.is_empty() {
+        for problem in &problems {
+            println!("deploy-check: problem: {problem}");
+        }
+        bail!(
+            "{} problem(s) with the alert rule tests in charts/observability/rule-tests/",
+            problems.len()
+        );
+    }
     let mut tests = Vec::new();
-    for test in yaml_files(&root.join("charts/observability/rule-tests"))? {
+    for test in &sources {
         let copy = dir.join(format!(
             "test-{}",
             test.file_name()
                 .context("a test file name")?
                 .to_string_lossy()
         ));
-        std::fs::copy(&test, &copy)?;
+        std::fs::copy(test, &copy)?;
         tests.push(copy);
     }
-    ensure!(!tests.is_empty(), "no alert rule tests found");
     let output = Command::new(promtool)
         .args(["test", "rules"])
         .args(&tests)
@@ -376,10 +404,120 @@ fn test_alert_rules(promtool: &Path, root: &Path, promql: &Path, dir: &Path) -> 
         bail!("promtool test rules failed");
     }
     println!(
-        "deploy-check: promtool test rules: {} test file(s) pass",
+        "deploy-check: promtool test rules (observability-{env}): {} test file(s) pass",
         tests.len()
     );
-    Ok(tests.len() as u32)
+    Ok(tests.len() as u32 + 1)
+}
+
+/// The rule-test files for `env`: `dir`'s own, each replaced by the file of the same name in
+/// `dir/<env>/` when there is one, plus that folder's other files. Sorted by file name.
+fn rule_test_files(dir: &Path, env: &str) -> Result<Vec<PathBuf>> {
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let name = path.file_name().context("a file name")?.to_owned();
+        if path.is_dir() {
+            // Anything else would be skipped silently.
+            ensure!(
+                ENVIRONMENTS.iter().any(|e| *e == name),
+                "{}: rule-test folders are named after an environment ({})",
+                path.display(),
+                ENVIRONMENTS.join(", ")
+            );
+        } else if path.extension().is_some_and(|e| e == "yaml") {
+            files.insert(name, path);
+        }
+    }
+    let own = dir.join(env);
+    if own.is_dir() {
+        for path in yaml_files(&own)? {
+            files.insert(path.file_name().context("a file name")?.to_owned(), path);
+        }
+    }
+    Ok(files.into_values().collect())
+}
+
+/// Every `alert:` of the rule files against the `alertname:`s of the test files. Returns how
+/// many alerts there are, how many have a case that fires (non-empty `exp_alerts`) and one that
+/// stays quiet (empty), and a problem for each alert that has not and each tested name no rule
+/// defines.
+fn alert_test_coverage(
+    rule_files: &[PathBuf],
+    test_files: &[PathBuf],
+) -> Result<(usize, usize, Vec<String>)> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut alerts = BTreeSet::new();
+    for doc in yaml_as_json(rule_files)? {
+        for group in doc["groups"].as_array().into_iter().flatten() {
+            for rule in group["rules"].as_array().into_iter().flatten() {
+                if let Some(alert) = rule["alert"].as_str() {
+                    alerts.insert(alert.to_owned());
+                }
+            }
+        }
+    }
+    ensure!(!alerts.is_empty(), "the rule files define no alerts");
+    // Name -> (fires somewhere, stays quiet somewhere, the files naming it).
+    let mut cases: BTreeMap<String, (bool, bool, BTreeSet<String>)> = BTreeMap::new();
+    for (file, doc) in test_files.iter().zip(yaml_as_json(test_files)?) {
+        let file = file.file_name().unwrap_or_default().to_string_lossy();
+        for test in doc["tests"].as_array().into_iter().flatten() {
+            for case in test["alert_rule_test"].as_array().into_iter().flatten() {
+                let name = case["alertname"]
+                    .as_str()
+                    .with_context(|| format!("{file}: an alert_rule_test without an alertname"))?;
+                let fires = case["exp_alerts"].as_array().is_some_and(|a| !a.is_empty());
+                let entry = cases.entry(name.to_owned()).or_default();
+                entry.0 |= fires;
+                entry.1 |= !fires;
+                entry.2.insert(file.clone().into_owned());
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    let mut tested = 0;
+    for alert in &alerts {
+        match cases.get(alert) {
+            None => problems.push(format!("{alert} has no test")),
+            Some((false, _, _)) => problems.push(format!("{alert} is never shown firing")),
+            Some((_, false, _)) => problems.push(format!("{alert} is never shown staying quiet")),
+            Some(_) => tested += 1,
+        }
+    }
+    for (name, (_, _, files)) in &cases {
+        if !alerts.contains(name) {
+            let files: Vec<&str> = files.iter().map(String::as_str).collect();
+            problems.push(format!(
+                "{} tests {name}, which no rule defines",
+                files.join(", ")
+            ));
+        }
+    }
+    Ok((alerts.len(), tested, problems))
+}
+
+/// The first YAML document of each file as JSON (PyYAML, which deploy-check's scripts use).
+fn yaml_as_json(files: &[PathBuf]) -> Result<Vec<Value>> {
+    const SCRIPT: &str = "import json, sys, yaml\n\
+        print(json.dumps([yaml.safe_load(open(p, encoding='utf-8')) for p in sys.argv[1:]]))";
+    let output = Command::new("python3")
+        .args(["-c", SCRIPT])
+        .args(files)
+        .output()
+        .context("running python3")?;
+    if !output.status.success() {
+        echo(&output);
+        bail!("cannot read the YAML of {files:?}");
+    }
+    let docs: Vec<Value> = serde_json::from_slice(&output.stdout).context("PyYAML's JSON")?;
+    ensure!(
+        docs.len() == files.len(),
+        "PyYAML read {} of {} files",
+        docs.len(),
+        files.len()
+    );
+    Ok(docs)
 }
 
 fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
