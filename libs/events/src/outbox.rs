@@ -54,6 +54,13 @@ const BACKLOG_COUNT_CAP: i64 = 1_000_000;
 const STOP_FLUSH: Duration = Duration::from_millis(500);
 
 /// Writes `payload` as an event into the outbox, in the caller's transaction; returns its id.
+/// In an `outbox.enqueue` span (the topic and type as fields, never the payload), whose context
+/// the row carries as its `traceparent`: the relay's publishing hangs below it.
+#[tracing::instrument(
+    name = "outbox.enqueue",
+    skip_all,
+    fields(outbox.topic = P::TOPIC.name, outbox.event_type = P::TYPE)
+)]
 pub async fn enqueue<P: EventPayload>(
     conn: &mut PgConnection,
     source: &'static str,
@@ -79,7 +86,13 @@ pub async fn enqueue<P: EventPayload>(
 }
 
 /// Writes `payloads` as events into the outbox in one statement, in the caller's transaction and
-/// in the order given (for a batch of changes, such as erasing an account's tasks).
+/// in the order given (for a batch of changes, such as erasing an account's tasks). In an
+/// `outbox.enqueue` span like [`enqueue`]'s, with the number of events.
+#[tracing::instrument(
+    name = "outbox.enqueue",
+    skip_all,
+    fields(outbox.topic = P::TOPIC.name, outbox.event_type = P::TYPE, outbox.events = payloads.len() as i64)
+)]
 pub async fn enqueue_all<P: EventPayload>(
     conn: &mut PgConnection,
     source: &'static str,
@@ -443,9 +456,10 @@ impl Worker {
     }
 }
 
-/// The relay's span for publishing `row`, a child of the request that wrote it, and the
-/// `traceparent` the message carries on: the span's own, so consumers' spans hang below the
-/// publishing and the trace reads request → publish → consume.
+/// The relay's span for publishing `row`, a child of the `outbox.enqueue` span that wrote it (in
+/// the request's trace), and the `traceparent` the message carries on: the span's own, so
+/// consumers' spans hang below the publishing and the trace reads request → enqueue → publish
+/// → consume.
 fn publish_span(row: &OutboxRow) -> (tracing::Span, Option<String>) {
     let span = tracing::info_span!(
         "outbox publish",
@@ -463,11 +477,206 @@ fn publish_span(row: &OutboxRow) -> (tracing::Span, Option<String>) {
     (span, traceparent)
 }
 
+/// For unit tests: a stand-in PostgreSQL server, so the spans of database work can be checked
+/// without a database.
+#[cfg(test)]
+pub(crate) mod fake_postgres {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use service_kit::config::DatabaseConfig;
+    use service_kit::db::Database;
+
+    /// A server that takes any login, answers simple queries (BEGIN, COMMIT) and fails every
+    /// prepared statement with SQLSTATE XX000; a [`Database`] with it as writer. Call inside a
+    /// runtime.
+    pub fn database() -> Database {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || serve(stream));
+            }
+        });
+        Database::connect_lazy(&DatabaseConfig {
+            writer_url: format!("postgres://test@127.0.0.1:{port}/test?sslmode=disable"),
+            reader_url: None,
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(2),
+            statement_timeout: Duration::from_secs(1),
+            replica_max_lag: Duration::from_secs(1),
+            replica_check_interval: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    fn send(stream: &mut TcpStream, tag: u8, body: &[u8]) -> std::io::Result<()> {
+        let mut message = vec![tag];
+        message.extend((body.len() as u32 + 4).to_be_bytes());
+        message.extend(body);
+        stream.write_all(&message)
+    }
+
+    fn body(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+        let mut len = [0; 4];
+        stream.read_exact(&mut len)?;
+        let mut body = vec![0; u32::from_be_bytes(len) as usize - 4];
+        stream.read_exact(&mut body)?;
+        Ok(body)
+    }
+
+    fn serve(mut stream: TcpStream) -> std::io::Result<()> {
+        body(&mut stream)?; // the startup message
+        send(&mut stream, b'R', &0u32.to_be_bytes())?; // authenticated
+        let mut status = b'I';
+        send(&mut stream, b'Z', &[status])?;
+        loop {
+            let mut tag = [0];
+            stream.read_exact(&mut tag)?;
+            let query = body(&mut stream)?;
+            match tag[0] {
+                b'Q' => {
+                    status = if query.starts_with(b"BEGIN") {
+                        b'T'
+                    } else {
+                        b'I'
+                    };
+                    send(&mut stream, b'C', b"OK\0")?;
+                    send(&mut stream, b'Z', &[status])?;
+                }
+                b'S' => {
+                    send(&mut stream, b'E', b"SERROR\0VERROR\0CXX000\0Mfake\0\0")?;
+                    if status == b'T' {
+                        status = b'E';
+                    }
+                    send(&mut stream, b'Z', &[status])?;
+                }
+                b'X' => return Ok(()),
+                _ => {}
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::catalog::UserRegistered;
     use crate::trace_capture::capture;
     use opentelemetry::trace::{SpanId, TraceId};
+    use opentelemetry_sdk::trace::SpanData;
+    use service_kit::db::DbError;
+    use tracing::Instrument;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn registered() -> UserRegistered {
+        UserRegistered {
+            user_id: Uuid::now_v7(),
+            username: "ada".into(),
+            nickname: None,
+            registered_at: OffsetDateTime::now_utc(),
+        }
+    }
+
+    fn attribute(span: &SpanData, key: &str) -> Option<String> {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    #[test]
+    fn enqueueing_is_a_span_in_the_callers_transaction_with_topic_and_type() {
+        let (_, spans) = capture(|| {
+            runtime().block_on(async {
+                let db = fake_postgres::database();
+                async {
+                    let _ = db
+                        .transaction(|conn| {
+                            Box::pin(async move {
+                                enqueue(conn, "/tests", &registered())
+                                    .await
+                                    .map_err(DbError::from)
+                            })
+                        })
+                        .await;
+                    let _ = db
+                        .write(|mut conn| async move {
+                            enqueue_all(&mut conn, "/tests", &[registered(), registered()]).await
+                        })
+                        .await;
+                }
+                .instrument(tracing::info_span!("request"))
+                .await
+            })
+        });
+        let id_of = |name: &str| {
+            spans
+                .iter()
+                .filter(|span| span.name == name)
+                .map(|span| span.span_context.span_id())
+                .collect::<Vec<_>>()
+        };
+        let parent_of = |name: &str| {
+            spans
+                .iter()
+                .filter(|span| span.name == name)
+                .map(|span| span.parent_span_id)
+                .collect::<Vec<_>>()
+        };
+        let request = id_of("request")[0];
+        assert_eq!(parent_of("db.acquire"), [request, request]);
+        assert_eq!(parent_of("db.transaction"), [request]);
+        assert_eq!(parent_of("db.query"), [request]);
+        assert_eq!(
+            parent_of("outbox.enqueue"),
+            [id_of("db.transaction")[0], id_of("db.query")[0]],
+            "in the transaction, after the wait for its connection"
+        );
+        let enqueued: Vec<&SpanData> = spans
+            .iter()
+            .filter(|span| span.name == "outbox.enqueue")
+            .collect();
+        for span in &enqueued {
+            assert_eq!(
+                attribute(span, "outbox.topic").as_deref(),
+                Some(UserRegistered::TOPIC.name)
+            );
+            assert_eq!(
+                attribute(span, "outbox.event_type").as_deref(),
+                Some(UserRegistered::TYPE)
+            );
+        }
+        // Nothing of the arguments (source, payload, connection) besides those: what
+        // tracing-opentelemetry adds itself aside, the fields are exactly these.
+        let fields = |span: &SpanData| {
+            span.attributes
+                .iter()
+                .map(|kv| kv.key.as_str().to_owned())
+                .filter(|key| {
+                    !(key.starts_with("code.")
+                        || key.starts_with("thread.")
+                        || ["target", "busy_ns", "idle_ns"].contains(&key.as_str()))
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(fields(enqueued[0]), ["outbox.topic", "outbox.event_type"]);
+        assert_eq!(
+            fields(enqueued[1]),
+            ["outbox.topic", "outbox.event_type", "outbox.events"]
+        );
+        assert_eq!(
+            attribute(enqueued[1], "outbox.events").as_deref(),
+            Some("2")
+        );
+    }
 
     fn row(traceparent: Option<&str>) -> OutboxRow {
         OutboxRow {

@@ -13,6 +13,14 @@
 //! position in the write-ahead log ([`Lsn`]), which services hand to the client as a consistency
 //! token; a read given such a token goes to the replica only once the replica has replayed at
 //! least that far, and to the primary until then.
+//!
+//! Tracing: below the caller's span, the wait for a connection is a `db.acquire` span and the
+//! work on it a `db.query` span (both with `pool` = `writer` or `reader`), or, for
+//! [`Database::transaction`], a `db.transaction` span ending in `db.commit` (commit and the
+//! read of the WAL position); the storage layers' statement spans hang below those. Outside any
+//! span (gauges, housekeeping, pollers) there are none: background work starts no trace of its
+//! own. A failure marks the span's OpenTelemetry status with its kind or SQLSTATE only, never
+//! the server's message (which can quote values).
 
 use std::fmt;
 use std::future::Future;
@@ -23,9 +31,12 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
+use opentelemetry::trace::Status;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection, Postgres};
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::DatabaseConfig;
 use crate::metrics as names;
@@ -220,10 +231,7 @@ impl Database {
     /// A connection to the primary, for work that manages its own transaction; the wait for it
     /// is recorded like every other.
     pub async fn writer_connection(&self) -> Result<PoolConnection<Postgres>, DbError> {
-        let waiting = Instant::now();
-        let conn = self.inner.writer.acquire().await?;
-        metrics::histogram!(names::DB_POOL_WAIT, "pool" => "writer").record(waiting.elapsed());
-        Ok(conn)
+        Ok(acquire(&self.inner.writer, "writer").await?)
     }
 
     /// Runs `op` on a connection to the primary.
@@ -331,17 +339,29 @@ impl Database {
         E: From<DbError>,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
-        let waiting = Instant::now();
-        let mut conn = self.inner.writer.acquire().await.map_err(DbError::from)?;
-        metrics::histogram!(names::DB_POOL_WAIT, "pool" => "writer").record(waiting.elapsed());
-        let running = Instant::now();
-        let mut tx = conn.begin().await.map_err(DbError::from)?;
-        let value = op(&mut tx).await?;
-        tx.commit().await.map_err(DbError::from)?;
-        let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
-            .fetch_one(&mut *conn)
+        let mut conn = acquire(&self.inner.writer, "writer")
             .await
             .map_err(DbError::from)?;
+        let span = stage_span(|| tracing::info_span!("db.transaction", pool = "writer"));
+        let running = Instant::now();
+        let committed = async {
+            let mut tx = conn.begin().await.map_err(|err| failed(&span, err))?;
+            let value = op(&mut tx).await?;
+            let commit = stage_span(|| tracing::info_span!("db.commit"));
+            tx.commit()
+                .instrument(commit.clone())
+                .await
+                .map_err(|err| failed(&commit, err))?;
+            let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
+                .fetch_one(&mut *conn)
+                .instrument(commit.clone())
+                .await
+                .map_err(|err| failed(&commit, err))?;
+            Ok::<_, E>((value, lsn))
+        }
+        .instrument(span.clone())
+        .await;
+        let (value, lsn) = committed?;
         metrics::histogram!(names::DB_QUERY_DURATION, "pool" => "writer").record(running.elapsed());
         Ok((value, Lsn(lsn as u64)))
     }
@@ -503,18 +523,312 @@ where
     F: FnOnce(PoolConnection<Postgres>) -> Fut,
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
-    let waiting = Instant::now();
-    let conn = pool.acquire().await?;
-    metrics::histogram!(names::DB_POOL_WAIT, "pool" => label).record(waiting.elapsed());
+    let conn = acquire(pool, label).await?;
+    let span = stage_span(|| tracing::info_span!("db.query", pool = label));
     let running = Instant::now();
-    let result = op(conn).await;
+    let result = op(conn).instrument(span.clone()).await;
     metrics::histogram!(names::DB_QUERY_DURATION, "pool" => label).record(running.elapsed());
-    result
+    result.inspect_err(|err| mark_failed(&span, err))
+}
+
+/// A connection from `pool` (`label`: `writer` or `reader`), the wait recorded and in a
+/// `db.acquire` span.
+async fn acquire(
+    pool: &PgPool,
+    label: &'static str,
+) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+    let span = stage_span(|| tracing::info_span!("db.acquire", pool = label));
+    let waiting = Instant::now();
+    match pool.acquire().instrument(span.clone()).await {
+        Ok(conn) => {
+            metrics::histogram!(names::DB_POOL_WAIT, "pool" => label).record(waiting.elapsed());
+            Ok(conn)
+        }
+        Err(err) => {
+            mark_failed(&span, &err);
+            Err(err)
+        }
+    }
+}
+
+/// The span of a stage of database work, made by `make` below the caller's span; none outside
+/// one, so that background work (gauges, housekeeping, pollers) starts no trace per round.
+fn stage_span(make: impl FnOnce() -> Span) -> Span {
+    if Span::current().is_none() {
+        Span::none()
+    } else {
+        make()
+    }
+}
+
+/// Marks `span` failed with what kind of failure `err` is, and converts it.
+fn failed(span: &Span, err: sqlx::Error) -> DbError {
+    mark_failed(span, &err);
+    DbError::from(err)
+}
+
+/// Marks `span` failed with the kind of `err` (its SQLSTATE for a database error): never the
+/// message, which can quote the statement's values.
+fn mark_failed(span: &Span, err: &sqlx::Error) {
+    if span.is_none() {
+        return;
+    }
+    let kind = match err {
+        sqlx::Error::Database(db) => match db.code() {
+            Some(code) => format!("SQLSTATE {code}"),
+            None => "database error".to_owned(),
+        },
+        sqlx::Error::PoolTimedOut => "no connection free in time".to_owned(),
+        sqlx::Error::PoolClosed => "pool closed".to_owned(),
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) => "connection failed".to_owned(),
+        sqlx::Error::Protocol(_) => "protocol error".to_owned(),
+        sqlx::Error::RowNotFound => "no row".to_owned(),
+        _ => "database error".to_owned(),
+    };
+    span.set_status(Status::error(kind));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Mutex;
+
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::error::OTelSdkResult;
+    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    #[derive(Debug, Clone, Default)]
+    struct Collected(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Collected {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    /// Runs `work` on a runtime of this thread under the OpenTelemetry layer; returns the spans
+    /// exported, in the order they ended.
+    fn capture(work: impl Future<Output = ()>) -> Vec<SpanData> {
+        let collected = Collected::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(collected.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(work)
+        });
+        let _ = provider.force_flush();
+        let spans = collected.0.lock().unwrap().clone();
+        spans
+    }
+
+    /// A stand-in PostgreSQL server, so spans can be checked without a database: it takes any
+    /// login, answers simple queries (BEGIN, COMMIT) and fails every prepared statement with
+    /// SQLSTATE XX000. Returns its URL.
+    fn fake_postgres() -> String {
+        fn send(stream: &mut TcpStream, tag: u8, body: &[u8]) -> std::io::Result<()> {
+            let mut message = vec![tag];
+            message.extend((body.len() as u32 + 4).to_be_bytes());
+            message.extend(body);
+            stream.write_all(&message)
+        }
+        fn body(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+            let mut len = [0; 4];
+            stream.read_exact(&mut len)?;
+            let mut body = vec![0; u32::from_be_bytes(len) as usize - 4];
+            stream.read_exact(&mut body)?;
+            Ok(body)
+        }
+        fn serve(mut stream: TcpStream) -> std::io::Result<()> {
+            body(&mut stream)?; // the startup message
+            send(&mut stream, b'R', &0u32.to_be_bytes())?; // authenticated
+            let mut status = b'I';
+            send(&mut stream, b'Z', &[status])?;
+            loop {
+                let mut tag = [0];
+                stream.read_exact(&mut tag)?;
+                let query = body(&mut stream)?;
+                match tag[0] {
+                    b'Q' => {
+                        status = if query.starts_with(b"BEGIN") {
+                            b'T'
+                        } else {
+                            b'I'
+                        };
+                        send(&mut stream, b'C', b"OK\0")?;
+                        send(&mut stream, b'Z', &[status])?;
+                    }
+                    b'S' => {
+                        send(&mut stream, b'E', b"SERROR\0VERROR\0CXX000\0Mfake\0\0")?;
+                        if status == b'T' {
+                            status = b'E';
+                        }
+                        send(&mut stream, b'Z', &[status])?;
+                    }
+                    b'X' => return Ok(()),
+                    _ => {}
+                }
+            }
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || serve(stream));
+            }
+        });
+        format!("postgres://test@127.0.0.1:{port}/test?sslmode=disable")
+    }
+
+    /// A URL where nothing listens.
+    fn nothing_there() -> String {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        format!("postgres://test@127.0.0.1:{port}/test?sslmode=disable")
+    }
+
+    fn database(writer_url: String, reader_url: Option<String>) -> Database {
+        Database::connect_lazy(&DatabaseConfig {
+            writer_url,
+            reader_url,
+            max_connections: 2,
+            acquire_timeout: Duration::from_millis(300),
+            statement_timeout: Duration::from_secs(1),
+            replica_max_lag: Duration::from_secs(1),
+            replica_check_interval: Duration::from_secs(1),
+        })
+        .unwrap()
+    }
+
+    async fn select_one(mut conn: PoolConnection<Postgres>) -> sqlx::Result<Option<i32>> {
+        sqlx::query_scalar("SELECT 1")
+            .fetch_optional(&mut *conn)
+            .await
+    }
+
+    fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
+        spans.iter().filter(|span| span.name == name).collect()
+    }
+
+    fn pool_of(span: &SpanData) -> String {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "pool")
+            .map(|kv| kv.value.to_string())
+            .unwrap_or_default()
+    }
+
+    fn failed_with(span: &SpanData) -> String {
+        match &span.status {
+            Status::Error { description } => description.to_string(),
+            _ => String::new(),
+        }
+    }
+
+    #[test]
+    fn every_way_in_waits_for_its_connection_and_runs_in_spans_below_the_caller() {
+        let spans = capture(async {
+            let db = database(fake_postgres(), Some(fake_postgres()));
+            async {
+                let _ = db.write(select_one).await;
+                let _ = db.read(select_one).await;
+                let _ = db.read_after(Some(Lsn(1)), select_one).await;
+                let _ = db.read_one(None, select_one).await;
+                let _ = db
+                    .transaction(|_| Box::pin(async { Ok::<_, DbError>(()) }))
+                    .await;
+                let _ = db.writer_connection().await.map(drop);
+            }
+            .instrument(tracing::info_span!("request"))
+            .await;
+        });
+        let request = named(&spans, "request")[0].span_context.span_id();
+        let acquires = named(&spans, "db.acquire");
+        assert_eq!(
+            acquires
+                .iter()
+                .map(|span| pool_of(span))
+                .collect::<Vec<_>>(),
+            // write, read, read_after (the replica has not replayed that far: unknown yet),
+            // read_one, transaction, writer_connection
+            ["writer", "reader", "writer", "reader", "writer", "writer"]
+        );
+        let queries = named(&spans, "db.query");
+        assert_eq!(
+            queries.iter().map(|span| pool_of(span)).collect::<Vec<_>>(),
+            ["writer", "reader", "writer", "reader"]
+        );
+        let transaction = named(&spans, "db.transaction");
+        assert_eq!(transaction.len(), 1);
+        for span in acquires.iter().chain(&queries).chain(&transaction) {
+            assert_eq!(
+                span.parent_span_id, request,
+                "{} below the caller",
+                span.name
+            );
+        }
+        assert!(queries
+            .iter()
+            .all(|span| failed_with(span) == "SQLSTATE XX000"));
+        let commit = named(&spans, "db.commit");
+        assert_eq!(commit.len(), 1);
+        assert_eq!(
+            commit[0].parent_span_id,
+            transaction[0].span_context.span_id()
+        );
+        // The commit went through; reading the WAL position was refused.
+        assert_eq!(failed_with(commit[0]), "SQLSTATE XX000");
+    }
+
+    #[test]
+    fn a_read_falling_back_from_a_dead_replica_shows_both_waits() {
+        let spans = capture(async {
+            let db = database(fake_postgres(), Some(nothing_there()));
+            let _ = db
+                .read(select_one)
+                .instrument(tracing::info_span!("request"))
+                .await;
+        });
+        let acquires = named(&spans, "db.acquire");
+        assert_eq!(
+            acquires
+                .iter()
+                .map(|span| pool_of(span))
+                .collect::<Vec<_>>(),
+            ["reader", "writer"]
+        );
+        assert_eq!(failed_with(acquires[0]), "no connection free in time");
+        assert_eq!(failed_with(acquires[1]), "");
+        let queries = named(&spans, "db.query");
+        assert_eq!(
+            queries.iter().map(|span| pool_of(span)).collect::<Vec<_>>(),
+            ["writer"]
+        );
+    }
+
+    #[test]
+    fn work_outside_any_span_starts_no_trace() {
+        let spans = capture(async {
+            let db = database(fake_postgres(), None);
+            let _ = db.write(select_one).await;
+            let _ = db
+                .transaction(|_| Box::pin(async { Ok::<_, DbError>(()) }))
+                .await;
+        });
+        assert!(spans.is_empty(), "{spans:?}");
+    }
 
     #[test]
     fn lsn_reads_and_writes_postgres_notation() {

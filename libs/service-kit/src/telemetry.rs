@@ -11,9 +11,11 @@ use opentelemetry_sdk::Resource;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::DynFilterFn;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::layer::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -74,7 +76,20 @@ pub fn init(
 
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(DynFilterFn::new(|meta, cx| {
+                    // Statement spans (`#[instrument]` in the services' storage modules) and
+                    // outbox enqueues belong to a request's or an event's trace. Outside one
+                    // (the pollers, several times a second) they would each start a one-span
+                    // trace of their own: noise that buries the traces people look for.
+                    let statement = meta.target().ends_with("::storage")
+                        || meta.target().contains("::storage::")
+                        || meta.name() == "outbox.enqueue";
+                    !meta.is_span() || !statement || cx.lookup_current().is_some()
+                })),
+        )
         .with(
             tracing_subscriber::fmt::layer()
                 .fmt_fields(JsonFields::new())

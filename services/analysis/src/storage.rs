@@ -60,6 +60,7 @@ pub struct DashboardRows {
     pub as_of: Option<Json<AsOf>>,
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn task(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -73,6 +74,7 @@ pub async fn task(
         .map(|found| found.map(|Json(model)| model))
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn tasks(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -86,6 +88,7 @@ pub async fn tasks(
         .map(|rows| rows.into_iter().map(|Json(model)| model).collect())
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn user_as_of(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<Option<AsOf>> {
     let row: Option<(OffsetDateTime, String, i32, i64)> = sqlx::query_as(AS_OF_SQL)
         .bind(owner)
@@ -99,6 +102,7 @@ pub async fn user_as_of(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<Op
     }))
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn export_page(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -114,6 +118,7 @@ pub async fn export_page(
         .map(|rows| rows.into_iter().map(|(id, Json(m))| (id, m)).collect())
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn dashboard(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -128,6 +133,7 @@ pub async fn dashboard(
 
 /// The task's row, locked for the rest of the transaction (events of one task are applied one
 /// at a time, whoever applies them: the consumer or a rebuild catching up).
+#[tracing::instrument(skip_all)]
 pub async fn lock_task(conn: &mut PgConnection, task: Uuid) -> sqlx::Result<Option<StoredTask>> {
     let row: Option<(i64, bool, Option<Json<TaskModel>>)> = sqlx::query_as(
         "SELECT version, deleted, model FROM task_analysis WHERE task_id = $1 FOR UPDATE",
@@ -143,6 +149,7 @@ pub async fn lock_task(conn: &mut PgConnection, task: Uuid) -> sqlx::Result<Opti
 }
 
 /// Claims a task id not seen before; `false` if someone else inserted it meanwhile.
+#[tracing::instrument(skip_all)]
 pub async fn claim_new_task(
     conn: &mut PgConnection,
     task: Uuid,
@@ -159,6 +166,7 @@ pub async fn claim_new_task(
     Ok(inserted.rows_affected() == 1)
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn save_task(conn: &mut PgConnection, model: &TaskModel) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE task_analysis SET version = $2, deleted = false, open_due_at = $3, model = $4 \
@@ -174,6 +182,7 @@ pub async fn save_task(conn: &mut PgConnection, model: &TaskModel) -> sqlx::Resu
 }
 
 /// Leaves a tombstone: the task is gone, and no event older than `version` applies again.
+#[tracing::instrument(skip_all)]
 pub async fn bury_task(conn: &mut PgConnection, task: Uuid, version: i64) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE task_analysis SET version = $2, deleted = true, open_due_at = NULL, model = NULL \
@@ -188,6 +197,7 @@ pub async fn bury_task(conn: &mut PgConnection, task: Uuid, version: i64) -> sql
 
 /// Applies changes to `owner`'s totals, in the order given (sorted: concurrent writers lock the
 /// rows in the same order, so they cannot deadlock).
+#[tracing::instrument(skip_all)]
 pub async fn change_totals(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -235,6 +245,7 @@ pub async fn change_totals(
 }
 
 /// Adds `events` to `owner`'s count of `name` on `day`.
+#[tracing::instrument(skip_all)]
 pub async fn add_usage(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -256,6 +267,7 @@ pub async fn add_usage(
 }
 
 /// `(day, name, events)` of `owner` from `from` to `to`, by day and name.
+#[tracing::instrument(skip_all)]
 pub async fn usage(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -272,6 +284,7 @@ pub async fn usage(
 
 /// Records that `owner`'s models reflect the event `as_of` if it is the newest seen (by time, then
 /// position: the same answer whatever order partitions were applied in).
+#[tracing::instrument(skip_all)]
 pub async fn note_as_of(conn: &mut PgConnection, owner: Uuid, as_of: &AsOf) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO user_as_of (owner_id, event_at, topic, partition, \"offset\") \
@@ -291,6 +304,7 @@ pub async fn note_as_of(conn: &mut PgConnection, owner: Uuid, as_of: &AsOf) -> s
     .map(drop)
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn is_erased(conn: &mut PgConnection, user_hash: &[u8]) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM erased_users WHERE user_hash = $1)")
         .bind(user_hash)
@@ -299,6 +313,7 @@ pub async fn is_erased(conn: &mut PgConnection, user_hash: &[u8]) -> sqlx::Resul
 }
 
 /// Erases everything of `owner` and remembers that it was erased.
+#[tracing::instrument(skip_all)]
 pub async fn erase_user(
     conn: &mut PgConnection,
     owner: Uuid,

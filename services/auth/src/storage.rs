@@ -12,6 +12,7 @@ use crate::domain::{ProfileChange, User};
 
 const USER_COLUMNS: &str = "id, username, nickname, avatar_url, created_at, updated_at";
 
+#[tracing::instrument(skip_all)]
 pub async fn username_exists(conn: &mut PgConnection, username: &str) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)")
         .bind(username)
@@ -20,6 +21,7 @@ pub async fn username_exists(conn: &mut PgConnection, username: &str) -> sqlx::R
 }
 
 /// Inserts the account, or returns `None` when the username was taken in the meantime.
+#[tracing::instrument(skip_all)]
 pub async fn insert_user(
     conn: &mut PgConnection,
     id: Uuid,
@@ -40,6 +42,7 @@ pub async fn insert_user(
 }
 
 /// The id and password hash of `username`, if the account exists.
+#[tracing::instrument(skip_all)]
 pub async fn find_credentials(
     conn: &mut PgConnection,
     username: &str,
@@ -51,6 +54,7 @@ pub async fn find_credentials(
 }
 
 /// The username and password hash of account `id`.
+#[tracing::instrument(skip_all)]
 pub async fn find_credentials_by_id(
     conn: &mut PgConnection,
     id: Uuid,
@@ -64,6 +68,7 @@ pub async fn find_credentials_by_id(
 /// Deletes account `id` with its sessions and refresh tokens (cascading), and the outbox's
 /// published copies of its earlier events (they hold the username); false if it was gone.
 /// Events not yet published stay: they go out before the deletion's own, in order.
+#[tracing::instrument(skip_all)]
 pub async fn delete_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool> {
     let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
         .bind(id)
@@ -78,6 +83,7 @@ pub async fn delete_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<bool
     Ok(deleted)
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn find_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<User>> {
     sqlx::query_as(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
         .bind(id)
@@ -86,6 +92,7 @@ pub async fn find_user(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<Option
 }
 
 /// Applies the fields present in `change` (a present `None` clears the field).
+#[tracing::instrument(skip_all)]
 pub async fn update_profile(
     conn: &mut PgConnection,
     id: Uuid,
@@ -108,6 +115,7 @@ pub async fn update_profile(
 }
 
 /// Starts a session (refresh-token family) for `user_id`.
+#[tracing::instrument(skip_all)]
 pub async fn create_family(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Uuid> {
     sqlx::query_scalar(
         "INSERT INTO refresh_token_families (id, user_id) VALUES ($1, $2) RETURNING id",
@@ -118,6 +126,7 @@ pub async fn create_family(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Resu
     .await
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn insert_refresh_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],
@@ -148,6 +157,7 @@ pub struct StoredRefreshToken {
 
 /// Finds the token and locks it and its family until the transaction ends, so two refreshes
 /// with the same token (or a refresh and a logout) are decided one after the other.
+#[tracing::instrument(skip_all)]
 pub async fn lock_refresh_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],
@@ -163,6 +173,7 @@ pub async fn lock_refresh_token(
     .await
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn mark_used(conn: &mut PgConnection, token_hash: &[u8; 32]) -> sqlx::Result<()> {
     sqlx::query("UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1")
         .bind(&token_hash[..])
@@ -180,6 +191,7 @@ pub struct EndedSession {
 }
 
 /// Ends session `family_id`; `None` when it had ended already.
+#[tracing::instrument(skip_all)]
 pub async fn revoke_family(
     conn: &mut PgConnection,
     family_id: Uuid,
@@ -199,6 +211,7 @@ pub async fn revoke_family(
 
 /// Ends the session the token belongs to; `None` when the token is unknown or its session had
 /// ended already (nothing changed).
+#[tracing::instrument(skip_all)]
 pub async fn revoke_family_of_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],

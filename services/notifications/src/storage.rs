@@ -20,6 +20,7 @@ use crate::domain::feed::{Change, NewChange, CHANNEL};
 /// the order given, and trims each of those feeds to its newest `max_entries`. Returns the
 /// changes with their sequence numbers. Users' heads are locked in id order, so batches applied
 /// side by side cannot deadlock.
+#[tracing::instrument(skip_all)]
 pub async fn append(
     conn: &mut PgConnection,
     changes: &[NewChange],
@@ -90,6 +91,7 @@ pub async fn append(
 }
 
 /// Tells every instance (delivered when the caller's transaction commits).
+#[tracing::instrument(skip_all)]
 pub async fn notify(conn: &mut PgConnection, payload: &str) -> sqlx::Result<()> {
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
@@ -100,6 +102,7 @@ pub async fn notify(conn: &mut PgConnection, payload: &str) -> sqlx::Result<()> 
 }
 
 /// The user's latest sequence number (0 before their first change).
+#[tracing::instrument(skip_all)]
 pub async fn head(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT last_seq FROM live_heads WHERE user_id = $1")
         .bind(user)
@@ -109,6 +112,7 @@ pub async fn head(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<i64> {
 }
 
 /// Up to `limit` kept entries of `user` after `after` (and before `before`, if given), in order.
+#[tracing::instrument(skip_all)]
 pub async fn entries_after(
     conn: &mut PgConnection,
     user: Uuid,
@@ -140,6 +144,7 @@ pub async fn entries_after(
 }
 
 /// Erases a deleted account's feed.
+#[tracing::instrument(skip_all)]
 pub async fn erase_user(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<u64> {
     let feed = sqlx::query("DELETE FROM live_feed WHERE user_id = $1")
         .bind(user)
@@ -154,6 +159,7 @@ pub async fn erase_user(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<u64
 }
 
 /// Records that `session`'s tokens may open no socket until `forget_after`.
+#[tracing::instrument(skip_all)]
 pub async fn revoke_session(
     conn: &mut PgConnection,
     session: Uuid,
@@ -171,6 +177,7 @@ pub async fn revoke_session(
     .map(drop)
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn session_revoked(conn: &mut PgConnection, session: Uuid) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM revoked_sessions WHERE session_id = $1 AND forget_after > now())",

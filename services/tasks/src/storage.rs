@@ -93,6 +93,7 @@ impl TryFrom<TaskRow> for Task {
     }
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn find(conn: &mut PgConnection, owner: Uuid, id: Uuid) -> sqlx::Result<Option<TaskRow>> {
     sqlx::query_as(FIND_SQL)
         .bind(id)
@@ -103,6 +104,7 @@ pub async fn find(conn: &mut PgConnection, owner: Uuid, id: Uuid) -> sqlx::Resul
 
 /// Reads the task and locks it until the transaction ends: concurrent changes to one task are
 /// decided one after the other, each against the version the previous one left.
+#[tracing::instrument(skip_all)]
 pub async fn find_for_update(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -115,6 +117,7 @@ pub async fn find_for_update(
         .await
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn insert(
     conn: &mut PgConnection,
     id: Uuid,
@@ -140,6 +143,7 @@ pub async fn insert(
 }
 
 /// Writes `task`'s fields as its next version.
+#[tracing::instrument(skip_all)]
 pub async fn update(conn: &mut PgConnection, task: &Task) -> sqlx::Result<TaskRow> {
     sqlx::query_as(concat!(
         "UPDATE tasks t SET title = $2, description = $3, status = $4, priority = $5, \
@@ -158,6 +162,7 @@ pub async fn update(conn: &mut PgConnection, task: &Task) -> sqlx::Result<TaskRo
     .await
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM tasks WHERE id = $1")
         .bind(id)
@@ -167,6 +172,7 @@ pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
 }
 
 /// Makes the label index say exactly `labels` for the task.
+#[tracing::instrument(skip_all)]
 pub async fn replace_labels(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -191,6 +197,7 @@ pub async fn replace_labels(
     Ok(())
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn insert_revision(
     conn: &mut PgConnection,
     task: &Task,
@@ -239,6 +246,7 @@ impl TryFrom<RevisionRow> for Revision {
 }
 
 /// Up to `limit` revisions after `after_version`, oldest first.
+#[tracing::instrument(skip_all)]
 pub async fn revisions(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -292,6 +300,7 @@ pub fn push_list_query(sql: &mut QueryBuilder<'_, Postgres>, owner: Uuid, query:
         .push_bind(i64::from(query.limit) + 1);
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn list(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -304,6 +313,7 @@ pub async fn list(
 
 /// Claims `key` for a new task; false when it was claimed before (the claim of a concurrent
 /// request is waited for, so the answer is final).
+#[tracing::instrument(skip_all)]
 pub async fn claim_idempotency_key(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -325,6 +335,7 @@ pub async fn claim_idempotency_key(
 }
 
 /// The request hash and stored answer of a claimed key.
+#[tracing::instrument(skip_all)]
 pub async fn idempotency_record(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -339,6 +350,7 @@ pub async fn idempotency_record(
     .await
 }
 
+#[tracing::instrument(skip_all)]
 pub async fn store_idempotent_response(
     conn: &mut PgConnection,
     owner: Uuid,
@@ -369,6 +381,7 @@ pub fn housekeeping_sweeps() -> Vec<Sweep> {
 }
 
 /// Asks for `user`'s data to be erased (again, if asked before: nothing changes).
+#[tracing::instrument(skip_all)]
 pub async fn request_erasure(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO erasures (user_id, requested_at) VALUES ($1, now()) ON CONFLICT DO NOTHING",
@@ -380,6 +393,7 @@ pub async fn request_erasure(conn: &mut PgConnection, user: Uuid) -> sqlx::Resul
 }
 
 /// The next account to erase and when that was asked for, locked until the transaction ends.
+#[tracing::instrument(skip_all)]
 pub async fn claim_erasure(
     conn: &mut PgConnection,
 ) -> sqlx::Result<Option<(Uuid, OffsetDateTime)>> {
@@ -402,6 +416,7 @@ impl Erased {
 
 /// Erases up to `batch` tasks of `owner`, the history of as many, and up to `batch` of its
 /// idempotency keys.
+#[tracing::instrument(skip_all)]
 pub async fn erase_batch(conn: &mut PgConnection, owner: Uuid, batch: i64) -> sqlx::Result<Erased> {
     let picked: Vec<Uuid> = sqlx::query_scalar(ERASE_PICK_TASKS_SQL)
         .bind(owner)
@@ -441,6 +456,7 @@ pub async fn erase_batch(conn: &mut PgConnection, owner: Uuid, batch: i64) -> sq
 }
 
 /// The erasure of `user` is complete.
+#[tracing::instrument(skip_all)]
 pub async fn finish_erasure(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM erasures WHERE user_id = $1")
         .bind(user)

@@ -202,6 +202,8 @@ impl<H: EventHandler> Applier<H> {
     }
 
     /// One transaction: records the ids, hands the ones not seen before to the handler, commits.
+    /// In the event's (or batch's) span: the wait for a connection (`db.acquire`),
+    /// `record_event_ids`, the handler's statements, `db.commit`.
     async fn apply_events(&self, events: &[ReceivedEvent]) -> Result<(), HandlerError> {
         let Some(first) = events.first() else {
             return Ok(());
@@ -229,6 +231,7 @@ impl<H: EventHandler> Applier<H> {
             .bind(&ids)
             .bind(&first.topic)
             .fetch_all(&mut *tx)
+            .instrument(tracing::info_span!("record_event_ids"))
             .await?
             .into_iter()
             .collect();
@@ -246,7 +249,9 @@ impl<H: EventHandler> Applier<H> {
                         .collect();
                     self.handler.handle_batch(&mut tx, &new).await?;
                 }
-                tx.commit().await?;
+                tx.commit()
+                    .instrument(tracing::info_span!("db.commit"))
+                    .await?;
             }
             metrics::counter!(names::EVENTS_CONSUMED, "topic" => first.topic.clone())
                 .increment(fresh.len() as u64);
@@ -540,6 +545,49 @@ mod tests {
             .find(|span| span.name == "consume batch")
             .expect("the batch's span");
         assert_eq!(batch.links.links.len(), 2, "linked to both events");
+    }
+
+    struct Ignore;
+
+    impl EventHandler for Ignore {
+        fn handle<'a>(
+            &'a self,
+            _: &'a mut sqlx::PgConnection,
+            _: &'a ReceivedEvent,
+        ) -> futures_util::future::BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[test]
+    fn applying_an_event_waits_and_records_its_id_below_the_events_span() {
+        let event = received(Some(format!("00-{TRACE}-{PARENT}-01")));
+        let (_, spans) = capture(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(async {
+                    let settings = ConsumerSettings::new("unused:9092", "group", &["t"]);
+                    let applier = Applier::new(
+                        &settings,
+                        crate::outbox::fake_postgres::database(),
+                        Arc::new(Ignore),
+                    )
+                    .unwrap();
+                    // The stand-in database refuses the statement: the spans are there anyway.
+                    assert!(applier.apply_events(&[event]).await.is_err());
+                })
+        });
+        let event_span = spans.iter().find(|span| span.name == "event").unwrap();
+        for name in ["db.acquire", "record_event_ids"] {
+            let span = spans.iter().find(|span| span.name == name).unwrap();
+            assert_eq!(
+                span.parent_span_id,
+                event_span.span_context.span_id(),
+                "{name} below the event's span"
+            );
+        }
     }
 
     #[test]

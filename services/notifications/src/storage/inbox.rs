@@ -28,6 +28,7 @@ pub struct NewNotification {
     pub created_at: OffsetDateTime,
 }
 
+#[tracing::instrument(name = "inbox.insert", skip_all)]
 pub async fn insert(conn: &mut PgConnection, rows: &[NewNotification]) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO notifications (id, user_id, kind, task_id, title, body, created_at) \
@@ -50,6 +51,7 @@ pub async fn insert(conn: &mut PgConnection, rows: &[NewNotification]) -> sqlx::
 const READ: &str = "(n.read_at IS NOT NULL OR n.id <= COALESCE(w.read_through, '00000000-0000-0000-0000-000000000000'::uuid))";
 
 /// Up to `limit` of `user`'s notifications older than `before` (the cursor), newest first.
+#[tracing::instrument(name = "inbox.page", skip_all)]
 pub async fn page(
     conn: &mut PgConnection,
     user: Uuid,
@@ -72,6 +74,7 @@ pub async fn page(
 }
 
 /// How many of `user`'s notifications are unread (exact: the unread partial index).
+#[tracing::instrument(name = "inbox.unread_count", skip_all)]
 pub async fn unread_count(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM notifications n \
@@ -85,6 +88,7 @@ pub async fn unread_count(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<i
 }
 
 /// Marks one notification read; `false` if `user` has no such notification.
+#[tracing::instrument(name = "inbox.mark_read", skip_all)]
 pub async fn mark_read(conn: &mut PgConnection, user: Uuid, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query_scalar(
         "WITH found AS (SELECT id FROM notifications WHERE id = $2 AND user_id = $1), \
@@ -99,6 +103,7 @@ pub async fn mark_read(conn: &mut PgConnection, user: Uuid, id: Uuid) -> sqlx::R
 }
 
 /// Everything `user` has now counts as read: one row written, whatever the inbox's size.
+#[tracing::instrument(name = "inbox.mark_all_read", skip_all)]
 pub async fn mark_all_read(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO inbox_watermarks AS w (user_id, read_through) \
@@ -113,6 +118,7 @@ pub async fn mark_all_read(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<
 }
 
 /// Deletes one notification (and its pending pushes); `false` if `user` has no such one.
+#[tracing::instrument(name = "inbox.delete", skip_all)]
 pub async fn delete(conn: &mut PgConnection, user: Uuid, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query("DELETE FROM notifications WHERE id = $2 AND user_id = $1")
         .bind(user)
@@ -133,6 +139,7 @@ pub struct PreferencesRow {
     pub time_zone: Option<String>,
 }
 
+#[tracing::instrument(name = "inbox.preferences", skip_all)]
 pub async fn preferences(
     conn: &mut PgConnection,
     user: Uuid,
@@ -154,6 +161,7 @@ struct UserPreferencesRow {
 }
 
 /// The preferences of several users at once (those without a row are absent).
+#[tracing::instrument(name = "inbox.preferences_of", skip_all)]
 pub async fn preferences_of(
     conn: &mut PgConnection,
     users: &[Uuid],
@@ -172,6 +180,7 @@ pub async fn preferences_of(
         .collect())
 }
 
+#[tracing::instrument(name = "inbox.save_preferences", skip_all)]
 pub async fn save_preferences(
     conn: &mut PgConnection,
     user: Uuid,
@@ -199,6 +208,7 @@ pub async fn save_preferences(
 }
 
 /// Erases a deleted account's inbox, schedule, preferences and devices.
+#[tracing::instrument(name = "inbox.erase_user", skip_all)]
 pub async fn erase_user(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<u64> {
     let mut rows = 0;
     for statement in [

@@ -31,6 +31,7 @@ pub enum Registered {
 /// serialised (an advisory lock on the user), so two at once cannot pass the limit together. An
 /// endpoint registered by another account moves to this one: the browser belongs to whoever
 /// subscribed last.
+#[tracing::instrument(name = "push.register", skip_all)]
 pub async fn register(
     conn: &mut PgConnection,
     user: Uuid,
@@ -87,6 +88,7 @@ pub async fn register(
     Ok(Registered::Created(row))
 }
 
+#[tracing::instrument(name = "push.subscriptions", skip_all)]
 pub async fn subscriptions(
     conn: &mut PgConnection,
     user: Uuid,
@@ -101,6 +103,7 @@ pub async fn subscriptions(
 }
 
 /// Deletes one of `user`'s devices; `false` if there is no such one.
+#[tracing::instrument(name = "push.unregister", skip_all)]
 pub async fn unregister(conn: &mut PgConnection, user: Uuid, id: Uuid) -> sqlx::Result<bool> {
     sqlx::query("DELETE FROM push_subscriptions WHERE id = $2 AND user_id = $1")
         .bind(user)
@@ -121,6 +124,7 @@ pub struct NewDelivery {
 }
 
 /// Queues `deliveries`, one row per device the user has now. Returns how many rows.
+#[tracing::instrument(name = "push.enqueue", skip_all)]
 pub async fn enqueue(conn: &mut PgConnection, deliveries: &[NewDelivery]) -> sqlx::Result<u64> {
     if deliveries.is_empty() {
         return Ok(0);
@@ -162,6 +166,7 @@ pub struct ClaimedDelivery {
 
 /// Claims up to `limit` due pending pushes nobody holds (or whose holder's claim expired), for
 /// `lease`, counting the attempt.
+#[tracing::instrument(name = "push.claim", skip_all)]
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
@@ -190,6 +195,7 @@ pub async fn claim(
 }
 
 /// Gives up claims that were queued but not sent (the instance is stopping).
+#[tracing::instrument(name = "push.release", skip_all)]
 pub async fn release(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE push_deliveries SET claimed_until = NULL, attempts = attempts - 1 \
@@ -202,6 +208,7 @@ pub async fn release(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> 
 }
 
 /// The push service took it.
+#[tracing::instrument(name = "push.mark_sent", skip_all)]
 pub async fn mark_sent(conn: &mut PgConnection, id: Uuid, status: u16) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE push_deliveries SET state = 'sent', last_status = $2, finished_at = now(), \
@@ -215,6 +222,7 @@ pub async fn mark_sent(conn: &mut PgConnection, id: Uuid, status: u16) -> sqlx::
 }
 
 /// Try again `delay` from now (the database's clock, the one claims are made by).
+#[tracing::instrument(name = "push.retry_later", skip_all)]
 pub async fn retry_later(
     conn: &mut PgConnection,
     id: Uuid,
@@ -236,6 +244,7 @@ pub async fn retry_later(
 }
 
 /// Given up on.
+#[tracing::instrument(name = "push.mark_failed", skip_all)]
 pub async fn mark_failed(
     conn: &mut PgConnection,
     id: Uuid,
@@ -256,6 +265,7 @@ pub async fn mark_failed(
 
 /// The push service says the subscription is gone (404/410): the device is forgotten, with its
 /// pending pushes.
+#[tracing::instrument(name = "push.forget_subscription", skip_all)]
 pub async fn forget_subscription(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM push_subscriptions WHERE id = $1")
         .bind(id)
@@ -265,6 +275,7 @@ pub async fn forget_subscription(conn: &mut PgConnection, id: Uuid) -> sqlx::Res
 }
 
 /// How many pushes are pending (for the backlog gauge), counted up to `cap`.
+#[tracing::instrument(name = "push.pending", skip_all)]
 pub async fn pending(conn: &mut PgConnection, cap: i64) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM push_deliveries WHERE state = 'pending' LIMIT $1) AS p",

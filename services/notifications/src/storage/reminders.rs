@@ -21,6 +21,7 @@ pub struct ScheduledTask {
 /// default one hour without preferences) and "overdue" at it. A due date that did not change
 /// keeps what already fired and who claimed it; a new one starts afresh. Older versions of the
 /// task change nothing.
+#[tracing::instrument(name = "reminders.schedule", skip_all)]
 pub async fn schedule(conn: &mut PgConnection, task: &ScheduledTask) -> sqlx::Result<()> {
     let Some(due_at) = task.due_at else {
         sqlx::query("DELETE FROM reminders WHERE task_id = $1 AND task_version <= $2")
@@ -61,6 +62,7 @@ pub async fn schedule(conn: &mut PgConnection, task: &ScheduledTask) -> sqlx::Re
 }
 
 /// Moves the user's unfired "due soon" reminders to a new lead time.
+#[tracing::instrument(name = "reminders.apply_lead_time", skip_all)]
 pub async fn apply_lead_time(
     conn: &mut PgConnection,
     user: Uuid,
@@ -82,6 +84,7 @@ pub async fn apply_lead_time(
 /// Claims for `instance` the unfired reminders due within `lookahead` that nobody holds (or
 /// whose holder's claim expired), up to `limit`. A claim lasts until `lease` past the later of
 /// its fire time and now. Returns how many were claimed.
+#[tracing::instrument(name = "reminders.claim", skip_all)]
 pub async fn claim(
     conn: &mut PgConnection,
     instance: Uuid,
@@ -109,6 +112,7 @@ pub async fn claim(
 
 /// Gives up `instance`'s unfired claims (it is stopping): another instance takes them at once
 /// instead of after their lease.
+#[tracing::instrument(name = "reminders.release", skip_all)]
 pub async fn release(conn: &mut PgConnection, instance: Uuid) -> sqlx::Result<u64> {
     sqlx::query(
         "UPDATE reminders SET claimed_by = NULL, claim_expires_at = NULL \
@@ -121,6 +125,7 @@ pub async fn release(conn: &mut PgConnection, instance: Uuid) -> sqlx::Result<u6
 }
 
 /// The earliest fire time among `instance`'s claims not yet fired.
+#[tracing::instrument(name = "reminders.next_claimed", skip_all)]
 pub async fn next_claimed(
     conn: &mut PgConnection,
     instance: Uuid,
@@ -145,6 +150,7 @@ pub struct DueReminder {
 
 /// Locks and marks fired `instance`'s claimed reminders whose time has come (up to `limit`),
 /// in the caller's transaction: what this returns is fired exactly once if it commits.
+#[tracing::instrument(name = "reminders.take_due", skip_all)]
 pub async fn take_due(
     conn: &mut PgConnection,
     instance: Uuid,
