@@ -510,6 +510,7 @@ async fn readyz(context: web::Data<AppContext>) -> HttpResponse {
 
 async fn render_metrics(context: web::Data<AppContext>) -> HttpResponse {
     context.db.record_pool_gauges();
+    names::record_process_metrics();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(context.metrics.render())
