@@ -420,6 +420,23 @@ async fn a_database_outage_holds_events_back_and_dead_letters_none() {
     );
     let metrics = recorder.url("/metrics");
     let client = http1_client();
+    // The series is there at 0 (not absent): the dead-letter alert's increase() needs a 0
+    // before the first dead letter to see it.
+    let text = client
+        .get(&metrics)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("events_dead_lettered_total{")
+                && line.contains(&format!("topic=\"{topic}\""))
+                && line.ends_with(" 0")),
+        "no events_dead_lettered_total at 0 for {topic}:\n{text}"
+    );
     assert_eq!(
         metric_sum(&client, &metrics, "events_dead_lettered_total").await,
         0.0

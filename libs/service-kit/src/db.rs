@@ -57,6 +57,14 @@ const INSERT_LSN_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_ls
 /// Upper bound on one health probe, so a hung replica is noticed as fast as a dead one.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 
+/// The `reason`s of `db_replica_fallback_total`.
+const FALLBACK_REASONS: [&str; 4] = [
+    "replica_unusable",
+    "read_your_writes",
+    "read_failed",
+    "missing_on_replica",
+];
+
 /// Bad probes in a row after which the replica in use is given up.
 const BAD_PROBES_TO_GIVE_UP: u32 = 2;
 
@@ -218,6 +226,13 @@ impl Database {
             }
         };
         metrics::gauge!(names::DB_REPLICA_IN_USE).set(if replica.is_some() { 1.0 } else { 0.0 });
+        if replica.is_some() {
+            // Every reason at 0 from the start: a counter that first appears at 1 has no rate()
+            // in Prometheus, so the first fallbacks would neither alert nor show.
+            for reason in FALLBACK_REASONS {
+                metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => reason).increment(0);
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner { writer, replica }),
         })

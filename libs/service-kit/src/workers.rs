@@ -58,6 +58,11 @@ impl WorkerPool {
                 })?;
         }
         metrics::gauge!(names::WORKER_POOL_WORKERS, "pool" => name).set(workers as f64);
+        // Every series from the start, at 0: a counter that first appears at 1 has no
+        // increase() in Prometheus (the first rejections would not alert), and dashboards
+        // show 0 rather than nothing.
+        metrics::counter!(names::WORKER_POOL_REJECTED, "pool" => name).increment(0);
+        metrics::gauge!(names::WORKER_POOL_QUEUE_DEPTH, "pool" => name).set(0.0);
         Ok(Self { name, sender })
     }
 

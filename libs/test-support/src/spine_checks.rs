@@ -107,7 +107,28 @@ pub async fn standard_endpoints(
             format!(r#"db_pool_acquire_seconds_count{{service="{service}",pool="reader"}}"#),
             format!(r#"db_query_duration_seconds_count{{service="{service}",pool="writer"}}"#),
             format!(r#"db_replica_in_use{{service="{service}"}} 1"#),
+            format!(r#"process_cpu_seconds_total{{service="{service}"}}"#),
+            format!(r#"process_open_fds{{service="{service}"}}"#),
+            // Counters exist at 0 before anything happened: one that first appears at 1 has
+            // no increase() in Prometheus, so its first event would never alert.
+            format!(
+                r#"db_replica_fallback_total{{service="{service}",reason="replica_unusable"}} 0"#
+            ),
         ] {
+            assert!(
+                metrics.contains(&series),
+                "/metrics lacks {series}:\n{metrics}"
+            );
+        }
+        for pool in metrics.lines().filter_map(|line| {
+            line.strip_prefix(&format!(
+                r#"worker_pool_workers{{service="{service}",pool=""#
+            ))?
+            .split('"')
+            .next()
+        }) {
+            let series =
+                format!(r#"worker_pool_rejected_total{{service="{service}",pool="{pool}"}} 0"#);
             assert!(
                 metrics.contains(&series),
                 "/metrics lacks {series}:\n{metrics}"

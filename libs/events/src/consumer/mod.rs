@@ -228,6 +228,12 @@ impl Consumer {
         let consumer = dispatch::join_group(&settings, partitions.clone())?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
+        // At 0 from the start: a counter that first appears at 1 has no increase() in
+        // Prometheus, so the first dead letter would never alert.
+        for topic in &topics {
+            metrics::counter!(crate::metric_names::EVENTS_DEAD_LETTERED, "topic" => topic.to_string())
+                .increment(0);
+        }
         let applier = apply::Applier::new(&settings, db.clone(), handler)?;
         spawn_forgetting(&settings, db);
         Ok(Self {
