@@ -11,7 +11,9 @@ use reqwest::Version;
 
 use crate::stack::{self, Infra, StackLayout, SERVICES};
 use crate::up_process::RunningUp;
-use crate::{cargo, cargo_command, prereqs, workspace_root, Build, EDGE_PORT, LOCAL_PUSH_PORT};
+use crate::{
+    cargo, cargo_command, observability, prereqs, workspace_root, Build, EDGE_PORT, LOCAL_PUSH_PORT,
+};
 
 /// `cargo xtask test`: formatting, lints, then every test against a throwaway stack of its own
 /// (ports 26432/26433/19092, so it can run beside `cargo xtask up`).
@@ -252,6 +254,7 @@ pub async fn smoke_up() -> Result<()> {
 
         if round == 1 {
             published_task_shows_in_kcat(&h1, up_layout.broker_port).await?;
+            observability::check_running(&h1).await?;
         }
 
         // Idle h2c connections would hold the services' drain (see `RunningUp::stop`).
@@ -266,6 +269,11 @@ pub async fn smoke_up() -> Result<()> {
         for port in service_ports
             .chain(infra_ports)
             .chain([EDGE_PORT, LOCAL_PUSH_PORT])
+            .chain([
+                observability::PROMETHEUS_PORT,
+                observability::ALERTMANAGER_PORT,
+                observability::TRACES_PORT,
+            ])
         {
             ensure!(
                 std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),

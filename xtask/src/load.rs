@@ -15,10 +15,12 @@ pub const SCENARIOS: [&str; 4] = ["auth", "live", "tasks", "telemetry"];
 
 /// Settings the system runs with under load: login limits out of the way (every virtual user
 /// comes from 127.0.0.1 and reuses a few accounts) and only warnings logged.
-pub(crate) const LOAD_SETTINGS: [(&str, &str); 3] = [
+pub(crate) const LOAD_SETTINGS: [(&str, &str); 4] = [
     ("AUTH_LOGIN_LIMIT_PER_USERNAME", "1000000"),
     ("AUTH_LOGIN_LIMIT_PER_CLIENT", "1000000"),
     ("RUST_LOG", "warn"),
+    // No span export or scraping taking part in the figures (see `observability`).
+    ("TASKSTREAM_OBSERVABILITY", "off"),
 ];
 
 pub async fn run(scenario: &str, smoke: bool) -> Result<()> {

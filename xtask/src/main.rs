@@ -12,7 +12,10 @@
 //!   and `push` against a fresh `up`);
 //! - `catalog`: write the event catalog (`libs/events/asyncapi.json`) from the payload types;
 //! - `kcat <args>`: kcat against the local broker (with a librdkafka that can talk to it);
-//! - `edge`: the edge proxy alone (started by `up`).
+//! - `edge`: the edge proxy alone (started by `up`);
+//! - `observability-check`: on a running `up`, a traced request reaches the trace store from
+//!   the edge to the consumers, Prometheus has every service up, every dashboard query answers;
+//! - `profile <service> [--seconds N]`: perf CPU samples of a running service (loadtest/README.md).
 
 mod bench;
 mod bench_live;
@@ -23,7 +26,9 @@ mod deploy_check;
 mod edge;
 mod events_tools;
 mod load;
+mod observability;
 mod prereqs;
+mod profile;
 mod stack;
 mod up_process;
 
@@ -47,7 +52,7 @@ pub(crate) const LOCAL_PUSH_PORT: u16 = 8085;
 const LOCAL_PUSH: &str = "local-push";
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL...>";
+    "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL... | profile SERVICE [--seconds N] | observability-check>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -96,6 +101,13 @@ fn main() -> ExitCode {
         Some("catalog") => events_tools::write_catalog(),
         Some("kcat") => events_tools::kcat(&args[1..]),
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
+        Some("profile") => profile::run(&args[1..]),
+        Some("observability-check") => runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?;
+            observability::check_running(&client).await
+        }),
         _ => {
             eprintln!("{USAGE}");
             return ExitCode::from(2);
@@ -222,7 +234,7 @@ async fn up(build: Build) -> Result<()> {
     let packages: Vec<&str> = SERVICES
         .iter()
         .map(|(service, _)| *service)
-        .chain([LOCAL_PUSH])
+        .chain([LOCAL_PUSH, observability::LOCAL_TRACES])
         .collect();
     let profile = build.run(&packages, &[])?;
 
@@ -243,6 +255,16 @@ async fn up(build: Build) -> Result<()> {
                  subscription to register as-is with POST /v1/notifications/devices; \
                  GET /messages lists what was pushed)"
             );
+            if observability::enabled() {
+                println!(
+                    "observability: Prometheus http://127.0.0.1:{} (the chart's alert rules; \
+                     Alerts tab), Alertmanager http://127.0.0.1:{}, traces \
+                     http://127.0.0.1:{}/api/traces/{{trace_id}} (GET /api/traces lists the newest)",
+                    observability::PROMETHEUS_PORT,
+                    observability::ALERTMANAGER_PORT,
+                    observability::TRACES_PORT,
+                );
+            }
             println!("ready: http://127.0.0.1:{EDGE_PORT}");
             supervise_until_signal(&mut children).await
         }
@@ -271,6 +293,18 @@ async fn start_processes(
     let binaries = target_dir()?.join(profile);
     bootstrap::migrate_all(&binaries, layout.primary_port, &logs)?;
     let auth_keys = bootstrap::auth_keys(&binaries, &layout.root)?;
+    // The trace store first, so the services' first spans find it.
+    let observed = observability::enabled();
+    let mut ready_checks = Vec::new();
+    if observed {
+        for process in observability::prepare(&workspace_root(), &layout.root, &binaries)? {
+            ready_checks.push((process.name.to_owned(), process.ready_url));
+            children.push((
+                process.name.to_owned(),
+                spawn_logged(process.command, &logs, process.name)?,
+            ));
+        }
+    }
     let mut push = Command::new(binaries.join(LOCAL_PUSH));
     push.arg("--port").arg(LOCAL_PUSH_PORT.to_string());
     children.push((
@@ -280,6 +314,9 @@ async fn start_processes(
     for (service, port) in SERVICES {
         let mut command = Command::new(binaries.join(service));
         command.envs(bootstrap::service_env(service, port, layout, &auth_keys));
+        if observed {
+            command.envs(observability::service_env());
+        }
         children.push((service.to_owned(), spawn_logged(command, &logs, service)?));
     }
     let mut edge = Command::new(own_binary()?);
@@ -309,7 +346,8 @@ async fn start_processes(
                 LOCAL_PUSH.to_owned(),
                 format!("http://127.0.0.1:{LOCAL_PUSH_PORT}/messages"),
             ),
-        ]);
+        ])
+        .chain(ready_checks);
     for (name, url) in checks {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -211,12 +211,18 @@ pub fn ensure_node() -> Result<()> {
     apt_install(&missing)
 }
 
-/// `promtool` from Debian's `prometheus` package, unpacked into `dir` (not installed: installing
-/// the package would also start a Prometheus server). Returns the binary's path.
+/// `promtool` from Debian's `prometheus` package, unpacked into `dir`. Returns the binary's path.
 pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
-    let promtool = dir.join("usr/bin/promtool");
-    if promtool.is_file() {
-        return Ok(promtool);
+    ensure_unpacked(dir, "prometheus", "promtool")
+}
+
+/// `binary` from the Debian package `package`, unpacked into `dir` (not installed: installing
+/// `prometheus` or `prometheus-alertmanager` would also start a system-wide server). Returns the
+/// binary's path.
+pub fn ensure_unpacked(dir: &Path, package: &str, binary: &str) -> Result<PathBuf> {
+    let path = dir.join("usr/bin").join(binary);
+    if path.is_file() {
+        return Ok(path);
     }
     std::fs::create_dir_all(dir)?;
     let download = || {
@@ -227,7 +233,7 @@ pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
             "APT::Sandbox::User=_apt"
         };
         Command::new("apt-get")
-            .args(["download", "-qq", "-o", sandbox, "prometheus"])
+            .args(["download", "-qq", "-o", sandbox, package])
             .current_dir(dir)
             .status()
             .is_ok_and(|status| status.success())
@@ -239,7 +245,7 @@ pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
         }
         if !download() {
             bail!(
-                "could not download Debian's prometheus package for promtool: run \
+                "could not download Debian's {package} package for {binary}: run \
                  `sudo apt-get update` and try again"
             );
         }
@@ -254,8 +260,8 @@ pub fn ensure_promtool(dir: &Path) -> Result<PathBuf> {
         .arg(dir)
         .status()
         .context("running dpkg-deb")?;
-    if !status.success() || !promtool.is_file() {
-        bail!("could not unpack {}", deb.display());
+    if !status.success() || !path.is_file() {
+        bail!("could not unpack {} from {}", binary, deb.display());
     }
-    Ok(promtool)
+    Ok(path)
 }
