@@ -22,8 +22,6 @@ pub mod envelope;
 pub mod kafka;
 #[cfg(feature = "kafka")]
 pub mod outbox;
-#[cfg(all(test, feature = "kafka"))]
-mod trace_capture;
 
 /// Metric names of the event machinery (every series also carries `service`).
 pub mod metric_names {

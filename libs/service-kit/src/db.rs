@@ -606,102 +606,25 @@ fn mark_failed(span: &Span, err: &sqlx::Error) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::{TcpListener, TcpStream};
-    use std::sync::Mutex;
+    use std::net::TcpListener;
 
-    use opentelemetry::trace::TracerProvider as _;
-    use opentelemetry_sdk::error::OTelSdkResult;
-    use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
-    use tracing_subscriber::layer::SubscriberExt;
-
-    #[derive(Debug, Clone, Default)]
-    struct Collected(Arc<Mutex<Vec<SpanData>>>);
-
-    impl SpanExporter for Collected {
-        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-            self.0.lock().unwrap().extend(batch);
-            Ok(())
-        }
-    }
+    use opentelemetry_sdk::trace::SpanData;
 
     /// Runs `work` on a runtime of this thread under the OpenTelemetry layer; returns the spans
     /// exported, in the order they ended.
     fn capture(work: impl Future<Output = ()>) -> Vec<SpanData> {
-        let collected = Collected::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(collected.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
-        tracing::subscriber::with_default(subscriber, || {
+        test_support::trace_capture::capture(|| {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap()
                 .block_on(work)
-        });
-        let _ = provider.force_flush();
-        let spans = collected.0.lock().unwrap().clone();
-        spans
+        })
+        .1
     }
 
-    /// A stand-in PostgreSQL server, so spans can be checked without a database: it takes any
-    /// login, answers simple queries (BEGIN, COMMIT) and fails every prepared statement with
-    /// SQLSTATE XX000. Returns its URL.
     fn fake_postgres() -> String {
-        fn send(stream: &mut TcpStream, tag: u8, body: &[u8]) -> std::io::Result<()> {
-            let mut message = vec![tag];
-            message.extend((body.len() as u32 + 4).to_be_bytes());
-            message.extend(body);
-            stream.write_all(&message)
-        }
-        fn body(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-            let mut len = [0; 4];
-            stream.read_exact(&mut len)?;
-            let mut body = vec![0; u32::from_be_bytes(len) as usize - 4];
-            stream.read_exact(&mut body)?;
-            Ok(body)
-        }
-        fn serve(mut stream: TcpStream) -> std::io::Result<()> {
-            body(&mut stream)?; // the startup message
-            send(&mut stream, b'R', &0u32.to_be_bytes())?; // authenticated
-            let mut status = b'I';
-            send(&mut stream, b'Z', &[status])?;
-            loop {
-                let mut tag = [0];
-                stream.read_exact(&mut tag)?;
-                let query = body(&mut stream)?;
-                match tag[0] {
-                    b'Q' => {
-                        status = if query.starts_with(b"BEGIN") {
-                            b'T'
-                        } else {
-                            b'I'
-                        };
-                        send(&mut stream, b'C', b"OK\0")?;
-                        send(&mut stream, b'Z', &[status])?;
-                    }
-                    b'S' => {
-                        send(&mut stream, b'E', b"SERROR\0VERROR\0CXX000\0Mfake\0\0")?;
-                        if status == b'T' {
-                            status = b'E';
-                        }
-                        send(&mut stream, b'Z', &[status])?;
-                    }
-                    b'X' => return Ok(()),
-                    _ => {}
-                }
-            }
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                std::thread::spawn(move || serve(stream));
-            }
-        });
-        format!("postgres://test@127.0.0.1:{port}/test?sslmode=disable")
+        test_support::fake_postgres::url()
     }
 
     /// A URL where nothing listens.

@@ -7,8 +7,10 @@
 
 mod answer;
 pub mod auth;
+pub mod fake_postgres;
 pub mod kafka;
 pub mod spine_checks;
+pub mod trace_capture;
 
 pub use answer::{openapi_operations, Answer};
 

@@ -473,9 +473,9 @@ impl Drop for Outage<'_> {
 mod tests {
     use super::*;
     use crate::envelope::Envelope;
-    use crate::trace_capture::capture;
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::trace::SpanData;
+    use test_support::trace_capture::capture;
 
     const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
     const PARENT: &str = "00f067aa0ba902b7";
