@@ -359,7 +359,30 @@ async fn every_service_up(client: &reqwest::Client) -> Result<()> {
             .map(|(service, _)| *service)
             .collect();
         if down.is_empty() {
-            println!("xtask: the local Prometheus has up == 1 for every service");
+            let rules: Value = client
+                .get(format!("http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/rules"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let groups = rules["data"]["groups"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let alerts = groups
+                .iter()
+                .flat_map(|group| group["rules"].as_array().cloned().unwrap_or_default())
+                .filter(|rule| rule["type"] == "alerting")
+                .count();
+            ensure!(
+                alerts > 0,
+                "the local Prometheus loaded no alert rules from charts/observability: {rules}"
+            );
+            println!(
+                "xtask: the local Prometheus has up == 1 for every service and evaluates the \
+                 chart's {alerts} alert rules in {} groups",
+                groups.len()
+            );
             return Ok(());
         }
         if Instant::now() > deadline {

@@ -35,12 +35,14 @@ async fn echo(request: HttpRequest, body: web::Bytes) -> HttpResponse {
 
 /// The echoing upstream on a free port, served from this test's runtime.
 fn start_upstream() -> (u16, actix_web::dev::ServerHandle) {
-    let port = free_port();
-    let upstream = HttpServer::new(|| App::new().default_service(web::to(echo)))
+    // Bound to port 0 and asked, rather than a free port picked first: between the pick and the
+    // bind another process's outgoing connection can take the port (seen once in CI).
+    let bound = HttpServer::new(|| App::new().default_service(web::to(echo)))
         .workers(1)
-        .bind(("127.0.0.1", port))
-        .expect("bind upstream")
-        .run();
+        .bind(("127.0.0.1", 0))
+        .expect("bind upstream");
+    let port = bound.addrs()[0].port();
+    let upstream = bound.run();
     let handle = upstream.handle();
     actix_web::rt::spawn(upstream);
     (port, handle)
