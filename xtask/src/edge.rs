@@ -26,6 +26,7 @@ use anyhow::{Context, Result};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::json;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::{self, HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{
@@ -63,6 +64,12 @@ const MAX_UPSTREAM_MESSAGE: usize = 1 << 20;
 /// writes wait soon, which stops it reading from the service, whose own budget then cuts the
 /// client off.
 const CLIENT_SEND_BUFFER: usize = 64 << 10;
+
+/// Receive buffer of the edge's socket to the service, for the same reason from the other side:
+/// the kernel grows a socket's receive buffer (up to `tcp_rmem`'s maximum, 32 MiB here) while
+/// the edge reads quickly, and once the client stops reading, that buffer alone can take
+/// megabytes from the service without the service's send budget ever seeing them.
+const UPSTREAM_RECEIVE_BUFFER: u32 = 64 << 10;
 
 /// How long the service gets to accept or refuse a WebSocket.
 const UPSTREAM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -276,9 +283,12 @@ async fn websocket(request: &HttpRequest, payload: web::Payload, base: &str) -> 
     let config = WebSocketConfig::default()
         .max_frame_size(Some(MAX_UPSTREAM_MESSAGE))
         .max_message_size(Some(MAX_UPSTREAM_MESSAGE));
-    // Nagle would hold back the small frames live updates are made of.
-    let connecting =
-        tokio_tungstenite::connect_async_with_config(upstream_request, Some(config), true);
+    let connecting = async {
+        let stream = connect_upstream(upstream_request.uri())
+            .await
+            .map_err(WsError::Io)?;
+        tokio_tungstenite::client_async_with_config(upstream_request, stream, Some(config)).await
+    };
     let (upstream, handshake) =
         match tokio::time::timeout(UPSTREAM_HANDSHAKE_TIMEOUT, connecting).await {
             Ok(Ok(connected)) => connected,
@@ -321,6 +331,29 @@ async fn websocket(request: &HttpRequest, payload: web::Payload, base: &str) -> 
         upstream,
     ));
     reply
+}
+
+/// A TCP connection to the WebSocket service at `uri`, with its receive buffer fixed at
+/// [`UPSTREAM_RECEIVE_BUFFER`] (set before connecting, so the window it advertises agrees).
+async fn connect_upstream(uri: &http::Uri) -> std::io::Result<MaybeTlsStream<TcpStream>> {
+    let host = uri.host().unwrap_or("127.0.0.1");
+    let port = uri.port_u16().unwrap_or(80);
+    let mut last_error = std::io::Error::other(format!("{host}:{port} resolves to nothing"));
+    for address in tokio::net::lookup_host((host, port)).await? {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_recv_buffer_size(UPSTREAM_RECEIVE_BUFFER)?;
+        // Nagle would hold back the small frames live updates are made of.
+        socket.set_nodelay(true)?;
+        match socket.connect(address).await {
+            Ok(stream) => return Ok(MaybeTlsStream::Plain(stream)),
+            Err(err) => last_error = err,
+        }
+    }
+    Err(last_error)
 }
 
 /// The service's handshake request: `ws://` + the client's path and query, with the client's

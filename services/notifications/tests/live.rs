@@ -152,6 +152,14 @@ async fn a_client_that_stops_reading_is_cut_off_while_the_others_keep_their_pace
 
     // Bob's device's latency, quiet and then while 10,000 events flow for Alice.
     let quiet = latencies(&system, &bob, &bystander_task, &mut bystander, 1, 10).await;
+    // The fast device reads all along, as a client that keeps its pace does: it takes all
+    // 10,000, in order. (Read only after the flood, it would be as far behind as the slow one.)
+    let fast_reading = tokio::spawn(async move {
+        for seq in 1..=10_000 {
+            let frame = fast.next_within(Duration::from_secs(60)).await;
+            assert_eq!(frame["seq"], seq);
+        }
+    });
     let flood = {
         let owner = alice.user_id.clone();
         let system_ref = &system;
@@ -160,11 +168,9 @@ async fn a_client_that_stops_reading_is_cut_off_while_the_others_keep_their_pace
         let (_, flood) = tokio::join!(publishing, measuring);
         flood
     };
-    // The fast device takes all 10,000, in order.
-    for seq in 1..=10_000 {
-        let frame = fast.next_within(Duration::from_secs(60)).await;
-        assert_eq!(frame["seq"], seq);
-    }
+    fast_reading
+        .await
+        .expect("the fast device got every frame in order");
     // The slow one was cut off with 4008 (what it finds once it reads again).
     assert_eq!(slow.close_code(Duration::from_secs(30)).await, 4008);
     let closes = test_support::metric_sum(
