@@ -146,6 +146,11 @@ impl PgInstall {
             .args(["-c", &format!("port={port}")])
             // Same on every cluster: a replica refuses to start with fewer than its primary.
             .args(["-c", &format!("max_connections={MAX_CONNECTIONS}")])
+            // A primary keeps this much WAL for its replicas (they use no slots: scratch replicas
+            // come and go). Without it a checkpoint (each pg_basebackup forces one) can remove a
+            // segment a busy replica still needs, and that replica never streams again: seen,
+            // "requested WAL segment … has already been removed".
+            .args(["-c", "wal_keep_size=1GB"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
