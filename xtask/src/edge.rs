@@ -168,18 +168,50 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// A request path as the Gateway normalises it before routing (RFC 3986): `.` and `..`
+/// segments resolved (`%2E` counts as a dot), repeated slashes merged. `None` for a path that
+/// climbs above the root or holds an escaped slash (`%2F`), which the Gateway refuses too.
+pub fn normalize_path(path: &str) -> Option<String> {
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in path.split('/').filter(|segment| !segment.is_empty()) {
+        let lowered = segment.to_ascii_lowercase();
+        if lowered.contains("%2f") || lowered.contains("%5c") {
+            return None;
+        }
+        match lowered.replace("%2e", ".").as_str() {
+            "." => {}
+            ".." => {
+                segments.pop()?;
+            }
+            _ => segments.push(segment),
+        }
+    }
+    let trailing = path.len() > 1 && path.ends_with('/') && !segments.is_empty();
+    Some(format!(
+        "/{}{}",
+        segments.join("/"),
+        if trailing { "/" } else { "" }
+    ))
+}
+
 /// WebSocket upgrades on a routed path go to [`websocket`]; everything else to [`forward`].
+/// Routing sees the normalised path, and the service gets that path.
 async fn route(request: HttpRequest, payload: web::Payload, edge: web::Data<Edge>) -> HttpResponse {
+    let Some(path) = normalize_path(request.path()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "the path climbs above the root or holds an escaped slash".into(),
+        );
+    };
     if is_websocket_upgrade(&request) {
-        if let Some(base) =
-            service_for(request.path()).and_then(|service| edge.upstreams.get(service))
-        {
-            return websocket(&request, payload, base).await;
+        if let Some(base) = service_for(&path).and_then(|service| edge.upstreams.get(service)) {
+            return websocket(&request, payload, base, &path).await;
         }
     }
     // The same extraction (and `PayloadConfig` limit) as a `web::Bytes` argument would do.
     match web::Bytes::from_request(&request, &mut payload.into_inner()).await {
-        Ok(body) => forward(request, body, edge).await,
+        Ok(body) => forward(request, &path, body, edge).await,
         Err(err) => HttpResponse::from_error(err),
     }
 }
@@ -197,22 +229,28 @@ fn is_websocket_upgrade(request: &HttpRequest) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("websocket"))
 }
 
-async fn forward(request: HttpRequest, body: web::Bytes, edge: web::Data<Edge>) -> HttpResponse {
-    let Some(base) = service_for(request.path()).and_then(|service| edge.upstreams.get(service))
-    else {
+/// `path` with the request's query string, if it has one.
+fn with_query(request: &HttpRequest, path: &str) -> String {
+    match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    }
+}
+
+async fn forward(
+    request: HttpRequest,
+    path: &str,
+    body: web::Bytes,
+    edge: web::Data<Edge>,
+) -> HttpResponse {
+    let Some(base) = service_for(path).and_then(|service| edge.upstreams.get(service)) else {
         return error(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("no route for {}", request.path()),
+            format!("no route for {path}"),
         );
     };
-    let target = format!(
-        "{base}{}",
-        request
-            .uri()
-            .path_and_query()
-            .map_or(request.path(), |pq| pq.as_str())
-    );
+    let target = format!("{base}{}", with_query(&request, path));
     let Ok(method) = reqwest::Method::from_bytes(request.method().as_str().as_bytes()) else {
         return error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -271,12 +309,17 @@ async fn forward(request: HttpRequest, body: web::Bytes, edge: web::Data<Edge>) 
 type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Proxies one WebSocket: service handshake first, then the client's, then the frame pump.
-async fn websocket(request: &HttpRequest, payload: web::Payload, base: &str) -> HttpResponse {
+async fn websocket(
+    request: &HttpRequest,
+    payload: web::Payload,
+    base: &str,
+    path: &str,
+) -> HttpResponse {
     // A malformed client handshake is answered here, before the service sees a connection.
     if let Err(err) = actix_http::ws::verify_handshake(request.head()) {
         return HttpResponse::from_error(err);
     }
-    let upstream_request = match upstream_request(request, base) {
+    let upstream_request = match upstream_request(request, base, path) {
         Ok(upstream_request) => upstream_request,
         Err(message) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", message),
     };
@@ -361,14 +404,12 @@ async fn connect_upstream(uri: &http::Uri) -> std::io::Result<MaybeTlsStream<Tcp
 fn upstream_request(
     request: &HttpRequest,
     base: &str,
+    path: &str,
 ) -> std::result::Result<http::Request<()>, String> {
     let authority = base
         .strip_prefix("http://")
         .ok_or_else(|| format!("WebSocket upstream {base} is not http://"))?;
-    let path = request
-        .uri()
-        .path_and_query()
-        .map_or(request.path(), |pq| pq.as_str());
+    let path = with_query(request, path);
     let mut upstream = format!("ws://{authority}{path}")
         .into_client_request()
         .map_err(|err| format!("upstream URL: {err}"))?;
@@ -579,6 +620,24 @@ mod tests {
         assert_eq!(service_for("/v1/live"), Some("notifications"));
         assert_eq!(service_for("/v1/analysis/tasks/1"), Some("analysis"));
         assert_eq!(service_for("/v1/telemetry"), Some("analysis"));
+    }
+
+    #[test]
+    fn paths_are_normalised_as_the_gateway_does() {
+        use super::normalize_path;
+        for (raw, normal) in [
+            ("/v1/tasks", "/v1/tasks"),
+            ("/v1//tasks/", "/v1/tasks/"),
+            ("/v1/auth/../../metrics", "/metrics"),
+            ("/v1/auth/%2E%2e/%2e%2E/metrics", "/metrics"),
+            ("/v1/tasks/./42", "/v1/tasks/42"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(raw).as_deref(), Some(normal), "{raw}");
+        }
+        for refused in ["/..", "/v1/../../x", "/v1/tasks/a%2Fb", "/v1/tasks/a%5cb"] {
+            assert_eq!(normalize_path(refused), None, "{refused}");
+        }
     }
 
     #[test]

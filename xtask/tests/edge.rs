@@ -182,3 +182,51 @@ async fn a_bodiless_answer_leaves_the_keep_alive_connection_usable() {
         String::from_utf8_lossy(&head).into_owned()
     }
 }
+
+#[actix_web::test]
+async fn paths_are_normalised_before_routing_so_dot_segments_reach_no_internal_endpoint() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (upstream_port, _upstream) = start_upstream();
+    let (_edge, port) = start_edge(&[format!("tasks=http://127.0.0.1:{upstream_port}")]).await;
+    // Raw requests: an HTTP client library would resolve the dot segments itself.
+    let send = |path: &'static str| async move {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nhost: edge\r\nconnection: close\r\n\r\n");
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), socket.read_to_string(&mut answer))
+            .await
+            .expect("an answer within 5 s")
+            .unwrap();
+        let status: u16 = answer[9..12].parse().unwrap();
+        let body = answer
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        (status, body)
+    };
+    // Under a routed prefix, but climbing out of it: `/metrics`, which no route serves.
+    for path in [
+        "/v1/tasks/../../metrics",
+        "/v1/tasks/%2e%2e/%2E%2E/metrics",
+        "/v1/tasks/./../../healthz",
+    ] {
+        let (status, body) = send(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body.contains("not_found"), "{path}: {body}");
+    }
+    // Dot segments inside a route: the service gets the path they stand for.
+    let (status, body) = send("/v1/tasks/./7/../42").await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body.contains(r#""path":"/v1/tasks/42""#), "{body}");
+    // Above the root, or an escaped slash: refused.
+    for path in ["/../v1/tasks", "/v1/tasks/..%2F..%2Fmetrics"] {
+        let (status, body) = send(path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("invalid_path"), "{path}: {body}");
+    }
+}
