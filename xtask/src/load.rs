@@ -13,11 +13,12 @@ use crate::{prereqs, stack, workspace_root, Build, EDGE_PORT};
 /// The scenarios in `loadtest/` (`<name>.js` for k6, `<name>.lua` for wrk).
 pub const SCENARIOS: [&str; 4] = ["auth", "live", "tasks", "telemetry"];
 
-/// Settings the system runs with under load: login limits out of the way (every virtual user
-/// comes from 127.0.0.1 and reuses a few accounts) and only warnings logged.
-pub(crate) const LOAD_SETTINGS: [(&str, &str); 4] = [
+/// Settings the system runs with under load: login and signup limits out of the way (every
+/// virtual user comes from 127.0.0.1 and reuses a few accounts) and only warnings logged.
+pub(crate) const LOAD_SETTINGS: [(&str, &str); 5] = [
     ("AUTH_LOGIN_LIMIT_PER_USERNAME", "1000000"),
     ("AUTH_LOGIN_LIMIT_PER_CLIENT", "1000000"),
+    ("AUTH_SIGNUP_LIMIT_PER_CLIENT", "1000000"),
     ("RUST_LOG", "warn"),
     // No span export or scraping taking part in the figures (see `observability`).
     ("TASKSTREAM_OBSERVABILITY", "off"),

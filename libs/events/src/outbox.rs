@@ -237,7 +237,7 @@ fn spawn_backlog_gauge(db: Database) {
         let db = db.clone();
         async move {
             let (pending, oldest): (i64, f64) = db
-                .write(|mut conn| async move {
+                .primary(|mut conn| async move {
                     sqlx::query_as(
                         "SELECT (SELECT count(*) FROM (SELECT 1 FROM outbox \
                                  WHERE published_at IS NULL LIMIT $1) AS capped), \
@@ -551,7 +551,7 @@ mod tests {
                         })
                         .await;
                     let _ = db
-                        .write(|mut conn| async move {
+                        .primary(|mut conn| async move {
                             enqueue_all(&mut conn, "/tests", &[registered(), registered()]).await
                         })
                         .await;

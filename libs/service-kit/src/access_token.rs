@@ -21,17 +21,16 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::config::{ConfigError, Env};
-use crate::http::ApiError;
+use crate::error::ApiError;
 use crate::metrics as names;
 use crate::revoked_users::RevokedUsers;
 
 /// Tolerated clock difference between auth and the verifying service.
 pub const CLOCK_LEEWAY_SECS: u64 = 30;
 /// Tokens naming an unknown key trigger at most one JWKS fetch this often, so forged tokens
-/// cannot make a service hammer auth; failed refreshes of stale keys are retried this often too.
+/// cannot make a service hammer auth; failed background refreshes are retried this often too.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(10);
-/// While no keys were ever fetched, requests try again at most this often, so an auth outage
-/// at start-up is not met with a fetch per request.
+/// While no keys were ever fetched, the background fetch tries again this often.
 const RETRY_WITHOUT_KEYS: Duration = Duration::from_secs(1);
 
 /// What an access token says. `sub` is the user id.
@@ -146,37 +145,46 @@ impl TokenError {
     }
 }
 
-/// Keys by key id, and when they were fetched.
+impl From<TokenError> for ApiError {
+    fn from(err: TokenError) -> Self {
+        match err {
+            TokenError::KeysUnavailable(_) => {
+                tracing::warn!(error = %err, "cannot verify access tokens");
+                Self::unavailable("access tokens cannot be verified right now; try again")
+            }
+            TokenError::Missing => Self::unauthorized("unauthorized", err.to_string()),
+            _ => Self::unauthorized("invalid_token", err.to_string()).with_header(
+                actix_web::http::header::WWW_AUTHENTICATE,
+                format!("Bearer error=\"invalid_token\", error_description=\"{err}\""),
+            ),
+        }
+    }
+}
+
+/// Keys by key id.
 struct KeyRing {
     keys: HashMap<String, DecodingKey>,
-    fetched_at: Option<Instant>,
 }
 
 struct RemoteKeys {
     settings: RemoteKeysSettings,
     client: reqwest::Client,
-    /// Held while fetching, so concurrent requests share one fetch.
-    fetches: tokio::sync::Mutex<FetchLog>,
-}
-
-/// When fetches were last tried.
-#[derive(Default)]
-struct FetchLog {
-    /// Any attempt.
-    any: Option<Instant>,
-    /// Attempts made because a token named a key we did not know.
-    for_unknown_key: Option<Instant>,
-}
-
-fn within(at: Option<Instant>, interval: Duration) -> bool {
-    at.is_some_and(|at| at.elapsed() < interval)
+    /// Held while fetching for a token of an unknown key, so concurrent requests share one fetch.
+    unknown_key_fetch: tokio::sync::Mutex<Option<Instant>>,
 }
 
 /// Verifies access tokens. Register it as `web::Data<TokenVerifier>` for [`Authenticated`].
+///
+/// A remote verifier ([`TokenVerifier::remote`]) fetches the keys in the background: at once,
+/// again every second until that worked, then every `AUTH_JWKS_REFRESH_SECS` (and every
+/// 10 s while a refresh fails, keeping the keys it has). No request waits for that. Until the
+/// first keys arrive, requests get 503 and [`TokenVerifier::has_keys`] is false (the service is
+/// not ready); a token naming a key not seen yet (a rotation) fetches at once, at most every
+/// 10 s, and that request waits for it.
 pub struct TokenVerifier {
     validation: Validation,
-    ring: ArcSwap<KeyRing>,
-    remote: Option<RemoteKeys>,
+    ring: Arc<ArcSwap<KeyRing>>,
+    remote: Option<Arc<RemoteKeys>>,
     revoked: Option<Arc<RevokedUsers>>,
 }
 
@@ -185,10 +193,9 @@ impl TokenVerifier {
     pub fn with_keys(jwks: &JwkSet, rules: &TokenRules) -> Self {
         Self {
             validation: validation(rules),
-            ring: ArcSwap::from_pointee(KeyRing {
+            ring: Arc::new(ArcSwap::from_pointee(KeyRing {
                 keys: decoding_keys(jwks),
-                fetched_at: None,
-            }),
+            })),
             remote: None,
             revoked: None,
         }
@@ -200,26 +207,35 @@ impl TokenVerifier {
         self
     }
 
-    /// A verifier that fetches auth's JWKS on first use and keeps it fresh.
+    /// A verifier that fetches auth's JWKS in the background and keeps it fresh; call it inside
+    /// the runtime (it spawns the fetching task, which lives as long as the process).
     pub fn remote(settings: RemoteKeysSettings, rules: &TokenRules) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .build()
             .map_err(|err| format!("cannot build the JWKS client: {err}"))?;
-        Ok(Self {
+        let verifier = Self {
             validation: validation(rules),
-            ring: ArcSwap::from_pointee(KeyRing {
+            ring: Arc::new(ArcSwap::from_pointee(KeyRing {
                 keys: HashMap::new(),
-                fetched_at: None,
-            }),
-            remote: Some(RemoteKeys {
+            })),
+            remote: Some(Arc::new(RemoteKeys {
                 settings,
                 client,
-                fetches: tokio::sync::Mutex::new(FetchLog::default()),
-            }),
+                unknown_key_fetch: tokio::sync::Mutex::new(None),
+            })),
             revoked: None,
-        })
+        };
+        if let Some(remote) = &verifier.remote {
+            tokio::spawn(keep_fresh(verifier.ring.clone(), remote.clone()));
+        }
+        Ok(verifier)
+    }
+
+    /// Whether there are keys to verify with (a service is not ready before).
+    pub fn has_keys(&self) -> bool {
+        !self.ring.load().keys.is_empty()
     }
 
     /// Checks `token` and returns its claims.
@@ -244,7 +260,11 @@ impl TokenVerifier {
         let kid = header
             .kid
             .ok_or_else(|| TokenError::Invalid("no key id (kid) in the header".to_owned()))?;
-        self.refresh_if_stale().await?;
+        if !self.has_keys() {
+            return Err(TokenError::KeysUnavailable(
+                "auth's keys have not been fetched yet".to_owned(),
+            ));
+        }
         let key = match self.key(&kid) {
             Some(key) => key,
             None => {
@@ -278,85 +298,74 @@ impl TokenVerifier {
         self.ring.load().keys.get(kid).cloned()
     }
 
-    /// Fetches keys when there are none yet (waiting for it) or when they are old (one request
-    /// fetches while the others go on with the keys they have).
-    async fn refresh_if_stale(&self) -> Result<(), TokenError> {
-        let Some(remote) = &self.remote else {
-            return Ok(());
-        };
-        let fetched_at = self.ring.load().fetched_at;
-        match fetched_at {
-            None => {
-                let mut log = remote.fetches.lock().await;
-                if self.ring.load().fetched_at.is_some() {
-                    return Ok(()); // another request fetched them while we waited
-                }
-                if within(log.any, RETRY_WITHOUT_KEYS) {
-                    return Err(TokenError::KeysUnavailable(
-                        "the last attempt to fetch them failed moments ago".to_owned(),
-                    ));
-                }
-                // Noted once the fetch has ended: a request dropped mid-fetch (actix drops a
-                // request's extractors when another fails) leaves the next one free to fetch.
-                let fetched = self.fetch(remote).await;
-                log.any = Some(Instant::now());
-                fetched.map_err(TokenError::KeysUnavailable)
-            }
-            Some(fetched) if fetched.elapsed() > remote.settings.refresh_after => {
-                if let Ok(mut log) = remote.fetches.try_lock() {
-                    if !within(log.any, MIN_REFETCH_INTERVAL) {
-                        log.any = Some(Instant::now());
-                        if let Err(err) = self.fetch(remote).await {
-                            tracing::warn!(error = %err, "JWKS refresh failed; keeping the keys we have");
-                        }
-                    }
-                }
-                Ok(())
-            }
-            Some(_) => Ok(()),
-        }
-    }
-
     /// A key id we do not know may be a freshly rotated key: fetch again, at most every
     /// [`MIN_REFETCH_INTERVAL`] for this reason.
     async fn refetch_for_unknown_key(&self) {
         let Some(remote) = &self.remote else {
             return;
         };
-        let mut log = remote.fetches.lock().await;
-        if !within(log.for_unknown_key, MIN_REFETCH_INTERVAL) {
-            let now = Some(Instant::now());
-            (log.any, log.for_unknown_key) = (now, now);
-            if let Err(err) = self.fetch(remote).await {
+        let mut last = remote.unknown_key_fetch.lock().await;
+        if !within(*last, MIN_REFETCH_INTERVAL) {
+            *last = Some(Instant::now());
+            if let Err(err) = fetch(&self.ring, remote).await {
                 tracing::warn!(error = %err, "JWKS fetch for an unknown key id failed");
             }
         }
     }
+}
 
-    async fn fetch(&self, remote: &RemoteKeys) -> Result<(), String> {
-        let url = &remote.settings.jwks_url;
-        let response = remote
-            .client
-            .get(url)
-            .send()
-            .await
-            .and_then(reqwest::Response::error_for_status)
-            .map_err(|err| format!("GET {url}: {err}"))?;
-        let jwks: JwkSet = response
-            .json()
-            .await
-            .map_err(|err| format!("GET {url}: not a JWKS: {err}"))?;
-        let keys = decoding_keys(&jwks);
-        if keys.is_empty() {
-            return Err(format!("GET {url}: no usable EdDSA keys"));
-        }
-        tracing::info!(keys = keys.len(), "fetched signing keys");
-        self.ring.store(std::sync::Arc::new(KeyRing {
-            keys,
-            fetched_at: Some(Instant::now()),
-        }));
-        Ok(())
+fn within(at: Option<Instant>, interval: Duration) -> bool {
+    at.is_some_and(|at| at.elapsed() < interval)
+}
+
+/// The background fetches of a remote verifier's keys, for the life of the process.
+async fn keep_fresh(ring: Arc<ArcSwap<KeyRing>>, remote: Arc<RemoteKeys>) {
+    let mut failing = false;
+    loop {
+        let wait = match fetch(&ring, &remote).await {
+            Ok(()) => {
+                if failing {
+                    tracing::info!("JWKS fetched again");
+                }
+                failing = false;
+                remote.settings.refresh_after
+            }
+            Err(err) => {
+                if !failing {
+                    tracing::warn!(error = %err, "JWKS fetch failed; keeping the keys we have and retrying");
+                }
+                failing = true;
+                if ring.load().keys.is_empty() {
+                    RETRY_WITHOUT_KEYS
+                } else {
+                    MIN_REFETCH_INTERVAL
+                }
+            }
+        };
+        tokio::time::sleep(wait).await;
     }
+}
+
+async fn fetch(ring: &ArcSwap<KeyRing>, remote: &RemoteKeys) -> Result<(), String> {
+    let url = &remote.settings.jwks_url;
+    let response = remote
+        .client
+        .get(url)
+        .send()
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|err| format!("GET {url}: {err}"))?;
+    let jwks: JwkSet = response
+        .json()
+        .await
+        .map_err(|err| format!("GET {url}: not a JWKS: {err}"))?;
+    let keys = decoding_keys(&jwks);
+    if keys.is_empty() {
+        return Err(format!("GET {url}: no usable EdDSA keys"));
+    }
+    tracing::debug!(keys = keys.len(), "fetched signing keys");
+    ring.store(Arc::new(KeyRing { keys }));
+    Ok(())
 }
 
 fn validation(rules: &TokenRules) -> Validation {
@@ -510,11 +519,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_abandoned_while_keys_are_fetched_does_not_fail_the_next_one() {
-        // actix drops a request's extractors when another one fails (a bad path, say): a first
-        // request abandoned mid-fetch must not count as a failed fetch for the requests after it.
+    async fn no_request_waits_for_the_keys_they_are_fetched_in_the_background() {
+        // The JWKS answers only after 2 s: requests meanwhile get "keys unavailable" at once
+        // (503 to the client) instead of waiting on the fetch, and the service is not ready.
         let (key, jwk) = key_pair("k1");
-        let url = slow_jwks(&JwkSet { keys: vec![jwk] }, Duration::from_secs(5)).await;
+        let url = slow_jwks(&JwkSet { keys: vec![jwk] }, Duration::from_secs(2)).await;
         let verifier = TokenVerifier::remote(
             RemoteKeysSettings {
                 jwks_url: url,
@@ -525,9 +534,16 @@ mod tests {
         )
         .unwrap();
         let token = sign(&claims(600), &key, Some("k1"));
-        let abandoned =
-            tokio::time::timeout(Duration::from_millis(100), verifier.verify(&token)).await;
-        assert!(abandoned.is_err(), "the first fetch is slow");
+        let asked = Instant::now();
+        let early = verifier.verify(&token).await;
+        assert!(
+            matches!(early, Err(TokenError::KeysUnavailable(_))),
+            "{early:?}"
+        );
+        assert!(asked.elapsed() < Duration::from_millis(500), "it waited");
+        assert!(!verifier.has_keys());
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert!(verifier.has_keys());
         assert!(verifier.verify(&token).await.is_ok());
     }
 

@@ -5,6 +5,8 @@
 //! is wrong with it, so a bad deploy fails fast and says why.
 
 use std::net::IpAddr;
+
+pub use ipnet::IpNet;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -47,10 +49,12 @@ pub struct HttpConfig {
     /// `HTTP_SHUTDOWN_TIMEOUT_SECS`, default 25 s: how long SIGTERM waits for in-flight requests
     /// (below Kubernetes' default 30 s grace period, so the pod exits on its own).
     pub shutdown_timeout: Duration,
-    /// `HTTP_TRUST_FORWARDED_FOR`, default false: take the client address from the last
-    /// `X-Forwarded-For` entry (the one the ingress added). Only safe when nothing but the
-    /// ingress can reach the pod, as the network policies ensure in the cluster.
-    pub trust_forwarded_for: bool,
+    /// `HTTP_TRUSTED_PROXIES`, default none: addresses or CIDR ranges of the proxies in front
+    /// (the gateway's pods), comma-separated. A request from one of them is attributed to the
+    /// nearest `X-Forwarded-For` entry that is not itself a trusted proxy; any other request to
+    /// its TCP peer, whatever its `X-Forwarded-For` says (a client reaching the pod directly
+    /// cannot pick its address). Rate limits are keyed by that address.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +124,7 @@ impl ServiceConfig {
                     0,
                     3600,
                 )?),
-                trust_forwarded_for: env.flag("HTTP_TRUST_FORWARDED_FOR", false)?,
+                trusted_proxies: trusted_proxies(env)?,
             },
             database: DatabaseConfig {
                 writer_url: env.postgres_url("DATABASE_WRITER_URL")?,
@@ -177,6 +181,36 @@ pub struct Env {
 }
 
 type Lookup = dyn Fn(&str) -> Option<String>;
+
+/// `HTTP_TRUSTED_PROXIES`; the retired `HTTP_TRUST_FORWARDED_FOR` is refused with a pointer
+/// to it, so a deploy that still sets it does not silently trust nobody (or everybody).
+fn trusted_proxies(env: &Env) -> Result<Vec<IpNet>, ConfigError> {
+    if let Some(value) = env.raw("HTTP_TRUST_FORWARDED_FOR") {
+        return Err(ConfigError::Invalid {
+            name: "HTTP_TRUST_FORWARDED_FOR",
+            value,
+            reason: "is replaced by HTTP_TRUSTED_PROXIES (the proxies' addresses or CIDRs)"
+                .to_owned(),
+        });
+    }
+    let Some(value) = env.raw("HTTP_TRUSTED_PROXIES") else {
+        return Ok(Vec::new());
+    };
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            part.parse::<IpNet>()
+                .or_else(|_| part.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| ConfigError::Invalid {
+                    name: "HTTP_TRUSTED_PROXIES",
+                    value: value.clone(),
+                    reason: format!("{part:?} is not an IP address or CIDR range"),
+                })
+        })
+        .collect()
+}
 
 impl Env {
     /// The process environment.
@@ -314,21 +348,38 @@ mod tests {
             Duration::from_millis(250)
         );
         assert_eq!(config.telemetry.otlp_endpoint, None);
-        assert!(!config.http.trust_forwarded_for);
+        assert!(config.http.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_ranges() {
+        let with = |name, value| {
+            let mut vars = MINIMAL.to_vec();
+            vars.push((name, value));
+            load(&vars)
+        };
+        let config = with("HTTP_TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1").unwrap();
+        assert_eq!(
+            config.http.trusted_proxies,
+            [
+                "10.0.0.0/8".parse::<IpNet>().unwrap(),
+                "127.0.0.1/32".parse().unwrap()
+            ]
+        );
+        let err = with("HTTP_TRUSTED_PROXIES", "10.0.0.0/8,gateway").unwrap_err();
+        assert!(err.to_string().contains("\"gateway\""), "{err}");
+        let err = with("HTTP_TRUST_FORWARDED_FOR", "true").unwrap_err();
+        assert!(err.to_string().contains("HTTP_TRUSTED_PROXIES"), "{err}");
     }
 
     #[test]
     fn flags_accept_true_and_false_only() {
-        let with_flag = |value| {
-            let mut vars = MINIMAL.to_vec();
-            vars.push(("HTTP_TRUST_FORWARDED_FOR", value));
-            load(&vars)
-        };
-        assert!(with_flag("yes").unwrap().http.trust_forwarded_for);
-        assert!(!with_flag("false").unwrap().http.trust_forwarded_for);
+        let flag = |value| Env::from_pairs(&[("SOME_FLAG", value)]).flag("SOME_FLAG", false);
+        assert!(flag("yes").unwrap());
+        assert!(!flag("false").unwrap());
         assert_eq!(
-            with_flag("maybe").unwrap_err().to_string(),
-            "HTTP_TRUST_FORWARDED_FOR=\"maybe\" is invalid: must be true or false"
+            flag("maybe").unwrap_err().to_string(),
+            "SOME_FLAG=\"maybe\" is invalid: must be true or false"
         );
     }
 

@@ -1,18 +1,28 @@
-//! Database routing: a writer pool on the primary and a reader pool on a streaming replica.
+//! Database routing: a writer pool on the primary and a reader pool on replicas (one replica,
+//! or a service such as CloudNativePG's `-ro` in front of several).
 //!
-//! Plain reads go to the replica while it is up and close enough behind; otherwise they go to
-//! the primary, and `db_replica_fallback_total` counts each one. A background monitor probes the
-//! replica every `DATABASE_REPLICA_CHECK_INTERVAL_MS`, so a dead or lagging replica is skipped
-//! within 1.5 s (at the default interval) and taken back once healthy. The monitor gives up on the replica
-//! only after two bad probes in a row: one slow answer on a busy host, or a lag reading taken in
-//! the instant between a commit arriving and its replay, is not an outage. A read that fails on
-//! the replica with a connection error is retried once on the primary, so the caller never sees
-//! the outage, and moves reads away at once.
+//! The methods say where work runs: [`Database::primary`] for writes and for reads that must see
+//! the latest state, [`Database::replica_or_primary`] for plain reads (the replica while it is
+//! usable, else the primary; `db_replica_fallback_total` counts each fallback by reason).
 //!
-//! Writes and transactions use the writer. Read-your-writes: a committed transaction returns its
-//! position in the write-ahead log ([`Lsn`]), which services hand to the client as a consistency
-//! token; a read given such a token goes to the replica only once the replica has replayed at
-//! least that far, and to the primary until then.
+//! Whether the replica is usable is measured against the primary, not taken from the replica's
+//! own view: a background monitor samples the primary's flushed WAL position and the replica's
+//! replayed position every `DATABASE_REPLICA_CHECK_INTERVAL_MS`. The replica is usable while it
+//! has replayed everything the primary had flushed `DATABASE_REPLICA_MAX_LAG_MS` ago, so one
+//! whose WAL receiver stopped (a partition, a wrong `primary_conninfo`), which has replayed all
+//! it received and would call itself current forever, is skipped once the primary moves on.
+//! The monitor gives up on the replica only after two bad probes in a row (one slow answer on
+//! a busy host is not an outage). A read that fails on the replica with a connection error is
+//! retried once on the primary and moves reads away at once. A reader pool with no connection
+//! free in time is busy, not down: that read answers 503 and the replica stays in use.
+//!
+//! Read-your-writes: a committed transaction returns its position in the write-ahead log
+//! ([`Lsn`]), which services hand to the client as a consistency token. A read given a token
+//! is checked on the very connection that serves it (its server's replayed position), so it is
+//! right however many replicas stand behind the reader address; a connection not there yet
+//! sends the read to the primary. Tokens beyond any position the service has seen (from the
+//! future, or forged) are clamped to the primary's current position, so they cannot pin a
+//! client's reads to the primary.
 //!
 //! Tracing: below the caller's span, the wait for a connection is a `db.acquire` span and the
 //! work on it a `db.query` span (both with `pool` = `writer` or `reader`), or, for
@@ -22,6 +32,7 @@
 //! own. A failure marks the span's OpenTelemetry status with its kind or SQLSTATE only, never
 //! the server's message (which can quote values).
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::str::FromStr;
@@ -39,16 +50,19 @@ use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::DatabaseConfig;
+use crate::error::ApiError;
 use crate::metrics as names;
 
-/// Replay lag in seconds, and how far the server has replayed (its own WAL position when it is
-/// not a replica at all). Lag is 0 when everything received has been replayed: an idle replica
-/// is not "behind" just because nothing was written lately.
-const REPLICA_STATE_SQL: &str = "SELECT CASE \
-     WHEN NOT pg_is_in_recovery() OR pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0 \
-     ELSE COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8, \
-     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
-      ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::int8";
+/// How far the server has replayed (its own flushed position when it is not a replica).
+const REPLAYED_SQL: &str = "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+     ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::int8";
+
+/// Whether the server of this connection has replayed up to `$1` (a primary always has).
+const REPLAYED_UP_TO_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() \
+     THEN (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8 >= $1 ELSE true END";
+
+/// The primary's flushed WAL position: what a replica can have received.
+const FLUSH_LSN_SQL: &str = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::int8";
 
 /// The primary's WAL insert position: after a commit returns, it lies at or past the commit
 /// record, so a replica that has replayed this far sees the commit (flushed or not).
@@ -75,9 +89,12 @@ pub enum DbError {
         variable: &'static str,
         source: sqlx::Error,
     },
-    /// The database could not be reached, or no connection was free in time: worth a retry later.
+    /// The database could not be reached: worth a retry later.
     #[error("database unavailable: {0}")]
     Unavailable(sqlx::Error),
+    /// No connection of the `pool` was free in time: the service is busy, worth a retry soon.
+    #[error("no {0} connection free in time")]
+    Busy(&'static str),
     /// The database answered with an error.
     #[error("database error: {0}")]
     Query(sqlx::Error),
@@ -89,6 +106,16 @@ impl From<sqlx::Error> for DbError {
             DbError::Unavailable(err)
         } else {
             DbError::Query(err)
+        }
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Unavailable(_) => Self::unavailable("the database is unavailable; try again"),
+            DbError::Busy(_) => Self::unavailable("the server is busy; try again shortly"),
+            other => Self::internal(other),
         }
     }
 }
@@ -171,6 +198,12 @@ pub struct Database {
 struct Inner {
     writer: PgPool,
     replica: Option<Replica>,
+    /// The furthest WAL position this process has seen on the primary (its commits, the
+    /// monitor's samples): what consistency tokens are clamped to.
+    seen: AtomicU64,
+    /// The primary's insert position as last read for a token beyond `seen` (when the reading
+    /// began, and the position); held while reading, so a burst of such tokens shares queries.
+    seen_refresh: tokio::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 struct Replica {
@@ -180,15 +213,16 @@ struct Replica {
     in_use: AtomicBool,
     /// Bad probes in a row while in use (only the monitor task touches it).
     bad_probes: AtomicU32,
-    /// WAL position the replica had replayed at the last probe.
-    replayed: AtomicU64,
+    /// The primary's flushed position over the last `max_lag` and a little more, oldest first
+    /// (only the monitor task touches it).
+    primary_positions: std::sync::Mutex<VecDeque<(Instant, u64)>>,
     max_lag: Duration,
     check_interval: Duration,
 }
 
 impl Database {
     /// Builds both pools without connecting: the service starts even while a database is down,
-    /// and `/readyz` says so until it is back.
+    /// and `/healthz/dependencies` says so until it is back.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self, DbError> {
         let pool_options = PgPoolOptions::new()
             .max_connections(config.max_connections)
@@ -218,8 +252,7 @@ impl Database {
                     // Optimistic until the first probe says otherwise; a failed read falls back anyway.
                     in_use: AtomicBool::new(true),
                     bad_probes: AtomicU32::new(0),
-                    // Unknown until the first probe: reads with a consistency token use the primary.
-                    replayed: AtomicU64::new(0),
+                    primary_positions: Default::default(),
                     max_lag: config.replica_max_lag,
                     check_interval: config.replica_check_interval,
                 })
@@ -234,7 +267,12 @@ impl Database {
             }
         }
         Ok(Self {
-            inner: Arc::new(Inner { writer, replica }),
+            inner: Arc::new(Inner {
+                writer,
+                replica,
+                seen: AtomicU64::new(0),
+                seen_refresh: tokio::sync::Mutex::new(None),
+            }),
         })
     }
 
@@ -246,33 +284,41 @@ impl Database {
     /// A connection to the primary, for work that manages its own transaction; the wait for it
     /// is recorded like every other.
     pub async fn writer_connection(&self) -> Result<PoolConnection<Postgres>, DbError> {
-        Ok(acquire(&self.inner.writer, "writer").await?)
+        acquire(&self.inner.writer, "writer")
+            .await
+            .map_err(|err| to_db_error(err, "writer"))
     }
 
-    /// Runs `op` on a connection to the primary.
-    pub async fn write<T, F, Fut>(&self, op: F) -> Result<T, DbError>
+    /// Runs `op` on a connection to the primary: a write, or a read that must see the latest
+    /// state (a login right after signup, an inbox read on one device after a change on another).
+    pub async fn primary<T, F, Fut>(&self, op: F) -> Result<T, DbError>
     where
         F: FnOnce(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
         run_timed(&self.inner.writer, "writer", op)
             .await
-            .map_err(DbError::from)
+            .map_err(|err| to_db_error(err, "writer"))
     }
 
-    /// Runs `op` on the replica when it is usable, else on the primary. `op` may run twice (once
-    /// per server) if the replica fails mid-way, so it must be a read.
-    pub async fn read<T, F, Fut>(&self, op: F) -> Result<T, DbError>
+    /// Runs the read `op` on the replica while it is usable, else on the primary. `op` may run
+    /// twice (once per server) if the replica fails mid-way, so it must be a read.
+    pub async fn replica_or_primary<T, F, Fut>(&self, op: F) -> Result<T, DbError>
     where
         F: Fn(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        self.read_after(None, op).await
+        self.replica_or_primary_after(None, op).await
     }
 
-    /// Like [`Self::read`], but the answer reflects every write up to `token` (read-your-writes):
-    /// the replica serves it only if it had replayed that far at its last probe.
-    pub async fn read_after<T, F, Fut>(&self, token: Option<Lsn>, op: F) -> Result<T, DbError>
+    /// Like [`Self::replica_or_primary`], but the answer reflects every write up to `token`
+    /// (read-your-writes): a replica connection serves it only if its server has replayed that
+    /// far, checked on that connection.
+    pub async fn replica_or_primary_after<T, F, Fut>(
+        &self,
+        token: Option<Lsn>,
+        op: F,
+    ) -> Result<T, DbError>
     where
         F: Fn(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
@@ -280,11 +326,15 @@ impl Database {
         self.route_read(token, &op).await.map(|(value, _)| value)
     }
 
-    /// Like [`Self::read_after`] for a lookup that may find nothing: a miss on the replica is
-    /// confirmed on the primary, since the row may just not be replayed yet (created a moment ago,
-    /// perhaps from another device, without a consistency token). Misses are rare, so this costs
-    /// little, and "not found" is never an artefact of replication lag.
-    pub async fn read_one<T, F, Fut>(&self, token: Option<Lsn>, op: F) -> Result<Option<T>, DbError>
+    /// Like [`Self::replica_or_primary_after`] for a lookup that may find nothing: a miss on the
+    /// replica is confirmed on the primary, since the row may just not be replayed yet (created a
+    /// moment ago, perhaps from another device, without a consistency token). Misses are rare, so
+    /// this costs little, and "not found" is never an artefact of replication lag.
+    pub async fn find_on_replica_or_primary<T, F, Fut>(
+        &self,
+        token: Option<Lsn>,
+        op: F,
+    ) -> Result<Option<T>, DbError>
     where
         F: Fn(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
@@ -293,9 +343,7 @@ impl Database {
             (None, ReadTarget::Replica) => {
                 metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "missing_on_replica")
                     .increment(1);
-                run_timed(&self.inner.writer, "writer", op)
-                    .await
-                    .map_err(DbError::from)
+                self.primary(op).await
             }
             (found, _) => Ok(found),
         }
@@ -311,74 +359,170 @@ impl Database {
         F: Fn(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
-        if let Some(replica) = &self.inner.replica {
-            let skip_reason = if !replica.in_use.load(Ordering::Relaxed) {
-                Some("replica_unusable")
-            } else if token.is_some_and(|token| replica.replayed() < token) {
-                Some("read_your_writes")
-            } else {
-                None
-            };
-            match skip_reason {
-                None => {
-                    let pool = replica.pool.load_full();
-                    match run_timed(&pool, "reader", op).await {
-                        Err(err) if is_connection_error(&err) => {
-                            replica.mark_unusable(&format!("read failed: {err}"));
-                            metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_failed")
-                                .increment(1);
-                        }
-                        result => {
-                            return result
-                                .map(|value| (value, ReadTarget::Replica))
-                                .map_err(DbError::from)
-                        }
-                    }
-                }
-                Some(reason) => {
-                    metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => reason).increment(1)
-                }
-            }
+        let Some(replica) = &self.inner.replica else {
+            return self
+                .primary(op)
+                .await
+                .map(|value| (value, ReadTarget::Primary));
+        };
+        if !replica.in_use.load(Ordering::Relaxed) {
+            metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "replica_unusable")
+                .increment(1);
+            return self
+                .primary(op)
+                .await
+                .map(|value| (value, ReadTarget::Primary));
         }
-        run_timed(&self.inner.writer, "writer", op)
+        let token = match token {
+            Some(token) => Some(self.clamp(token).await),
+            None => None,
+        };
+        let pool = replica.pool.load_full();
+        let conn = match acquire(&pool, "reader").await {
+            Ok(conn) => conn,
+            // Every connection lent out: busy, not down. The replica stays in use (a reconnect
+            // storm now would make it worse) and this read is refused with a 503.
+            Err(sqlx::Error::PoolTimedOut) if saturated(&pool) => {
+                return Err(DbError::Busy("reader"))
+            }
+            // Otherwise no connection could be opened in time: the replica is away.
+            Err(err) => return self.after_replica_failure(replica, err, op).await,
+        };
+        let conn = match token {
+            None => conn,
+            Some(token) => match replayed_up_to(conn, token).await {
+                Ok(Some(conn)) => conn,
+                Ok(None) => {
+                    metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_your_writes")
+                        .increment(1);
+                    return self
+                        .primary(op)
+                        .await
+                        .map(|value| (value, ReadTarget::Primary));
+                }
+                Err(err) => return self.after_replica_failure(replica, err, op).await,
+            },
+        };
+        match run_on(conn, "reader", op).await {
+            Err(err) if is_connection_error(&err) => {
+                self.after_replica_failure(replica, err, op).await
+            }
+            result => result
+                .map(|value| (value, ReadTarget::Replica))
+                .map_err(|err| to_db_error(err, "reader")),
+        }
+    }
+
+    /// The replica failed a read with `err`: a connection error moves reads to the primary
+    /// (this one included); anything else is the read's own error.
+    async fn after_replica_failure<T, F, Fut>(
+        &self,
+        replica: &Replica,
+        err: sqlx::Error,
+        op: &F,
+    ) -> Result<(T, ReadTarget), DbError>
+    where
+        F: Fn(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        if !is_connection_error(&err) {
+            return Err(to_db_error(err, "reader"));
+        }
+        replica.mark_unusable(&format!("read failed: {err}"));
+        metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_failed").increment(1);
+        self.primary(op)
             .await
             .map(|value| (value, ReadTarget::Primary))
-            .map_err(DbError::from)
+    }
+
+    /// `token` if a write can have produced it; a token beyond the primary's current position
+    /// (from the future, or forged) becomes the furthest position this process has seen, which
+    /// a healthy replica has replayed. Tokens up to that position cost nothing; beyond it, one
+    /// query to the primary, shared by every request that arrived before it started.
+    async fn clamp(&self, token: Lsn) -> Lsn {
+        if token.0 <= self.inner.seen.load(Ordering::Acquire) {
+            return token;
+        }
+        let arrived = Instant::now();
+        let mut last = self.inner.seen_refresh.lock().await;
+        let current = match *last {
+            // A reading begun after this token was sent covers any write it stands for.
+            Some((started, position)) if started >= arrived => position,
+            _ => {
+                let started = Instant::now();
+                let current = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
+                    .fetch_one(&self.inner.writer)
+                    .await;
+                match current {
+                    Ok(current) => {
+                        *last = Some((started, current as u64));
+                        current as u64
+                    }
+                    // Cannot tell: the token stands; the read goes where it says.
+                    Err(_) => return token,
+                }
+            }
+        };
+        if token.0 <= current {
+            token
+        } else {
+            Lsn(self.inner.seen.load(Ordering::Acquire))
+        }
+    }
+
+    /// Notes a position the primary reached.
+    fn saw(&self, position: u64) {
+        self.inner.seen.fetch_max(position, Ordering::AcqRel);
     }
 
     /// Runs `op` in a transaction on the primary and commits it; returns `op`'s value and the WAL
     /// position that reflects the commit (the client's consistency token). An error from `op`
-    /// rolls the transaction back.
-    pub async fn transaction<T, E, F>(&self, op: F) -> Result<(T, Lsn), E>
+    /// rolls the transaction back. Once the commit succeeded the answer is success: if the
+    /// position cannot be read afterwards, there is no token (the client then reads without
+    /// one), never an error that would invite a retry of a committed write.
+    pub async fn transaction<T, E, F>(&self, op: F) -> Result<(T, Option<Lsn>), E>
     where
         E: From<DbError>,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
         let mut conn = acquire(&self.inner.writer, "writer")
             .await
-            .map_err(DbError::from)?;
+            .map_err(|err| to_db_error(err, "writer"))?;
         let span = stage_span(|| tracing::info_span!("db.transaction", pool = "writer"));
         let running = Instant::now();
         let committed = async {
-            let mut tx = conn.begin().await.map_err(|err| failed(&span, err))?;
+            let mut tx = conn
+                .begin()
+                .await
+                .map_err(|err| failed(&span, err, "writer"))?;
             let value = op(&mut tx).await?;
             let commit = stage_span(|| tracing::info_span!("db.commit"));
             tx.commit()
                 .instrument(commit.clone())
                 .await
-                .map_err(|err| failed(&commit, err))?;
+                .map_err(|err| failed(&commit, err, "writer"))?;
             let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
                 .fetch_one(&mut *conn)
                 .instrument(commit.clone())
-                .await
-                .map_err(|err| failed(&commit, err))?;
+                .await;
+            let lsn = match lsn {
+                Ok(lsn) => Some(Lsn(lsn as u64)),
+                Err(err) => {
+                    mark_failed(&commit, &err);
+                    tracing::warn!(error = %err, "committed, but the WAL position could not be read: answering without a consistency token");
+                    None
+                }
+            };
             Ok::<_, E>((value, lsn))
         }
         .instrument(span.clone())
         .await;
         let (value, lsn) = committed?;
+        if let Some(lsn) = lsn {
+            self.saw(lsn.0);
+        }
         metrics::histogram!(names::DB_QUERY_DURATION, "pool" => "writer").record(running.elapsed());
-        Ok((value, Lsn(lsn as u64)))
+        Ok((value, lsn))
     }
 
     /// Where plain reads go right now.
@@ -394,10 +538,10 @@ impl Database {
         self.inner.replica.is_some()
     }
 
-    /// A round trip to the primary, for readiness.
-    pub async fn ping_writer(&self, timeout: Duration) -> Result<(), DbError> {
-        let select_one =
-            self.write(|mut conn| async move { sqlx::query("SELECT 1").execute(&mut *conn).await });
+    /// A round trip to the primary, for the dependency checks.
+    pub async fn ping_primary(&self, timeout: Duration) -> Result<(), DbError> {
+        let select_one = self
+            .primary(|mut conn| async move { sqlx::query("SELECT 1").execute(&mut *conn).await });
         match tokio::time::timeout(timeout, select_one).await {
             Ok(result) => result.map(drop),
             Err(_) => Err(DbError::Unavailable(sqlx::Error::PoolTimedOut)),
@@ -409,16 +553,28 @@ impl Database {
         if self.inner.replica.is_none() {
             return;
         }
-        let inner = self.inner.clone();
+        let db = self.clone();
         tokio::spawn(async move {
-            let Some(replica) = &inner.replica else {
+            let Some(replica) = &db.inner.replica else {
                 return;
             };
             let mut ticker = tokio::time::interval(replica.check_interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The monitor's own connection: a reader pool with every connection lent out
+            // (busy) must not look like a replica that does not answer.
+            let mut probe_conn = None;
             loop {
                 ticker.tick().await;
-                replica.check().await;
+                let primary_at = tokio::time::timeout(
+                    PROBE_TIMEOUT,
+                    sqlx::query_scalar::<_, i64>(FLUSH_LSN_SQL).fetch_one(&db.inner.writer),
+                )
+                .await;
+                if let Ok(Ok(position)) = primary_at {
+                    db.saw(position as u64);
+                    replica.note_primary_position(Instant::now(), position as u64);
+                }
+                replica.check(&mut probe_conn).await;
             }
         });
     }
@@ -448,37 +604,96 @@ impl Database {
     }
 }
 
+/// Whether every connection `pool` may open is open (and so, after a timed-out wait, lent out).
+fn saturated(pool: &PgPool) -> bool {
+    pool.size() >= pool.options().get_max_connections()
+}
+
+/// `conn` back if its server has replayed up to `token`, `None` if not yet.
+async fn replayed_up_to(
+    mut conn: PoolConnection<Postgres>,
+    token: Lsn,
+) -> Result<Option<PoolConnection<Postgres>>, sqlx::Error> {
+    let caught_up: bool = sqlx::query_scalar(REPLAYED_UP_TO_SQL)
+        .bind(token.0 as i64)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(caught_up.then_some(conn))
+}
+
 impl Replica {
-    fn replayed(&self) -> Lsn {
-        Lsn(self.replayed.load(Ordering::Acquire))
+    /// Records where the primary was at `at`, keeping one sample at least `max_lag` old.
+    fn note_primary_position(&self, at: Instant, position: u64) {
+        let Ok(mut positions) = self.primary_positions.lock() else {
+            return;
+        };
+        positions.push_back((at, position));
+        let cutoff = at.checked_sub(self.max_lag);
+        while let (Some(cutoff), Some(&(second, _))) = (cutoff, positions.get(1)) {
+            if second > cutoff {
+                break;
+            }
+            positions.pop_front();
+        }
     }
 
-    async fn check(&self) {
-        let was_in_use = self.in_use.load(Ordering::Relaxed);
-        let state_query = || sqlx::query_as::<_, (f64, i64)>(REPLICA_STATE_SQL);
-        let state = if was_in_use {
-            let pool = self.pool.load_full();
-            tokio::time::timeout(PROBE_TIMEOUT, state_query().fetch_one(&*pool)).await
-        } else {
-            // While out of use, probe on a fresh connection: pooled ones may be dead sockets.
-            tokio::time::timeout(PROBE_TIMEOUT, async {
-                let mut conn = PgConnection::connect_with(&self.connect_options).await?;
-                let state = state_query().fetch_one(&mut conn).await;
-                let _ = conn.close().await;
-                state
-            })
-            .await
+    /// What the replica must have replayed to be usable: the primary's position `max_lag` ago
+    /// (the oldest known while the process is younger than that), and how far behind a replica
+    /// at `replayed` is, at least.
+    fn judge(&self, replayed: u64, now: Instant) -> (Option<u64>, Duration) {
+        let Ok(positions) = self.primary_positions.lock() else {
+            return (None, Duration::ZERO);
         };
+        let cutoff = now.checked_sub(self.max_lag);
+        let required = positions
+            .iter()
+            .rev()
+            .find(|(at, _)| cutoff.is_some_and(|cutoff| *at <= cutoff))
+            .or(positions.front())
+            .map(|&(_, position)| position);
+        // Behind since the first sample it has not replayed (or longer, beyond the samples).
+        let lag = positions
+            .iter()
+            .find(|(_, position)| *position > replayed)
+            .map_or(Duration::ZERO, |(at, _)| now.saturating_duration_since(*at));
+        (required, lag)
+    }
+
+    /// One probe on the monitor's own connection `probe_conn` (opened when there is none;
+    /// dropped after a failure, so the next probe connects afresh).
+    async fn check(&self, probe_conn: &mut Option<PgConnection>) {
+        let was_in_use = self.in_use.load(Ordering::Relaxed);
+        let state = tokio::time::timeout(PROBE_TIMEOUT, async {
+            if probe_conn.is_none() {
+                *probe_conn = Some(PgConnection::connect_with(&self.connect_options).await?);
+            }
+            match probe_conn.as_mut() {
+                Some(conn) => {
+                    sqlx::query_scalar::<_, i64>(REPLAYED_SQL)
+                        .fetch_one(conn)
+                        .await
+                }
+                None => Err(sqlx::Error::PoolClosed),
+            }
+        })
+        .await;
+        if !matches!(state, Ok(Ok(_))) {
+            *probe_conn = None;
+        }
         let verdict = match state {
             Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
             Ok(Err(err)) => Err(err.to_string()),
-            Ok(Ok((lag, replayed))) => {
-                self.replayed.store(replayed as u64, Ordering::Release);
-                metrics::gauge!(names::DB_REPLICA_LAG).set(lag);
-                if lag > self.max_lag.as_secs_f64() {
-                    Err(format!("lag {lag:.3}s exceeds {:?}", self.max_lag))
-                } else {
-                    Ok(())
+            Ok(Ok(replayed)) => {
+                let (required, lag) = self.judge(replayed as u64, Instant::now());
+                metrics::gauge!(names::DB_REPLICA_LAG).set(lag.as_secs_f64());
+                match required {
+                    Some(required) if (replayed as u64) < required => Err(format!(
+                        "replayed {} but the primary had flushed {} {:?} ago",
+                        Lsn(replayed as u64),
+                        Lsn(required),
+                        self.max_lag
+                    )),
+                    _ => Ok(()),
                 }
             }
         };
@@ -505,7 +720,7 @@ impl Replica {
                 metrics::gauge!(names::DB_REPLICA_IN_USE).set(1.0);
                 tracing::info!("replica healthy again: reads go back to it");
             }
-            _ => {}
+            (Err(_), false) => {}
         }
     }
 
@@ -539,11 +754,33 @@ where
     Fut: Future<Output = Result<T, sqlx::Error>>,
 {
     let conn = acquire(pool, label).await?;
+    run_on(conn, label, op).await
+}
+
+/// Runs `op` on `conn` (of pool `label`) in a `db.query` span, recording its time.
+async fn run_on<T, F, Fut>(
+    conn: PoolConnection<Postgres>,
+    label: &'static str,
+    op: F,
+) -> Result<T, sqlx::Error>
+where
+    F: FnOnce(PoolConnection<Postgres>) -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
     let span = stage_span(|| tracing::info_span!("db.query", pool = label));
     let running = Instant::now();
     let result = op(conn).instrument(span.clone()).await;
     metrics::histogram!(names::DB_QUERY_DURATION, "pool" => label).record(running.elapsed());
     result.inspect_err(|err| mark_failed(&span, err))
+}
+
+/// `err` from pool `label` as the callers see it: a pool without a free connection in time is
+/// busy; the rest as [`DbError::from`] sorts them.
+fn to_db_error(err: sqlx::Error, label: &'static str) -> DbError {
+    match err {
+        sqlx::Error::PoolTimedOut => DbError::Busy(label),
+        other => DbError::from(other),
+    }
 }
 
 /// A connection from `pool` (`label`: `writer` or `reader`), the wait recorded and in a
@@ -577,9 +814,9 @@ fn stage_span(make: impl FnOnce() -> Span) -> Span {
 }
 
 /// Marks `span` failed with what kind of failure `err` is, and converts it.
-fn failed(span: &Span, err: sqlx::Error) -> DbError {
+fn failed(span: &Span, err: sqlx::Error, label: &'static str) -> DbError {
     mark_failed(span, &err);
-    DbError::from(err)
+    to_db_error(err, label)
 }
 
 /// Marks `span` failed with the kind of `err` (its SQLSTATE for a database error): never the
@@ -680,10 +917,10 @@ mod tests {
         let spans = capture(async {
             let db = database(fake_postgres(), Some(fake_postgres()));
             async {
-                let _ = db.write(select_one).await;
-                let _ = db.read(select_one).await;
-                let _ = db.read_after(Some(Lsn(1)), select_one).await;
-                let _ = db.read_one(None, select_one).await;
+                let _ = db.primary(select_one).await;
+                let _ = db.replica_or_primary(select_one).await;
+                let _ = db.replica_or_primary_after(Some(Lsn(1)), select_one).await;
+                let _ = db.find_on_replica_or_primary(None, select_one).await;
                 let _ = db
                     .transaction(|_| Box::pin(async { Ok::<_, DbError>(()) }))
                     .await;
@@ -699,14 +936,14 @@ mod tests {
                 .iter()
                 .map(|span| pool_of(span))
                 .collect::<Vec<_>>(),
-            // write, read, read_after (the replica has not replayed that far: unknown yet),
-            // read_one, transaction, writer_connection
-            ["writer", "reader", "writer", "reader", "writer", "writer"]
+            // write, read, read with a token (its replica connection is asked how far it has
+            // replayed, which this stand-in refuses), find, transaction, writer_connection
+            ["writer", "reader", "reader", "reader", "writer", "writer"]
         );
         let queries = named(&spans, "db.query");
         assert_eq!(
             queries.iter().map(|span| pool_of(span)).collect::<Vec<_>>(),
-            ["writer", "reader", "writer", "reader"]
+            ["writer", "reader", "reader"]
         );
         let transaction = named(&spans, "db.transaction");
         assert_eq!(transaction.len(), 1);
@@ -735,7 +972,7 @@ mod tests {
         let spans = capture(async {
             let db = database(fake_postgres(), Some(nothing_there()));
             let _ = db
-                .read(select_one)
+                .replica_or_primary(select_one)
                 .instrument(tracing::info_span!("request"))
                 .await;
         });
@@ -757,10 +994,26 @@ mod tests {
     }
 
     #[test]
+    fn a_committed_transaction_succeeds_even_when_its_position_cannot_be_read() {
+        // The stand-in commits, then refuses the WAL-position query: the write happened, so the
+        // caller must see success (without a token), never an error inviting a retry.
+        let outcome = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let db = database(fake_postgres(), None);
+                db.transaction(|_| Box::pin(async { Ok::<_, DbError>("written") }))
+                    .await
+            });
+        assert!(matches!(outcome, Ok(("written", None))), "{outcome:?}");
+    }
+
+    #[test]
     fn work_outside_any_span_starts_no_trace() {
         let spans = capture(async {
             let db = database(fake_postgres(), None);
-            let _ = db.write(select_one).await;
+            let _ = db.primary(select_one).await;
             let _ = db
                 .transaction(|_| Box::pin(async { Ok::<_, DbError>(()) }))
                 .await;

@@ -6,33 +6,37 @@
 //! lets the service close its long-lived connections ([`Service::draining`]), then stops
 //! accepting, lets in-flight requests finish (up to `HTTP_SHUTDOWN_TIMEOUT_SECS`) and returns.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::http::{header, StatusCode};
+use actix_http::error::DispatchError;
+use actix_http::{HttpService, KeepAlive, Protocol};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::{from_fn, Next};
-use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::rt::net::TcpStream;
+use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, ResponseError};
+use futures_util::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tracing_actix_web::TracingLogger;
 
-use crate::access_token::TokenError;
 use crate::broker::BrokerProbe;
 use crate::config::ServiceConfig;
-use crate::db::{Database, DbError, Lsn, ReadTarget};
+use crate::db::{Database, Lsn, ReadTarget};
+use crate::error::ApiError;
 use crate::metrics as names;
-use crate::workers::PoolError;
 use crate::Service;
 
 /// How long `/readyz` waits for each dependency before calling it failed.
 const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What handlers can reach through `web::Data<AppContext>`.
+#[derive(Clone)]
 pub struct AppContext {
     pub config: Arc<ServiceConfig>,
     pub db: Database,
@@ -40,229 +44,85 @@ pub struct AppContext {
     pub metrics: PrometheusHandle,
 }
 
-/// An error as clients see it: a status and `{"error": {"code": "...", "message": "..."}}`, with
-/// `details` naming each invalid field when the input broke several rules.
-///
-/// Each service maps its domain errors into this type, so the wire format lives here only.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub details: Vec<FieldIssue>,
-    headers: Vec<(header::HeaderName, String)>,
-}
-
-/// One invalid input field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-pub struct FieldIssue {
-    pub field: String,
-    pub message: String,
-}
-
-/// The body of every error answer, as the OpenAPI documents describe it.
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable, machine-readable: `invalid_input`, `unauthorized`, `rate_limited`, ...
-    pub code: String,
-    /// For people: what is wrong and, where it helps, what to do.
-    pub message: String,
-    /// Present on `invalid_input`: every field that broke a rule.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub details: Option<Vec<FieldIssue>>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            details: Vec::new(),
-            headers: Vec::new(),
-        }
+/// A route path and its handlers by method: `resource("/v1/tasks").get(list).post(create)`.
+/// Other methods get a JSON 405 naming the method with `Allow` listing these (RFC 9110), like
+/// every other error, instead of actix's empty one; a handler that panics gets a logged 500
+/// (see `catch_panics`) instead of a dropped connection.
+pub fn resource(path: &str) -> Routes {
+    Routes {
+        resource: web::resource(path),
+        allowed: Vec::new(),
     }
+}
 
-    /// Adds `Retry-After`, for 429 and 503 answers.
-    pub fn retry_after(self, secs: u64) -> Self {
-        self.with_header(header::RETRY_AFTER, secs.max(1).to_string())
-    }
+/// See [`resource`].
+pub struct Routes {
+    resource: actix_web::Resource,
+    allowed: Vec<Method>,
+}
 
-    /// Sets a header on the answer (replacing an earlier value of the same header).
-    pub fn with_header(mut self, name: header::HeaderName, value: impl Into<String>) -> Self {
-        self.headers.retain(|(existing, _)| *existing != name);
-        self.headers.push((name, value.into()));
+macro_rules! method_routes {
+    ($($name:ident => $method:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("Serves `", stringify!($method), "` with `handler`.")]
+            pub fn $name<F, Args>(self, handler: F) -> Self
+            where
+                F: actix_web::Handler<Args>,
+                Args: FromRequest + 'static,
+                F::Output: actix_web::Responder + 'static,
+            {
+                self.on(Method::$method, handler)
+            }
+        )*
+    };
+}
+
+impl Routes {
+    method_routes!(get => GET, post => POST, put => PUT, patch => PATCH, delete => DELETE);
+
+    fn on<F, Args>(mut self, method: Method, handler: F) -> Self
+    where
+        F: actix_web::Handler<Args>,
+        Args: FromRequest + 'static,
+        F::Output: actix_web::Responder + 'static,
+    {
+        self.resource = self
+            .resource
+            .route(web::route().method(method.clone()).to(handler));
+        self.allowed.push(method);
         self
     }
 
-    pub fn header(&self, name: &header::HeaderName) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+    /// Data for this path's handlers only (a tighter `web::PayloadConfig`, say).
+    pub fn app_data<U: 'static>(mut self, data: U) -> Self {
+        self.resource = self.resource.app_data(data);
+        self
     }
+}
 
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-
-    /// 400 `invalid_input` naming every field in `details`.
-    pub fn invalid_input(details: Vec<FieldIssue>) -> Self {
-        let message = details
+impl actix_web::dev::HttpServiceFactory for Routes {
+    fn register(self, config: &mut actix_web::dev::AppService) {
+        let allow = self
+            .allowed
             .iter()
-            .map(|issue| format!("{}: {}", issue.field, issue.message))
+            .map(Method::as_str)
             .collect::<Vec<_>>()
-            .join("; ");
-        Self {
-            details,
-            ..Self::bad_request("invalid_input", message)
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
-    }
-
-    pub fn conflict(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, code, message)
-    }
-
-    /// 401 with `WWW-Authenticate: Bearer`, as RFC 6750 asks.
-    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, code, message)
-            .with_header(header::WWW_AUTHENTICATE, "Bearer")
-    }
-
-    pub fn too_many_requests(message: impl Into<String>, retry_after_secs: u64) -> Self {
-        Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
-            .retry_after(retry_after_secs)
-    }
-
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message).retry_after(1)
-    }
-
-    /// A fault on our side; the message is logged, never sent: it may name internals.
-    pub fn internal(message: impl fmt::Display) -> Self {
-        tracing::error!(error = %message, "internal error");
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "something went wrong on our side; it has been logged",
-        )
+            .join(", ");
+        self.resource
+            .default_service(web::to(move |request: HttpRequest| {
+                let allow = allow.clone();
+                async move { method_not_allowed(&request, allow) }
+            }))
+            // Here, below routing: routing needs the request unshared, and the guard keeps a
+            // copy of it to answer with.
+            .wrap(from_fn(catch_panics))
+            .register(config);
     }
 }
 
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.status.as_u16(),
-            self.code,
-            self.message
-        )
-    }
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        self.status
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status);
-        for (name, value) in &self.headers {
-            response.insert_header((name.clone(), value.as_str()));
-        }
-        let mut error = json!({ "code": self.code, "message": self.message });
-        if !self.details.is_empty() {
-            error["details"] = json!(self.details);
-        }
-        response.json(json!({ "error": error }))
-    }
-}
-
-impl From<DbError> for ApiError {
-    fn from(err: DbError) -> Self {
-        match err {
-            DbError::Unavailable(_) => Self::unavailable("the database is unavailable; try again"),
-            other => Self::internal(other),
-        }
-    }
-}
-
-impl From<PoolError> for ApiError {
-    fn from(err: PoolError) -> Self {
-        match err {
-            PoolError::Busy { .. } => Self::unavailable("the server is busy; try again shortly"),
-            PoolError::Failed { .. } => Self::internal(err),
-        }
-    }
-}
-
-impl From<TokenError> for ApiError {
-    fn from(err: TokenError) -> Self {
-        match err {
-            TokenError::KeysUnavailable(_) => {
-                tracing::warn!(error = %err, "cannot verify access tokens");
-                Self::unavailable("access tokens cannot be verified right now; try again")
-            }
-            TokenError::Missing => Self::unauthorized("unauthorized", err.to_string()),
-            _ => Self::unauthorized("invalid_token", err.to_string()).with_header(
-                header::WWW_AUTHENTICATE,
-                format!("Bearer error=\"invalid_token\", error_description=\"{err}\""),
-            ),
-        }
-    }
-}
-
-impl From<validator::ValidationErrors> for ApiError {
-    fn from(errors: validator::ValidationErrors) -> Self {
-        let mut details: Vec<FieldIssue> = errors
-            .field_errors()
-            .into_iter()
-            .flat_map(|(field, issues)| {
-                issues.iter().map(move |issue| FieldIssue {
-                    field: field.to_string(),
-                    message: issue
-                        .message
-                        .as_ref()
-                        .map_or_else(|| describe(issue), |m| m.to_string()),
-                })
-            })
-            .collect();
-        // HashMap order is arbitrary; answers should not be.
-        details.sort_by(|a, b| a.field.cmp(&b.field));
-        Self::invalid_input(details)
-    }
-}
-
-/// Words for a rule without its own message; `length` names its bounds.
-fn describe(issue: &validator::ValidationError) -> String {
-    let bound = |name: &str| issue.params.get(name).map(|value| value.to_string());
-    match (&*issue.code, bound("min"), bound("max")) {
-        ("length", Some(min), Some(max)) => format!("must be {min} to {max} characters long"),
-        ("length", Some(min), None) => format!("must be at least {min} characters long"),
-        ("length", None, Some(max)) => format!("must be at most {max} characters long"),
-        (code, _, _) => format!("breaks the rule `{code}`"),
-    }
-}
-
-/// A route path whose unsupported methods get a JSON 405 naming the method, like every other
-/// error, instead of actix's empty one.
-pub fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
-}
-
-async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+fn method_not_allowed(request: &HttpRequest, allow: String) -> HttpResponse {
     let message = format!(
-        "{} is not supported on {}",
+        "{} is not supported on {}; use {allow}",
         request.method(),
         request.path()
     );
@@ -271,6 +131,7 @@ async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
         "method_not_allowed",
         message,
     )
+    .with_header(header::ALLOW, allow)
     .error_response()
 }
 
@@ -284,40 +145,87 @@ pub fn client_has(request: &HttpRequest, etag: &str) -> bool {
         .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == etag))
 }
 
-/// The client's address: the peer, or behind a trusted ingress (`HTTP_TRUST_FORWARDED_FOR`)
-/// the last `X-Forwarded-For` entry, which the ingress itself appended.
+/// The client's address: the TCP peer, or, when the peer is a trusted proxy
+/// (`HTTP_TRUSTED_PROXIES`), the nearest `X-Forwarded-For` entry that is not one. Entries
+/// further left were written by whoever sent the request and prove nothing.
 pub fn client_ip(request: &HttpRequest) -> Option<IpAddr> {
-    let trust_forwarded = request
+    let peer = request.peer_addr().map(|address| address.ip())?;
+    let trusted = request
         .app_data::<web::Data<AppContext>>()
-        .is_some_and(|context| context.config.http.trust_forwarded_for);
-    if trust_forwarded {
-        let forwarded = request
-            .headers()
-            .get_all("x-forwarded-for")
-            .last()
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.rsplit(',').next())
-            .and_then(|last| last.trim().parse().ok());
-        if forwarded.is_some() {
-            return forwarded;
-        }
-    }
-    request.peer_addr().map(|address| address.ip())
+        .map(|context| context.config.http.trusted_proxies.as_slice())
+        .unwrap_or_default();
+    Some(client_behind(
+        peer,
+        trusted,
+        request.headers().get_all("x-forwarded-for"),
+    ))
 }
 
-/// For PATCH bodies, with `#[serde(default, deserialize_with = "service_kit::http::nullable")]`
-/// on an `Option<Option<T>>` field: absent is `None` (leave it), `null` is `Some(None)` (clear
-/// it), a value is `Some(Some(value))`.
-pub fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: serde::Deserialize<'de>,
-{
-    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
+/// [`client_ip`] from its parts.
+fn client_behind<'a>(
+    peer: IpAddr,
+    trusted: &[crate::config::IpNet],
+    forwarded_for: impl DoubleEndedIterator<Item = &'a header::HeaderValue>,
+) -> IpAddr {
+    let is_trusted = |address: &IpAddr| trusted.iter().any(|net| net.contains(address));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    // Right to left: each trusted hop vouches for the entry before it.
+    for value in forwarded_for.rev() {
+        let Ok(value) = value.to_str() else {
+            return client;
+        };
+        for entry in value.rsplit(',') {
+            match entry.trim().parse::<IpAddr>() {
+                Ok(address) => {
+                    client = address;
+                    if !is_trusted(&address) {
+                        return client;
+                    }
+                }
+                // Garbage where an address should be: trust stops at the last good hop.
+                Err(_) => return client,
+            }
+        }
+    }
+    client
 }
 
 /// Header carrying the consistency token: set on answers to writes, echoed by clients on reads.
 pub const CONSISTENCY_TOKEN_HEADER: &str = "x-consistency-token";
+
+/// The answer to a write: `answer` with the write's consistency token in
+/// `X-Consistency-Token` (absent when the position could not be read after the commit). Every
+/// write handler answers through it, so the header is set in one place.
+pub struct Written<R> {
+    pub answer: R,
+    pub token: Option<Lsn>,
+}
+
+impl<R> Written<R> {
+    pub fn new(answer: R, token: Option<Lsn>) -> Self {
+        Self { answer, token }
+    }
+}
+
+impl<R: actix_web::Responder> actix_web::Responder for Written<R> {
+    type Body = R::Body;
+
+    fn respond_to(self, request: &HttpRequest) -> HttpResponse<Self::Body> {
+        let mut response = self.answer.respond_to(request);
+        if let Some(token) = self.token {
+            if let Ok(value) = header::HeaderValue::try_from(token.to_string()) {
+                response.headers_mut().insert(
+                    header::HeaderName::from_static(CONSISTENCY_TOKEN_HEADER),
+                    value,
+                );
+            }
+        }
+        response
+    }
+}
 
 /// The consistency token a client sent back (read-your-writes), if any; a malformed one is a 400.
 pub struct ReadAfter(pub Option<Lsn>);
@@ -345,56 +253,83 @@ impl FromRequest for ReadAfter {
     }
 }
 
-/// How JSON bodies are read: at most `limit` bytes (413 beyond), and a body that is not JSON, or not
-/// of the handler's type, is a 400 `invalid_body` saying why. The server's default uses
-/// `HTTP_MAX_BODY_BYTES`; a route with a tighter bound registers its own with this.
-pub fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default()
-        .limit(limit)
-        .error_handler(|err, _| {
-            let status = err.status_code();
-            ApiError::new(status, "invalid_body", err.to_string()).into()
-        })
-}
+/// How long a new connection may stay silent before it is closed. The combined HTTP/1.1 + h2c
+/// listener must see the first bytes to know the protocol; without a bound, sockets that never
+/// send anything would hold file descriptors forever.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client has to send a request head once it started (408 after), as actix's default.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a closing connection gets to shut down cleanly, as actix's default.
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pending connections the kernel holds for the listener, as actix's default.
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Serves the service's routes plus the standard endpoints until SIGTERM/SIGINT, then drains
 /// and returns.
+///
+/// This is what actix-web's `HttpServer::bind_auto_h2c` does, except that the first bytes of a
+/// connection (which tell HTTP/1.1 from h2c) are awaited for [`FIRST_BYTES_TIMEOUT`] only.
 pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io::Result<()> {
     let http = context.config.http.clone();
     let context = web::Data::new(context);
     let routes = service.clone();
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(context.clone())
-            .app_data(web::PayloadConfig::new(http.max_body_bytes))
-            .app_data(json_config(http.max_body_bytes))
-            .app_data(web::PathConfig::default().error_handler(|err, _| {
-                ApiError::bad_request("invalid_path", err.to_string()).into()
-            }))
-            .app_data(web::QueryConfig::default().error_handler(|err, _| {
-                ApiError::bad_request("invalid_query", err.to_string()).into()
-            }))
-            // Last wrapped runs first: tracing span → metrics → timeout → handler.
-            .wrap(from_fn(enforce_timeout))
-            .wrap(from_fn(record_metrics))
-            .wrap(TracingLogger::default())
-            .route("/healthz", web::get().to(healthz))
-            .route("/readyz", web::get().to(readyz))
-            .route("/metrics", web::get().to(render_metrics))
-            .app_data(web::Data::from(routes.clone()))
-            .configure(|config| routes.routes(config))
-            .default_service(web::to(not_found))
-    })
-    .workers(http.workers)
-    // Answers are written as head and body: without this, Nagle's algorithm holds the body back
-    // until the client's delayed ACK (~40 ms) on keep-alive connections.
-    .tcp_nodelay(true)
-    .on_connect(remember_socket)
-    .shutdown_timeout(http.shutdown_timeout.as_secs())
-    // Signals are ours (below): the service closes its long-lived connections before the drain.
-    .disable_signals()
-    .bind_auto_h2c((http.host, http.port))?
-    .run();
+    let listener = listen((http.host, http.port).into())?;
+    let local_addr = listener.local_addr()?;
+    let builder = actix_server::Server::build()
+        .workers(http.workers)
+        .shutdown_timeout(http.shutdown_timeout.as_secs())
+        // Signals are ours (below): the service closes its long-lived connections before the drain.
+        .disable_signals();
+    let shutting_down = builder.graceful_shutdown_signal();
+    let server = builder
+        .listen("http", listener, move || {
+            let context = context.clone();
+            let routes = routes.clone();
+            let max_body_bytes = http.max_body_bytes;
+            let app = App::new()
+                .app_data(context)
+                // Bodies ([`crate::input::Json`]): at most this, 413 beyond; a route with a
+                // tighter bound registers its own `web::PayloadConfig`.
+                .app_data(web::PayloadConfig::new(max_body_bytes))
+                .app_data(web::PathConfig::default().error_handler(|err, _| {
+                    ApiError::bad_request("invalid_path", err.to_string()).into()
+                }))
+                // Last wrapped runs first: tracing span → metrics → timeout → (each resource's
+                // panic guard, see `Routes`) → handler.
+                .wrap(from_fn(enforce_timeout))
+                .wrap(from_fn(record_metrics))
+                .wrap(TracingLogger::default())
+                .route("/healthz", web::get().to(healthz))
+                .route("/readyz", web::get().to(readyz::<S>))
+                .route("/healthz/dependencies", web::get().to(dependencies))
+                .route("/metrics", web::get().to(render_metrics))
+                .app_data(web::Data::from(routes.clone()))
+                .configure(|config| routes.routes(config))
+                .default_service(web::to(not_found));
+            let shutting_down = shutting_down.clone();
+            let http_service = HttpService::build()
+                // Idle keep-alive connections close at once when the drain starts.
+                .graceful_shutdown_signal(move || {
+                    let signal = shutting_down.clone();
+                    async move { signal.notified().await }
+                })
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                // Answers are written as head and body: without this, Nagle's algorithm holds
+                // the body back until the client's delayed ACK (~40 ms) on keep-alive connections.
+                .tcp_nodelay(true)
+                .local_addr(local_addr)
+                .on_connect_ext(remember_socket)
+                .finish(map_config(
+                    app.into_factory()
+                        .map_err(|err: actix_web::Error| err.error_response()),
+                    // Only requests without a Host header (HTTP/1.0) see this host name.
+                    |_| AppConfig::default(),
+                ));
+            fn_service(detect_protocol).and_then(http_service)
+        })?
+        .run();
     let handle = server.handle();
     actix_web::rt::spawn(async move {
         if let Err(err) = shutdown_signal().await {
@@ -405,6 +340,49 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
         handle.stop(true).await;
     });
     server.await
+}
+
+/// A listening socket like actix-web's: address reuse (a restart need not wait for old
+/// connections' TIME_WAIT) and its backlog.
+fn listen(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// HTTP/2 with prior knowledge starts with this (a subset of RFC 9113's preface, as actix
+/// checks it); anything else is taken for HTTP/1.1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
+
+/// Which protocol a new connection speaks, from its first bytes, or an error when it sends none
+/// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
+async fn detect_protocol(
+    io: TcpStream,
+) -> Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+    let mut first = [0; 12];
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
+        Err(_) => {
+            metrics::counter!(names::HTTP_SILENT_CONNECTIONS_CLOSED).increment(1);
+            return Err(DispatchError::SlowRequestTimeout);
+        }
+        Ok(peeked) => {
+            peeked?;
+        }
+    }
+    let protocol = if first == H2_PREFACE {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let peer = io.peer_addr().ok();
+    Ok((io, protocol, peer))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -424,10 +402,8 @@ async fn shutdown_signal() -> std::io::Result<()> {
 #[derive(Debug, Clone, Copy)]
 struct ConnectionSocket(RawFd);
 
-fn remember_socket(connection: &dyn std::any::Any, extensions: &mut actix_web::dev::Extensions) {
-    if let Some(socket) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        extensions.insert(ConnectionSocket(socket.as_raw_fd()));
-    }
+fn remember_socket(socket: &TcpStream, extensions: &mut actix_web::dev::Extensions) {
+    extensions.insert(ConnectionSocket(socket.as_raw_fd()));
 }
 
 /// Caps the kernel's send buffer of `request`'s connection at `bytes`. For long-lived streams
@@ -460,18 +436,71 @@ async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({ "status": "ok" }))
 }
 
-/// Ready when the primary answers, reads can be served and the broker answers. A replica outage
-/// alone keeps the service ready (reads fall back to the primary) and is shown as such.
-async fn readyz(context: web::Data<AppContext>) -> HttpResponse {
+/// Ready when this process can serve: it started, its pools exist and the service says it is
+/// ([`Service::ready`], e.g. access-token keys loaded). Dependencies are not asked: a broker or
+/// database outage would take every pod out of rotation at once, while the outbox keeps writes
+/// going without the broker and a request that needs a dead database fails alone with 503.
+/// Their health is in `/healthz/dependencies`, in `dependency_up` and in the alerts.
+async fn readyz<S: Service>(service: web::Data<S>) -> HttpResponse {
+    match service.ready() {
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ready" })),
+        Err(reason) => HttpResponse::ServiceUnavailable().json(json!({
+            "status": "not_ready",
+            "reason": reason,
+        })),
+    }
+}
+
+/// For people: each dependency checked now (primary, reads, broker), always 200, with
+/// `status` `ok` or `degraded`.
+async fn dependencies(context: web::Data<AppContext>) -> HttpResponse {
+    let checks = check_dependencies(&context).await;
+    let degraded = ["writer", "reader", "broker"]
+        .into_iter()
+        .any(|part| checks[part]["ok"] != json!(true));
+    HttpResponse::Ok().json(json!({
+        "status": if degraded { "degraded" } else { "ok" },
+        "checks": checks,
+    }))
+}
+
+/// How often `dependency_up` is measured.
+const DEPENDENCY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps `dependency_up` current for the life of the process.
+pub(crate) fn spawn_dependency_checks(context: AppContext) {
+    crate::workers::spawn_periodic("dependency checks", DEPENDENCY_CHECK_INTERVAL, move || {
+        let context = context.clone();
+        async move {
+            check_dependencies(&context).await;
+            Ok(())
+        }
+    });
+}
+
+/// The primary, plain reads and the broker, each within [`READINESS_TIMEOUT`]; also sets
+/// `dependency_up` for each.
+async fn check_dependencies(context: &AppContext) -> serde_json::Value {
     let db = &context.db;
     let (writer, reader, broker) = tokio::join!(
-        db.ping_writer(READINESS_TIMEOUT),
+        db.ping_primary(READINESS_TIMEOUT),
         tokio::time::timeout(
             READINESS_TIMEOUT,
-            db.read(|mut conn| async move { sqlx::query("SELECT 1").execute(&mut *conn).await })
+            db.replica_or_primary(|mut conn| async move {
+                sqlx::query("SELECT 1").execute(&mut *conn).await
+            })
         ),
         context.broker.check(),
     );
+    let up = |dependency: &'static str, ok: bool| {
+        metrics::gauge!(names::DEPENDENCY_UP, "dependency" => dependency).set(if ok {
+            1.0
+        } else {
+            0.0
+        });
+    };
+    up("primary", writer.is_ok());
+    up("broker", broker.is_ok());
     let writer = match writer {
         Ok(()) => json!({ "ok": true }),
         Err(err) => json!({ "ok": false, "error": err.to_string() }),
@@ -492,20 +521,7 @@ async fn readyz(context: web::Data<AppContext>) -> HttpResponse {
         Ok(brokers) => json!({ "ok": true, "brokers": brokers }),
         Err(err) => json!({ "ok": false, "error": err.to_string() }),
     };
-    let checks = json!({ "writer": writer, "reader": reader, "broker": broker });
-    let failing: Vec<&str> = ["writer", "reader", "broker"]
-        .into_iter()
-        .filter(|part| checks[part]["ok"] != json!(true))
-        .collect();
-    if failing.is_empty() {
-        HttpResponse::Ok().json(json!({ "status": "ready", "checks": checks }))
-    } else {
-        HttpResponse::ServiceUnavailable().json(json!({
-            "status": "not_ready",
-            "failing": failing,
-            "checks": checks,
-        }))
-    }
+    json!({ "writer": writer, "reader": reader, "broker": broker })
 }
 
 async fn render_metrics(context: web::Data<AppContext>) -> HttpResponse {
@@ -530,7 +546,7 @@ async fn record_metrics(
     request: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    let method = request.method().to_string();
+    let method = method_label(request.method());
     // The pattern (`/v1/tasks/{id}`), never the raw path: label values must stay few.
     let route = request
         .match_pattern()
@@ -542,13 +558,13 @@ async fn record_metrics(
         Ok(response) => response.status(),
         Err(err) => err.as_response_error().status_code(),
     };
-    metrics::counter!(names::HTTP_REQUESTS, "method" => method.clone(), "route" => route.clone(), "status" => status.as_str().to_owned())
+    metrics::counter!(names::HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status.as_str().to_owned())
         .increment(1);
-    metrics::histogram!(names::HTTP_DURATION, "method" => method.clone(), "route" => route.clone())
+    metrics::histogram!(names::HTTP_DURATION, "method" => method, "route" => route.clone())
         .record(elapsed);
     let millis = elapsed.as_secs_f64() * 1000.0;
     if status.is_server_error() {
-        metrics::counter!(names::HTTP_ERRORS, "method" => method.clone(), "route" => route.clone())
+        metrics::counter!(names::HTTP_ERRORS, "method" => method, "route" => route.clone())
             .increment(1);
         tracing::error!(%method, %route, status = status.as_u16(), millis, "request failed");
     } else if status.is_client_error() {
@@ -558,6 +574,46 @@ async fn record_metrics(
         tracing::debug!(%method, %route, status = status.as_u16(), millis, "request served");
     }
     result
+}
+
+/// The `method` label: one of the methods the API uses, or `other`. Any token is a valid HTTP
+/// method, and each new label value is a new series: made-up methods must not grow `/metrics`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// A panic in a handler (or an extractor) becomes a logged 500 with the usual JSON body, counted
+/// in `http_panics_total`, instead of a connection closed without an answer.
+async fn catch_panics(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let http_request = request.request().clone();
+    match std::panic::AssertUnwindSafe(next.call(request))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result.map(ServiceResponse::map_into_left_body),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".to_owned());
+            metrics::counter!(names::HTTP_PANICS).increment(1);
+            let answer = ApiError::internal(format!("handler panicked: {message}"));
+            Ok(ServiceResponse::new(http_request, answer.error_response()).map_into_right_body())
+        }
+    }
 }
 
 /// Answers 503 with `Retry-After` when a handler runs past `HTTP_REQUEST_TIMEOUT_MS`.
@@ -585,6 +641,36 @@ async fn enforce_timeout(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_the_peer_unless_a_trusted_proxy_forwarded_the_request() {
+        let trusted: Vec<crate::config::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let header = |text: &'static str| header::HeaderValue::from_static(text);
+        let client = |peer: &str, forwarded: &[&'static str]| {
+            let values: Vec<header::HeaderValue> = forwarded.iter().map(|v| header(v)).collect();
+            client_behind(ip(peer), &trusted, values.iter())
+        };
+        // A direct client cannot choose its address.
+        assert_eq!(client("203.0.113.5", &["198.51.100.1"]), ip("203.0.113.5"));
+        // Through the gateway: the entry it appended.
+        assert_eq!(
+            client("10.1.2.3", &["198.51.100.1, 203.0.113.7"]),
+            ip("203.0.113.7")
+        );
+        // Through two trusted hops, in one header or two.
+        assert_eq!(
+            client("10.1.2.3", &["203.0.113.7, 10.9.9.9"]),
+            ip("203.0.113.7")
+        );
+        assert_eq!(
+            client("10.1.2.3", &["203.0.113.7", "10.9.9.9"]),
+            ip("203.0.113.7")
+        );
+        // No header, or garbage: the last address vouched for.
+        assert_eq!(client("10.1.2.3", &[]), ip("10.1.2.3"));
+        assert_eq!(client("10.1.2.3", &["nonsense"]), ip("10.1.2.3"));
+    }
     use actix_web::body::to_bytes;
 
     #[actix_web::test]

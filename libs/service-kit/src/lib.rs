@@ -3,7 +3,10 @@
 //! - [`config`]: settings from the environment, validated before anything starts;
 //! - [`telemetry`]: JSON logs with trace ids, OTLP traces;
 //! - [`metrics`]: the Prometheus recorder and the shared metric names;
-//! - [`http`]: the HTTP/1.1 + h2c server, standard endpoints, error responses, graceful shutdown;
+//! - [`error`]: the error answer every service gives (`{"error": {"code", "message"}}`);
+//! - [`input`]: request input as types (storable text, instants in range, JSON objects) and
+//!   the extractors whose 400 names the field;
+//! - [`http`]: the HTTP/1.1 + h2c server, standard endpoints, graceful shutdown;
 //! - [`db`]: writer and reader pools with replica fallback and read-your-writes;
 //! - [`broker`]: the Kafka reachability probe;
 //! - [`access_token`]: verifying auth's access tokens (JWKS fetched and cached);
@@ -20,8 +23,10 @@ pub mod access_token;
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod error;
 pub mod housekeeping;
 pub mod http;
+pub mod input;
 pub mod metrics;
 pub mod openapi;
 pub mod revoked_users;
@@ -70,6 +75,12 @@ pub trait Service: Sized + Send + Sync + 'static {
         settings: Self::Settings,
         context: &AppContext,
     ) -> impl Future<Output = Result<Self, String>>;
+
+    /// Whether this process can serve, for `/readyz`: `Err` says what it still lacks (the keys
+    /// to verify access tokens with, say). Never a dependency's health: see [`http`].
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Called when SIGTERM/SIGINT arrives, before the server stops accepting and drains: the
     /// place to close long-lived connections (WebSockets) so their clients reconnect elsewhere,
@@ -157,6 +168,7 @@ fn serve<S: Service>() -> ExitCode {
             broker,
             metrics,
         };
+        http::spawn_dependency_checks(context.clone());
         let service = Arc::new(S::start(settings, &context).await?);
         tracing::info!(
             host = %config.http.host,

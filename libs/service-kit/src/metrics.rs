@@ -13,6 +13,13 @@ pub const HTTP_REQUESTS: &str = "http_requests_total";
 pub const HTTP_ERRORS: &str = "http_request_errors_total";
 /// Time from request head to response head, by `method` and `route`.
 pub const HTTP_DURATION: &str = "http_request_duration_seconds";
+/// Handler panics caught and answered 500 (each is also a 5xx in the counters above).
+pub const HTTP_PANICS: &str = "http_panics_total";
+/// Connections closed because they sent nothing within 5 s of opening.
+pub const HTTP_SILENT_CONNECTIONS_CLOSED: &str = "http_silent_connections_closed_total";
+/// 1 while a dependency answers its health check, 0 while it does not, by `dependency`
+/// (`primary`, `broker`); checked every few seconds. Readiness does not depend on it.
+pub const DEPENDENCY_UP: &str = "dependency_up";
 /// Connections open in a pool, by `pool` (`writer` or `reader`).
 pub const DB_POOL_SIZE: &str = "db_pool_connections";
 /// Connections lent out of a pool right now, by `pool`.

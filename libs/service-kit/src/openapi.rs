@@ -4,7 +4,7 @@
 use actix_web::{web, HttpResponse};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use crate::http::resource;
+use crate::http::{resource, Routes};
 
 /// Adds the `bearer` scheme (auth's JWT access tokens); use as `modifiers(&BearerSecurity)` and
 /// `security(("bearer" = []))` on the operations that need a token.
@@ -26,17 +26,17 @@ impl utoipa::Modify for BearerSecurity {
 }
 
 /// `GET <path>` answering `document` as JSON, serialized once when the route is registered.
-pub fn document_resource(path: &str, document: utoipa::openapi::OpenApi) -> actix_web::Resource {
+pub fn document_resource(path: &str, document: utoipa::openapi::OpenApi) -> Routes {
     let json = web::Bytes::from(document.to_json().unwrap_or_else(|err| {
         tracing::error!(error = %err, "cannot serialize the OpenAPI document");
         "{}".to_owned()
     }));
-    resource(path).route(web::get().to(move || {
+    resource(path).get(move || {
         let json = json.clone();
         async move {
             HttpResponse::Ok()
                 .content_type("application/json")
                 .body(json)
         }
-    }))
+    })
 }

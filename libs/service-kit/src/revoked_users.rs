@@ -59,7 +59,7 @@ impl RevokedUsers {
     /// Reloads the list from the service's database; returns how many users it holds.
     pub async fn reload(&self, db: &Database) -> Result<usize, DbError> {
         let rows: Vec<Vec<u8>> = db
-            .write(|mut conn| async move {
+            .primary(|mut conn| async move {
                 sqlx::query_scalar("SELECT user_hash FROM revoked_users WHERE forget_after > now()")
                     .fetch_all(&mut *conn)
                     .await

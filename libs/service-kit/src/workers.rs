@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
+use crate::error::ApiError;
 use crate::metrics as names;
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -23,6 +24,15 @@ pub enum PoolError {
     /// The job panicked, or the pool's threads are gone.
     #[error("a job in the {pool} worker pool failed")]
     Failed { pool: &'static str },
+}
+
+impl From<PoolError> for ApiError {
+    fn from(err: PoolError) -> Self {
+        match err {
+            PoolError::Busy { .. } => Self::unavailable("the server is busy; try again shortly"),
+            PoolError::Failed { .. } => Self::internal(err),
+        }
+    }
 }
 
 /// A fixed set of threads fed by a bounded queue. Dropping the pool lets its threads finish

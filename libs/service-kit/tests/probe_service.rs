@@ -301,7 +301,10 @@ async fn oversized_malformed_and_slow_requests_get_json_errors() {
         .await
         .unwrap();
     assert_eq!(too_large.status(), 413);
-    assert_eq!(error_of(&too_large.json().await.unwrap()), "invalid_body");
+    assert_eq!(
+        error_of(&too_large.json().await.unwrap()),
+        "payload_too_large"
+    );
 
     let malformed = client
         .post(probe.url("/probe/echo"))

@@ -64,6 +64,9 @@ impl AuthServer {
         let mut env = stack.service_env("auth");
         env.push(("AUTH_JWT_KEYS_DIR".into(), keys_dir.display().to_string()));
         env.push(("AUTH_JWT_ACTIVE_KEY_ID".into(), active_key_id.into()));
+        // Every test client is 127.0.0.1: tests sign up many accounts from it. A test of the
+        // signup limit sets its own (`extra` comes later and wins).
+        env.push(("AUTH_SIGNUP_LIMIT_PER_CLIENT".into(), "100000".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut process = ServiceProcess::spawn(workspace_binary("auth"), &env, log_dir);
         process.wait_ready().await;

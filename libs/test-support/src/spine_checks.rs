@@ -11,23 +11,28 @@ use crate::{h2c_client, http1_client, run_to_exit, ServiceProcess, TestStack};
 /// A W3C trace context the checks send, to find its trace id in the service's logs.
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 
-/// `/readyz` (200 over `version`) once it reports reads on the replica, or its last answer after
-/// 30 s. The replica may be legitimately skipped for a moment (lagging behind other tests' writes
-/// on a busy host); what a user relies on is that reads go back to it once it is healthy.
-async fn readiness_reading_from_replica(
+/// `/healthz/dependencies` (200 over `version`) once it reports reads on the replica, or its
+/// last answer after 30 s. The replica may be legitimately skipped for a moment (lagging behind
+/// other tests' writes on a busy host); what a user relies on is that reads go back to it once
+/// it is healthy.
+async fn dependencies_reading_from_replica(
     client: &reqwest::Client,
     url: &str,
     version: Version,
 ) -> Value {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = client.get(url).send().await.expect("GET /readyz");
-        assert_eq!(ready.version(), version);
-        assert_eq!(ready.status(), 200);
-        let ready: Value = ready.json().await.unwrap();
-        if ready["checks"]["reader"]["target"] == "replica" || std::time::Instant::now() > deadline
+        let health = client
+            .get(url)
+            .send()
+            .await
+            .expect("GET /healthz/dependencies");
+        assert_eq!(health.version(), version);
+        assert_eq!(health.status(), 200);
+        let health: Value = health.json().await.unwrap();
+        if health["checks"]["reader"]["target"] == "replica" || std::time::Instant::now() > deadline
         {
-            return ready;
+            return health;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -64,11 +69,26 @@ pub async fn standard_endpoints(
             serde_json::json!({"status": "ok"})
         );
 
-        let ready = readiness_reading_from_replica(&client, &process.url("/readyz"), version).await;
+        let ready = client
+            .get(process.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        assert_eq!(ready.version(), version);
+        assert_eq!(ready.status(), 200);
+        let ready: Value = ready.json().await.unwrap();
         assert_eq!(ready["status"], "ready", "{ready}");
-        assert_eq!(ready["checks"]["writer"]["ok"], true, "{ready}");
-        assert_eq!(ready["checks"]["reader"]["target"], "replica", "{ready}");
-        assert_eq!(ready["checks"]["broker"]["ok"], true, "{ready}");
+
+        let health = dependencies_reading_from_replica(
+            &client,
+            &process.url("/healthz/dependencies"),
+            version,
+        )
+        .await;
+        assert_eq!(health["status"], "ok", "{health}");
+        assert_eq!(health["checks"]["writer"]["ok"], true, "{health}");
+        assert_eq!(health["checks"]["reader"]["target"], "replica", "{health}");
+        assert_eq!(health["checks"]["broker"]["ok"], true, "{health}");
 
         let missing = client
             .get(process.url("/no/such/route"))
@@ -108,6 +128,8 @@ pub async fn standard_endpoints(
             format!(r#"db_query_duration_seconds_count{{service="{service}",pool="writer"}}"#),
             format!(r#"db_replica_in_use{{service="{service}"}} 1"#),
             format!(r#"process_cpu_seconds_total{{service="{service}"}}"#),
+            format!(r#"dependency_up{{service="{service}",dependency="primary"}} 1"#),
+            format!(r#"dependency_up{{service="{service}",dependency="broker"}} 1"#),
             format!(r#"process_open_fds{{service="{service}"}}"#),
             // Counters exist at 0 before anything happened: one that first appears at 1 has
             // no increase() in Prometheus, so its first event would never alert.
@@ -165,6 +187,32 @@ pub async fn standard_endpoints(
             .any(|line| line["trace_id"] == TRACE_ID && line["status"] == 404),
         "no log line carries the incoming trace id {TRACE_ID}:\n{logs}"
     );
+}
+
+/// Started where auth's keys cannot be fetched, `binary` is alive (`/healthz` 200) but not ready
+/// (`/readyz` 503 saying why): it could authenticate no request.
+pub async fn not_ready_without_keys(binary: &str, database: &str, extra: &[(&str, &str)]) {
+    let stack = TestStack::from_env();
+    let mut env = stack.service_env(database);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut process = ServiceProcess::spawn(binary, &env, &stack.scratch_dir("no-keys"));
+    process.wait_for("/healthz").await;
+    let client = http1_client();
+    for _ in 0..3 {
+        let ready = client
+            .get(process.url("/readyz"))
+            .send()
+            .await
+            .expect("GET /readyz");
+        assert_eq!(ready.status(), 503);
+        let ready: Value = ready.json().await.unwrap();
+        assert_eq!(ready["status"], "not_ready", "{ready}");
+        assert!(
+            ready["reason"].as_str().is_some_and(|r| r.contains("keys")),
+            "{ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 }
 
 /// A bad or missing variable stops `binary` before it serves: exit code 2 and exactly one line

@@ -8,7 +8,9 @@ use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::header;
 use service_kit::actix_web::web::{self, Bytes};
 use service_kit::actix_web::{HttpRequest, HttpResponse};
-use service_kit::http::{client_has, ApiError, ErrorBody, FieldIssue};
+use service_kit::error::{ApiError, ErrorBody, FieldIssue};
+use service_kit::http::client_has;
+use service_kit::input::{AnyJson, Query};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -147,7 +149,7 @@ fn parse_ids(text: &str) -> Result<Vec<Uuid>, ApiError> {
 pub async fn tasks(
     caller: Authenticated,
     request: HttpRequest,
-    params: web::Query<IdsParams>,
+    params: Query<IdsParams>,
     analysis: web::Data<Analysis>,
 ) -> Result<HttpResponse, ApiError> {
     let ids = parse_ids(&params.ids)?;
@@ -258,9 +260,9 @@ pub async fn export(
 pub async fn post_telemetry(
     caller: Authenticated,
     ingest: web::Data<Ingest>,
-    body: web::Json<serde_json::Value>,
+    body: AnyJson<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let events = telemetry::parse_batch(&body, OffsetDateTime::now_utc()).map_err(|broken| {
+    let events = telemetry::parse_batch(&body.0, OffsetDateTime::now_utc()).map_err(|broken| {
         ApiError::invalid_input(
             broken
                 .into_iter()
@@ -307,7 +309,7 @@ fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Dat
 )]
 pub async fn usage(
     caller: Authenticated,
-    params: web::Query<UsageParams>,
+    params: Query<UsageParams>,
     analysis: web::Data<Analysis>,
 ) -> Result<HttpResponse, ApiError> {
     let to =

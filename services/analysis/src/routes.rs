@@ -1,7 +1,8 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
 use service_kit::actix_web::web;
-use service_kit::http::{json_config, resource, ErrorBody};
+use service_kit::error::ErrorBody;
+use service_kit::http::resource;
 use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
@@ -20,15 +21,15 @@ pub fn configure(routes: &mut web::ServiceConfig) {
             "/v1/analysis/openapi.json",
             ApiDoc::openapi(),
         ))
-        .service(resource("/v1/analysis/tasks").route(web::get().to(handlers::tasks)))
-        .service(resource("/v1/analysis/tasks/{id}").route(web::get().to(handlers::task)))
-        .service(resource("/v1/analysis/me").route(web::get().to(handlers::me)))
-        .service(resource("/v1/analysis/export").route(web::get().to(handlers::export)))
-        .service(resource("/v1/analysis/usage").route(web::get().to(handlers::usage)))
+        .service(resource("/v1/analysis/tasks").get(handlers::tasks))
+        .service(resource("/v1/analysis/tasks/{id}").get(handlers::task))
+        .service(resource("/v1/analysis/me").get(handlers::me))
+        .service(resource("/v1/analysis/export").get(handlers::export))
+        .service(resource("/v1/analysis/usage").get(handlers::usage))
         .service(
             resource("/v1/telemetry")
-                .app_data(json_config(MAX_BATCH_BYTES))
-                .route(web::post().to(handlers::post_telemetry)),
+                .app_data(web::PayloadConfig::new(MAX_BATCH_BYTES))
+                .post(handlers::post_telemetry),
         );
 }
 

@@ -6,75 +6,103 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 use validator::Validate;
 
+use service_kit::input::Text;
+use utoipa::openapi::Object;
+
 use crate::domain::rules::{
-    self, AVATAR_URL_MAX, NICKNAME_MAX, PASSWORD_MAX, PASSWORD_MIN, USERNAME_MAX, USERNAME_MIN,
+    self, AVATAR_URL, LOGIN_USERNAME, NEW_PASSWORD, NICKNAME, PASSWORD, REFRESH_TOKEN, USERNAME,
 };
 use crate::domain::{TokenPair, User};
 
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignupRequest {
-    /// 3–30 letters, digits, `_`, `.` or `-`, starting with a letter or digit; case-insensitive
-    /// (stored lower-cased).
-    #[validate(
-        length(min = USERNAME_MIN, max = USERNAME_MAX),
-        custom(function = rules::username_alphabet)
-    )]
-    #[schema(
-        min_length = 3,
-        max_length = 30,
-        pattern = "^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-        example = "ada"
-    )]
-    pub username: String,
-    #[validate(length(min = PASSWORD_MIN, max = PASSWORD_MAX))]
-    #[schema(min_length = 8, max_length = 128, format = Password)]
-    pub password: String,
-    #[validate(length(min = 1, max = NICKNAME_MAX), custom(function = rules::display_text))]
-    #[schema(min_length = 1, max_length = 30, example = "Ada")]
-    pub nickname: Option<String>,
+    #[validate(custom(function = rules::username))]
+    #[schema(schema_with = username_schema)]
+    pub username: Text,
+    #[validate(custom(function = rules::new_password))]
+    #[schema(schema_with = new_password_schema)]
+    pub password: Text,
+    #[validate(custom(function = rules::nickname))]
+    #[schema(schema_with = nullable_nickname_schema)]
+    pub nickname: Option<Text>,
 }
 
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
-    #[validate(length(min = 1, max = USERNAME_MAX))]
-    #[schema(example = "ada")]
-    pub username: String,
-    #[validate(length(min = 1, max = PASSWORD_MAX))]
-    #[schema(format = Password)]
-    pub password: String,
+    #[validate(custom(function = rules::login_username))]
+    #[schema(schema_with = login_username_schema)]
+    pub username: Text,
+    #[validate(custom(function = rules::password))]
+    #[schema(schema_with = password_schema)]
+    pub password: Text,
 }
 
 /// The body of account deletion: the current password, so a stolen access token is not enough.
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeleteAccountRequest {
-    #[validate(length(min = 1, max = PASSWORD_MAX))]
-    #[schema(format = Password)]
-    pub password: String,
+    #[validate(custom(function = rules::password))]
+    #[schema(schema_with = password_schema)]
+    pub password: Text,
 }
 
 /// The body of refresh and logout.
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefreshTokenRequest {
-    #[validate(length(min = 1, max = 256))]
-    pub refresh_token: String,
+    #[validate(custom(function = rules::refresh_token))]
+    #[schema(schema_with = refresh_token_schema)]
+    pub refresh_token: Text,
 }
 
 /// Fields to change; a field left out stays as it is, `null` clears it.
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfilePatch {
-    #[serde(default, deserialize_with = "service_kit::http::nullable")]
-    #[validate(length(min = 1, max = NICKNAME_MAX), custom(function = rules::display_text))]
-    #[schema(value_type = Option<String>, nullable, min_length = 1, max_length = 30)]
-    pub nickname: Option<Option<String>>,
-    #[serde(default, deserialize_with = "service_kit::http::nullable")]
-    #[validate(length(max = AVATAR_URL_MAX), custom(function = rules::web_url))]
-    #[schema(value_type = Option<String>, nullable, max_length = 200, example = "https://cdn.example.com/ada.png")]
-    pub avatar_url: Option<Option<String>>,
+    #[serde(default, deserialize_with = "service_kit::input::nullable")]
+    #[validate(custom(function = rules::nickname))]
+    #[schema(schema_with = nullable_nickname_schema)]
+    pub nickname: Option<Option<Text>>,
+    #[serde(default, deserialize_with = "service_kit::input::nullable")]
+    #[validate(custom(function = rules::avatar_url))]
+    #[schema(schema_with = nullable_avatar_url_schema)]
+    pub avatar_url: Option<Option<Text>>,
+}
+
+fn username_schema() -> Object {
+    USERNAME.schema(
+        "3–30 letters, digits, `_`, `.` or `-`, starting with a letter or digit; case-insensitive \
+         (stored lower-cased).",
+    )
+}
+
+fn login_username_schema() -> Object {
+    LOGIN_USERNAME.schema("The username, in any case.")
+}
+
+fn new_password_schema() -> Object {
+    NEW_PASSWORD.schema("8–128 characters.")
+}
+
+fn password_schema() -> Object {
+    PASSWORD.schema("The account's password.")
+}
+
+fn nullable_nickname_schema() -> Object {
+    NICKNAME.nullable_schema("1–30 characters, printable, not blank; `null` for none.")
+}
+
+fn nullable_avatar_url_schema() -> Object {
+    AVATAR_URL.nullable_schema(
+        "An absolute http(s) URL with a host name and a path, at most 200 characters, such as \
+         `https://cdn.example.com/ada.png`; stored in normal form; `null` for none.",
+    )
+}
+
+fn refresh_token_schema() -> Object {
+    REFRESH_TOKEN.schema("The refresh token of a login or an earlier refresh.")
 }
 
 #[derive(Serialize, ToSchema)]

@@ -4,7 +4,9 @@
 use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::{header, StatusCode};
 use service_kit::actix_web::{web, HttpRequest, HttpResponse};
-use service_kit::http::{client_ip, ApiError, ErrorBody, ReadAfter, CONSISTENCY_TOKEN_HEADER};
+use service_kit::error::{ApiError, ErrorBody};
+use service_kit::http::{client_ip, ReadAfter, Written};
+use service_kit::input::{Json, Text};
 use validator::Validate;
 
 use crate::api::{
@@ -52,22 +54,26 @@ impl From<AuthError> for ApiError {
     )
 )]
 pub async fn signup(
+    request: HttpRequest,
     accounts: web::Data<Accounts>,
-    body: web::Json<SignupRequest>,
-) -> Result<HttpResponse, ApiError> {
+    body: Json<SignupRequest>,
+) -> Result<Written<HttpResponse>, ApiError> {
     let body = body.into_inner();
     body.validate()?;
     let (user, written_at) = accounts
-        .signup(NewAccount {
-            username: body.username,
-            password: body.password,
-            nickname: body.nickname,
-        })
+        .signup(
+            NewAccount {
+                username: body.username.into(),
+                password: body.password.into(),
+                nickname: body.nickname.map(String::from),
+            },
+            client_ip(&request),
+        )
         .await?;
-    Ok(HttpResponse::Created()
+    let answer = HttpResponse::Created()
         .insert_header((header::LOCATION, "/v1/users/me"))
-        .insert_header((CONSISTENCY_TOKEN_HEADER, written_at.to_string()))
-        .json(UserProfile::from(user)))
+        .json(UserProfile::from(user));
+    Ok(Written::new(answer, written_at))
 }
 
 /// Exchange a username and password for a token pair.
@@ -85,12 +91,12 @@ pub async fn signup(
 pub async fn login(
     request: HttpRequest,
     accounts: web::Data<Accounts>,
-    body: web::Json<LoginRequest>,
+    body: Json<LoginRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     body.validate()?;
     let pair = accounts
-        .login(&body.username, body.password, client_ip(&request))
+        .login(&body.username, body.password.into(), client_ip(&request))
         .await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -110,7 +116,7 @@ pub async fn login(
 )]
 pub async fn refresh(
     accounts: web::Data<Accounts>,
-    body: web::Json<RefreshTokenRequest>,
+    body: Json<RefreshTokenRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     body.validate()?;
@@ -132,7 +138,7 @@ pub async fn refresh(
 )]
 pub async fn logout(
     accounts: web::Data<Accounts>,
-    body: web::Json<RefreshTokenRequest>,
+    body: Json<RefreshTokenRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     body.validate()?;
@@ -177,18 +183,23 @@ pub async fn me(
 pub async fn update_me(
     caller: Authenticated,
     accounts: web::Data<Accounts>,
-    body: web::Json<ProfilePatch>,
-) -> Result<HttpResponse, ApiError> {
+    body: Json<ProfilePatch>,
+) -> Result<Written<HttpResponse>, ApiError> {
     let body = body.into_inner();
     body.validate()?;
     let change = ProfileChange {
-        nickname: body.nickname,
-        avatar_url: body.avatar_url,
+        nickname: body.nickname.map(|nickname| nickname.map(String::from)),
+        // Stored as parsed (normal form), not as sent; checked above, so it parses.
+        avatar_url: body
+            .avatar_url
+            .map(|url| url.map(|url| normal_url(&url)).transpose())
+            .transpose()?,
     };
     let (user, written_at) = accounts.update_profile(caller.user_id, change).await?;
-    Ok(HttpResponse::Ok()
-        .insert_header((CONSISTENCY_TOKEN_HEADER, written_at.to_string()))
-        .json(UserProfile::from(user)))
+    Ok(Written::new(
+        HttpResponse::Ok().json(UserProfile::from(user)),
+        written_at,
+    ))
 }
 
 /// Delete the caller's account. The current password is required: a stolen access token alone
@@ -212,14 +223,21 @@ pub async fn delete_me(
     request: HttpRequest,
     caller: Authenticated,
     accounts: web::Data<Accounts>,
-    body: web::Json<DeleteAccountRequest>,
+    body: Json<DeleteAccountRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     body.validate()?;
     accounts
-        .delete_account(caller.user_id, body.password, client_ip(&request))
+        .delete_account(caller.user_id, body.password.into(), client_ip(&request))
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// `url` in the normal form the `url` crate gives it.
+fn normal_url(url: &Text) -> Result<String, ApiError> {
+    crate::domain::rules::web_url(url)
+        .map(String::from)
+        .map_err(|_| ApiError::bad_request("invalid_input", "avatar_url: not a URL"))
 }
 
 /// The public keys access tokens are signed with (JWKS, RFC 7517), for verifying them locally.

@@ -1,93 +1,14 @@
-//! The auth service: accounts, login sessions and the keys every other service verifies access
-//! tokens with.
-//!
 //! `auth` serves; `auth migrate` applies the migrations; `auth keygen <dir> <key-id>` writes a new
-//! Ed25519 signing key. Layers: [`routes`] → [`handlers`] (with [`api`] bodies) → [`domain`] →
-//! [`storage`].
-
-mod api;
-mod domain;
-mod handlers;
-mod keys;
-mod routes;
-mod settings;
-mod storage;
+//! Ed25519 signing key.
 
 use std::path::Path;
 use std::process::ExitCode;
-
-use events::outbox::{Relay, RELAY_STOP_LIMIT};
-use service_kit::access_token::TokenVerifier;
-use service_kit::actix_web::web;
-use service_kit::config::{ConfigError, Env};
-use service_kit::http::AppContext;
-use service_kit::revoked_users::RevokedUsers;
-use service_kit::sqlx::migrate::Migrator;
-use service_kit::Service;
-
-use crate::domain::Accounts;
-use crate::settings::AuthSettings;
-
-static MIGRATIONS: Migrator = sqlx::migrate!();
-
-struct Auth {
-    accounts: web::Data<Accounts>,
-    /// Publishes the events signup and profile changes write to the outbox.
-    relay: Relay,
-    /// Auth checks its own tokens with the same verifier other services use, fed its own keys.
-    verifier: web::Data<TokenVerifier>,
-}
-
-impl Service for Auth {
-    const NAME: &'static str = "auth";
-    const DEFAULT_PORT: u16 = 8081;
-    type Settings = AuthSettings;
-
-    fn settings(env: &Env) -> Result<AuthSettings, ConfigError> {
-        AuthSettings::from_env(env)
-    }
-
-    fn migrations() -> Option<&'static Migrator> {
-        Some(&MIGRATIONS)
-    }
-
-    async fn start(settings: AuthSettings, context: &AppContext) -> Result<Self, String> {
-        let revoked = RevokedUsers::new();
-        revoked.spawn_reload(context.db.clone());
-        let verifier = web::Data::new(
-            TokenVerifier::with_keys(settings.keys.jwks(), &settings.rules)
-                .refusing(revoked.clone()),
-        );
-        let accounts = web::Data::new(Accounts::new(context.db.clone(), settings, revoked)?);
-        Accounts::spawn_housekeeping(
-            accounts.clone().into_inner(),
-            context.config.housekeeping.interval,
-        );
-        let relay = Relay::for_service(context)?;
-        Ok(Self {
-            accounts,
-            relay,
-            verifier,
-        })
-    }
-
-    async fn stop(&self) {
-        self.relay.stop(RELAY_STOP_LIMIT).await;
-    }
-
-    fn routes(&self, routes: &mut web::ServiceConfig) {
-        routes
-            .app_data(self.accounts.clone())
-            .app_data(self.verifier.clone());
-        routes::configure(routes);
-    }
-}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("keygen") => keygen(&args[1..]),
-        _ => service_kit::run::<Auth>(),
+        _ => service_kit::run::<auth::Auth>(),
     }
 }
 
@@ -97,7 +18,7 @@ fn keygen(args: &[String]) -> ExitCode {
         eprintln!("usage: auth keygen <dir> <key-id>");
         return ExitCode::from(2);
     };
-    match keys::generate(Path::new(dir), key_id) {
+    match auth::keys::generate(Path::new(dir), key_id) {
         Ok(path) => {
             println!("{}", path.display());
             ExitCode::SUCCESS

@@ -1,7 +1,8 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
 use service_kit::actix_web::web;
-use service_kit::http::{resource, ErrorBody};
+use service_kit::error::ErrorBody;
+use service_kit::http::resource;
 use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
@@ -13,20 +14,20 @@ use crate::handlers;
 
 pub fn configure(routes: &mut web::ServiceConfig) {
     routes
-        .service(resource("/v1/auth/signup").route(web::post().to(handlers::signup)))
-        .service(resource("/v1/auth/login").route(web::post().to(handlers::login)))
-        .service(resource("/v1/auth/refresh").route(web::post().to(handlers::refresh)))
-        .service(resource("/v1/auth/logout").route(web::post().to(handlers::logout)))
-        .service(resource("/v1/auth/jwks").route(web::get().to(handlers::jwks)))
+        .service(resource("/v1/auth/signup").post(handlers::signup))
+        .service(resource("/v1/auth/login").post(handlers::login))
+        .service(resource("/v1/auth/refresh").post(handlers::refresh))
+        .service(resource("/v1/auth/logout").post(handlers::logout))
+        .service(resource("/v1/auth/jwks").get(handlers::jwks))
         .service(document_resource(
             "/v1/auth/openapi.json",
             ApiDoc::openapi(),
         ))
         .service(
             resource("/v1/users/me")
-                .route(web::get().to(handlers::me))
-                .route(web::patch().to(handlers::update_me))
-                .route(web::delete().to(handlers::delete_me)),
+                .get(handlers::me)
+                .patch(handlers::update_me)
+                .delete(handlers::delete_me),
         );
 }
 

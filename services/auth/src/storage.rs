@@ -127,19 +127,25 @@ pub async fn create_family(conn: &mut PgConnection, user_id: Uuid) -> sqlx::Resu
 }
 
 #[tracing::instrument(skip_all)]
+/// Adds a refresh token to session `family_id`, good for `ttl_secs` but never beyond the
+/// session's end (`session_secs` after it began).
 pub async fn insert_refresh_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],
     family_id: Uuid,
     ttl_secs: u64,
+    session_secs: u64,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, family_id, expires_at) \
-         VALUES ($1, $2, now() + $3 * interval '1 second')",
+         SELECT $1, $2, LEAST(now() + $3 * interval '1 second', \
+                              f.created_at + $4 * interval '1 second') \
+         FROM refresh_token_families f WHERE f.id = $2",
     )
     .bind(&token_hash[..])
     .bind(family_id)
     .bind(ttl_secs as f64)
+    .bind(session_secs as f64)
     .execute(conn)
     .await
     .map(drop)
@@ -151,6 +157,9 @@ pub struct StoredRefreshToken {
     pub family_id: Uuid,
     pub user_id: Uuid,
     pub used: bool,
+    /// Exchanged less than the grace period ago: presenting it again is a retry, not reuse.
+    pub used_within_grace: bool,
+    /// The token or its session is past its end.
     pub expired: bool,
     pub family_revoked: bool,
 }
@@ -161,14 +170,22 @@ pub struct StoredRefreshToken {
 pub async fn lock_refresh_token(
     conn: &mut PgConnection,
     token_hash: &[u8; 32],
+    grace_secs: u64,
+    session_secs: u64,
 ) -> sqlx::Result<Option<StoredRefreshToken>> {
     sqlx::query_as(
         "SELECT t.family_id, f.user_id, t.used_at IS NOT NULL AS used, \
-                t.expires_at <= now() AS expired, f.revoked_at IS NOT NULL AS family_revoked \
+                COALESCE(t.used_at > now() - $2 * interval '1 second', false) \
+                  AS used_within_grace, \
+                (t.expires_at <= now() \
+                 OR f.created_at + $3 * interval '1 second' <= now()) AS expired, \
+                f.revoked_at IS NOT NULL AS family_revoked \
          FROM refresh_tokens t JOIN refresh_token_families f ON f.id = t.family_id \
          WHERE t.token_hash = $1 FOR UPDATE",
     )
     .bind(&token_hash[..])
+    .bind(grace_secs as f64)
+    .bind(session_secs as f64)
     .fetch_optional(conn)
     .await
 }

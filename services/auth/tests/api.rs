@@ -3,9 +3,8 @@
 //! its own auth process (own signing key, own limits) on the shared primary + replica.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -296,7 +295,13 @@ async fn password_jobs(client: &reqwest::Client, auth: &AuthServer) -> f64 {
 
 #[tokio::test]
 async fn refresh_rotates_tokens_and_reuse_revokes_the_whole_session() {
-    let auth = start("refresh").await;
+    // No grace: a token presented again at once is reuse (the grace is tested in hardening.rs).
+    let auth = AuthServer::start(
+        &TestStack::from_env(),
+        "refresh",
+        &[("AUTH_REFRESH_REUSE_GRACE_SECS", "0")],
+    )
+    .await;
     let client = http1_client();
     let session = auth.signup_and_login(&client, "rotate").await;
 
@@ -399,7 +404,9 @@ async fn access_tokens_name_their_session_and_a_refresh_keeps_it() {
 }
 
 #[tokio::test]
-async fn simultaneous_refreshes_with_one_token_let_exactly_one_through() {
+async fn simultaneous_refreshes_with_one_token_each_get_a_pair_and_keep_the_session() {
+    // Four tabs refresh the same token at once: within the reuse grace that is no theft, so
+    // nobody is logged out and every new token works.
     let auth = Arc::new(start("refresh-race").await);
     let session = auth.signup_and_login(&http1_client(), "refrace").await;
     let attempts = (0..4).map(|_| {
@@ -411,19 +418,20 @@ async fn simultaneous_refreshes_with_one_token_let_exactly_one_through() {
                 json!({ "refresh_token": token }),
             )
             .await
-            .status
         })
     });
-    let statuses: Vec<u16> = join_spawned(attempts).await;
-    assert_eq!(
-        statuses.iter().filter(|s| **s == 200).count(),
-        1,
-        "{statuses:?}"
-    );
-    assert!(
-        statuses.iter().all(|s| *s == 200 || *s == 401),
-        "{statuses:?}"
-    );
+    let answers = join_spawned(attempts).await;
+    let statuses: Vec<u16> = answers.iter().map(|answer| answer.status).collect();
+    assert_eq!(statuses, [200, 200, 200, 200]);
+    for answer in &answers {
+        let next = post(
+            &http1_client(),
+            auth.url("/v1/auth/refresh"),
+            json!({ "refresh_token": answer.body["refresh_token"] }),
+        )
+        .await;
+        assert_eq!(next.status, 200, "{}", next.body);
+    }
 }
 
 #[tokio::test]
@@ -724,211 +732,6 @@ async fn jwks_publishes_only_public_keys_and_rotation_keeps_earlier_tokens_valid
     let token = after["access_token"].as_str().unwrap();
     assert_eq!(jwt_part(token, 0)["kid"], "test-key-2");
     assert_eq!(get_me(&rotated, &client, token).await.status, 200);
-}
-
-#[tokio::test]
-async fn logins_are_rate_limited_per_username_and_per_client() {
-    let auth = AuthServer::start(
-        &TestStack::from_env(),
-        "rate-limits",
-        &[
-            ("AUTH_LOGIN_LIMIT_PER_USERNAME", "3"),
-            ("AUTH_LOGIN_LIMIT_PER_CLIENT", "5"),
-            ("HTTP_TRUST_FORWARDED_FOR", "true"),
-        ],
-    )
-    .await;
-    let client = http1_client();
-    let session = auth.signup_and_login(&client, "limited").await;
-    let attempt = |username: String, password: &str, client_ip: &str| {
-        let request = client
-            .post(auth.url("/v1/auth/login"))
-            .header("x-forwarded-for", format!("203.0.113.9, {client_ip}"))
-            .json(&json!({ "username": username, "password": password }));
-        async move { Answer::read(request.send().await.unwrap()).await }
-    };
-
-    // Per username: the signup helper's login used one of three attempts.
-    for _ in 0..2 {
-        let answer = attempt(session.username.clone(), "wrong", "10.1.0.1").await;
-        assert_eq!(answer.status, 401, "{}", answer.body);
-    }
-    let limited = attempt(session.username.clone(), &session.password, "10.1.0.2").await;
-    assert_eq!(
-        limited.status, 429,
-        "even the right password: {}",
-        limited.body
-    );
-    assert_eq!(limited.code(), "rate_limited");
-    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
-    assert!((1..=60).contains(&retry_after), "{retry_after}");
-
-    // Per client address (the last X-Forwarded-For entry, as the ingress appends it).
-    for _ in 0..5 {
-        let answer = attempt(unique_name("guess"), "wrong", "10.2.0.1").await;
-        assert_eq!(answer.status, 401, "{}", answer.body);
-    }
-    let blocked = attempt(unique_name("guess"), "wrong", "10.2.0.1").await;
-    assert_eq!(blocked.status, 429, "{}", blocked.body);
-    assert_eq!(
-        attempt(unique_name("guess"), "wrong", "10.2.0.2")
-            .await
-            .status,
-        401,
-        "another client is not affected"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn profile_reads_are_served_while_200_logins_burst() {
-    let auth = AuthServer::start(
-        &TestStack::from_env(),
-        "login-burst",
-        &[
-            ("AUTH_LOGIN_LIMIT_PER_USERNAME", "100000"),
-            ("AUTH_LOGIN_LIMIT_PER_CLIENT", "100000"),
-            // Room for the whole burst: every login is hashed, none refused.
-            ("AUTH_PASSWORD_QUEUE", "256"),
-        ],
-    )
-    .await;
-    let client = http1_client();
-    let session = auth.signup_and_login(&client, "burst").await;
-    let auth = Arc::new(auth);
-
-    let burst_running = Arc::new(AtomicBool::new(true));
-    let reader = {
-        let (auth, running, token) = (
-            auth.clone(),
-            burst_running.clone(),
-            session.access_token.clone(),
-        );
-        tokio::spawn(async move {
-            let client = http1_client();
-            let mut reads = Vec::new();
-            // Bounded: stops with the burst, or after 60 s / 10,000 reads whatever happens.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while running.load(Ordering::Relaxed)
-                && Instant::now() < deadline
-                && reads.len() < 10_000
-            {
-                let started = Instant::now();
-                let status = get_me(&auth, &client, &token).await.status;
-                // Counted only if the burst was still running when the answer came.
-                reads.push((status, started.elapsed(), running.load(Ordering::Relaxed)));
-            }
-            reads
-        })
-    };
-
-    let burst_started = Instant::now();
-    // The burst queues for the hashing workers: on two busy cores the last logins wait tens of
-    // seconds, which is the point; the clients are patient.
-    let patient = reqwest::Client::builder()
-        .http1_only()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let logins = (0..200).map(|_| {
-        let (auth, session, client) = (auth.clone(), session.clone(), patient.clone());
-        tokio::spawn(async move {
-            post(
-                &client,
-                auth.url("/v1/auth/login"),
-                json!({ "username": session.username, "password": session.password }),
-            )
-            .await
-            .status
-        })
-    });
-    let login_statuses: Vec<u16> = join_spawned(logins).await;
-    let burst_took = burst_started.elapsed();
-    burst_running.store(false, Ordering::Relaxed);
-    let reads = reader.await.unwrap();
-
-    assert!(
-        login_statuses.iter().all(|s| *s == 200),
-        "{login_statuses:?}"
-    );
-    let during: Vec<Duration> = reads
-        .iter()
-        .filter(|(_, _, in_burst)| *in_burst)
-        .map(|(status, took, _)| {
-            assert_eq!(*status, 200);
-            *took
-        })
-        .collect();
-    assert!(
-        during.len() >= 10,
-        "only {} profile reads were answered during a {burst_took:?} login burst",
-        during.len()
-    );
-    let mut sorted = during.clone();
-    sorted.sort();
-    let percentile = |p: f64| sorted[((sorted.len() - 1) as f64 * p) as usize];
-    println!(
-        "login burst: 200 logins in {burst_took:?} ({:.0}/s); {} GET /v1/users/me served meanwhile, p50 {:?} p99 {:?} max {:?}",
-        200.0 / burst_took.as_secs_f64(),
-        sorted.len(),
-        percentile(0.5),
-        percentile(0.99),
-        sorted.last().unwrap()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_full_password_queue_answers_503_with_retry_after_and_recovers() {
-    let auth = Arc::new(
-        AuthServer::start(
-            &TestStack::from_env(),
-            "queue-full",
-            &[
-                ("AUTH_PASSWORD_WORKERS", "1"),
-                ("AUTH_PASSWORD_QUEUE", "1"),
-                ("AUTH_LOGIN_LIMIT_PER_USERNAME", "1000"),
-                ("AUTH_LOGIN_LIMIT_PER_CLIENT", "1000"),
-            ],
-        )
-        .await,
-    );
-    let client = http1_client();
-    let session = auth.signup_and_login(&client, "queue").await;
-    // Waves of 30 simultaneous logins against one worker and one queue slot, until one is
-    // refused: on a busy machine a wave may trickle in slowly enough to be served. Bounded.
-    let mut answers: Vec<Answer> = Vec::new();
-    for _wave in 0..10 {
-        let logins = (0..30).map(|_| {
-            let (auth, session, client) = (auth.clone(), session.clone(), client.clone());
-            tokio::spawn(async move {
-                post(
-                    &client,
-                    auth.url("/v1/auth/login"),
-                    json!({ "username": session.username, "password": session.password }),
-                )
-                .await
-            })
-        });
-        answers.extend(join_spawned(logins).await);
-        if answers.iter().any(|a| a.status == 503) {
-            break;
-        }
-    }
-    let refused: Vec<&Answer> = answers.iter().filter(|a| a.status == 503).collect();
-    assert!(
-        !refused.is_empty(),
-        "{} logins on one worker with one queue slot: none refused",
-        answers.len()
-    );
-    assert!(answers.iter().any(|a| a.status == 200));
-    assert!(answers.iter().all(|a| a.status == 200 || a.status == 503));
-    for answer in refused {
-        assert_eq!(answer.code(), "unavailable");
-        assert_eq!(answer.header("retry-after"), Some("1"));
-    }
-    assert!(metric_sum(&client, &auth.url("/metrics"), "worker_pool_rejected_total").await >= 1.0);
-    // Once the storm passes, logins work again.
-    auth.login(&client, &session.username, &session.password)
-        .await;
 }
 
 #[tokio::test]

@@ -154,7 +154,12 @@ async fn logout_publishes_one_session_revoked_naming_the_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_refresh_token_publishes_session_revoked() {
     let stack = TestStack::from_env();
-    let auth = AuthServer::start(&stack, "auth-reuse-event", &[]).await;
+    let auth = AuthServer::start(
+        &stack,
+        "auth-reuse-event",
+        &[("AUTH_REFRESH_REUSE_GRACE_SECS", "0")],
+    )
+    .await;
     let client = http1_client();
     let session = auth.signup_and_login(&client, "reused").await;
     let sid = session_of(&session.access_token);

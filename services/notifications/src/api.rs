@@ -2,6 +2,7 @@
 //! description of `GET /v1/live`), and the JSON bodies of the inbox, preferences and devices.
 
 use serde::{Deserialize, Serialize};
+use service_kit::input::Text;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -191,14 +192,14 @@ pub enum DeliveryName {
 #[serde(deny_unknown_fields)]
 pub struct QuietHoursBody {
     /// `HH:MM`, local time, e.g. `22:00`.
-    #[schema(example = "22:00")]
-    pub start: String,
+    #[schema(value_type = String, example = "22:00")]
+    pub start: Text,
     /// `HH:MM`, local time; earlier than `start` means the next morning, e.g. `07:00`.
-    #[schema(example = "07:00")]
-    pub end: String,
+    #[schema(value_type = String, example = "07:00")]
+    pub end: Text,
     /// An IANA time zone, e.g. `Europe/Berlin`.
-    #[schema(example = "Europe/Berlin")]
-    pub time_zone: String,
+    #[schema(value_type = String, example = "Europe/Berlin")]
+    pub time_zone: Text,
 }
 
 /// A user's notification preferences (`PUT` replaces them whole).
@@ -210,6 +211,7 @@ pub struct PreferencesBody {
     /// How long before a due date "due soon" fires: 1–10080 minutes (default 60).
     #[schema(minimum = 1, maximum = 10080)]
     pub reminder_lead_minutes: u32,
+    #[serde(default, deserialize_with = "service_kit::input::optional_object")]
     pub quiet_hours: Option<QuietHoursBody>,
 }
 
@@ -217,7 +219,9 @@ pub struct PreferencesBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DeviceBody {
     /// The push service's URL for this device (https).
-    pub endpoint: String,
+    #[schema(value_type = String, max_length = 2048)]
+    pub endpoint: Text,
+    #[serde(deserialize_with = "service_kit::input::object")]
     pub keys: DeviceKeys,
     /// Browsers send it (usually `null`); not used.
     #[serde(default, rename = "expirationTime")]
@@ -229,9 +233,11 @@ pub struct DeviceBody {
 #[serde(deny_unknown_fields)]
 pub struct DeviceKeys {
     /// The device's P-256 public key, uncompressed, base64url (87 characters).
-    pub p256dh: String,
+    #[schema(value_type = String)]
+    pub p256dh: Text,
     /// The device's 16-byte authentication secret, base64url (22 characters).
-    pub auth: String,
+    #[schema(value_type = String)]
+    pub auth: Text,
 }
 
 /// A registered device.

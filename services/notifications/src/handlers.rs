@@ -11,7 +11,9 @@ use serde::Deserialize;
 use service_kit::access_token::TokenError;
 use service_kit::actix_web::http::{header, StatusCode};
 use service_kit::actix_web::{web, HttpRequest, HttpResponse};
-use service_kit::http::{set_send_buffer, ApiError, ErrorBody};
+use service_kit::error::{ApiError, ErrorBody};
+use service_kit::http::set_send_buffer;
+use service_kit::input::Query;
 
 use crate::api::{BEARER_PREFIX, PROTOCOL};
 use crate::domain::connection::{self, Live, Refusal};
@@ -69,7 +71,7 @@ impl From<Refusal> for ApiError {
 pub async fn live(
     request: HttpRequest,
     body: web::Payload,
-    query: web::Query<LiveQuery>,
+    query: Query<LiveQuery>,
     live: web::Data<Live>,
 ) -> Result<HttpResponse, ApiError> {
     let live = live.into_inner();

@@ -1,7 +1,8 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
 use service_kit::actix_web::web;
-use service_kit::http::{resource, ErrorBody, FieldIssue};
+use service_kit::error::{ErrorBody, FieldIssue};
+use service_kit::http::resource;
 use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
@@ -15,28 +16,24 @@ pub fn configure(routes: &mut web::ServiceConfig) {
             "/v1/notifications/openapi.json",
             ApiDoc::openapi(),
         ))
-        .service(resource("/v1/live").route(web::get().to(handlers::live)))
-        .service(resource("/v1/notifications").route(web::get().to(inbox::list)))
-        .service(
-            resource("/v1/notifications/unread-count").route(web::get().to(inbox::unread_count)),
-        )
-        .service(resource("/v1/notifications/read-all").route(web::post().to(inbox::mark_all_read)))
+        .service(resource("/v1/live").get(handlers::live))
+        .service(resource("/v1/notifications").get(inbox::list))
+        .service(resource("/v1/notifications/unread-count").get(inbox::unread_count))
+        .service(resource("/v1/notifications/read-all").post(inbox::mark_all_read))
         .service(
             resource("/v1/notifications/preferences")
-                .route(web::get().to(inbox::get_preferences))
-                .route(web::put().to(inbox::put_preferences)),
+                .get(inbox::get_preferences)
+                .put(inbox::put_preferences),
         )
         .service(
             resource("/v1/notifications/devices")
-                .route(web::get().to(devices::list))
-                .route(web::post().to(devices::register)),
+                .get(devices::list)
+                .post(devices::register),
         )
-        .service(
-            resource("/v1/notifications/devices/{id}").route(web::delete().to(devices::delete)),
-        )
-        .service(resource("/v1/notifications/push-key").route(web::get().to(devices::push_key)))
-        .service(resource("/v1/notifications/{id}/read").route(web::post().to(inbox::mark_read)))
-        .service(resource("/v1/notifications/{id}").route(web::delete().to(inbox::delete)));
+        .service(resource("/v1/notifications/devices/{id}").delete(devices::delete))
+        .service(resource("/v1/notifications/push-key").get(devices::push_key))
+        .service(resource("/v1/notifications/{id}/read").post(inbox::mark_read))
+        .service(resource("/v1/notifications/{id}").delete(inbox::delete));
 }
 
 #[derive(OpenApi)]

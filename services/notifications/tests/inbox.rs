@@ -261,6 +261,17 @@ async fn preferences_are_checked_and_decide_what_is_notified() {
                  "quiet_hours": { "start": "22:00", "end": "07:00", "time_zone": "Mars/Olympus" } }),
             "quiet_hours",
         ),
+        // An array is not the object the document says, even in field order.
+        (
+            json!({ "due_soon": "push", "overdue": "push", "reminder_lead_minutes": 60,
+                 "quiet_hours": ["22:00", "07:00", "UTC"] }),
+            "quiet_hours",
+        ),
+        (
+            json!({ "due_soon": "push", "overdue": "push", "reminder_lead_minutes": 60,
+                 "quiet_hours": { "start": "22:00", "end": "07:00", "time_zone": "UTC\u{0}" } }),
+            "quiet_hours.time_zone",
+        ),
     ] {
         let error = system
             .authorized(

@@ -4,66 +4,96 @@
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use service_kit::input::{Text, Timestamp};
 use time::OffsetDateTime;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 use validator::Validate;
 
-use crate::domain::rules::{self, LABELS_MAX, PAGE_MAX, TITLE_MAX};
+use crate::domain::rules::{self, DESCRIPTION, LABEL, LABELS_MAX, PAGE_MAX, TITLE};
 use crate::domain::{Page, Priority, Revision, RevisionKind, Status, Task};
 
 #[derive(Deserialize, Serialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTask {
-    /// 1–200 characters, not blank.
-    #[validate(length(min = 1, max = TITLE_MAX), custom(function = rules::title_text))]
-    #[schema(
-        min_length = 1,
-        max_length = 200,
-        example = "Write the quarterly report"
-    )]
-    pub title: String,
-    /// At most 10 KiB of UTF-8.
-    #[validate(custom(function = rules::description_size))]
-    pub description: Option<String>,
+    #[validate(custom(function = rules::title))]
+    #[schema(schema_with = title_schema)]
+    pub title: Text,
+    #[validate(custom(function = rules::description))]
+    #[schema(schema_with = nullable_description_schema)]
+    pub description: Option<Text>,
     /// Default `todo`.
     pub status: Option<Status>,
     /// Default `medium`.
     pub priority: Option<Priority>,
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub due_at: Option<OffsetDateTime>,
-    /// Up to 20 labels of 1–40 characters without spaces or commas; case-insensitive, duplicates
-    /// dropped.
+    /// RFC 3339, from year 1 to 9999 in UTC.
+    pub due_at: Option<Timestamp>,
     #[validate(length(max = LABELS_MAX), custom(function = rules::labels))]
-    #[schema(max_items = 20, example = json!(["work", "q3"]))]
-    pub labels: Option<Vec<String>>,
+    #[schema(schema_with = nullable_labels_schema)]
+    pub labels: Option<Vec<Text>>,
 }
 
 /// Fields to change; a field left out stays as it is, `null` clears `description` or `due_at`.
 #[derive(Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchTask {
-    #[validate(length(min = 1, max = TITLE_MAX), custom(function = rules::title_text))]
-    #[schema(min_length = 1, max_length = 200)]
-    pub title: Option<String>,
-    #[serde(default, deserialize_with = "service_kit::http::nullable")]
-    #[validate(custom(function = rules::description_size))]
-    #[schema(value_type = Option<String>, nullable)]
-    pub description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "service_kit::input::non_null")]
+    #[validate(custom(function = rules::title))]
+    #[schema(schema_with = title_schema)]
+    pub title: Option<Text>,
+    #[serde(default, deserialize_with = "service_kit::input::nullable")]
+    #[validate(custom(function = rules::description))]
+    #[schema(schema_with = nullable_description_schema)]
+    pub description: Option<Option<Text>>,
+    #[serde(default, deserialize_with = "service_kit::input::non_null")]
+    #[schema(nullable = false)]
     pub status: Option<Status>,
+    #[serde(default, deserialize_with = "service_kit::input::non_null")]
+    #[schema(nullable = false)]
     pub priority: Option<Priority>,
-    #[serde(default, deserialize_with = "service_kit::http::nullable")]
-    #[schema(value_type = Option<String>, format = DateTime, nullable)]
+    #[serde(default, deserialize_with = "service_kit::input::nullable")]
+    #[schema(value_type = Option<Timestamp>, nullable)]
     pub due_at: Option<Option<Timestamp>>,
+    #[serde(default, deserialize_with = "service_kit::input::non_null")]
     #[validate(length(max = LABELS_MAX), custom(function = rules::labels))]
-    #[schema(max_items = 20)]
-    pub labels: Option<Vec<String>>,
+    #[schema(schema_with = labels_schema)]
+    pub labels: Option<Vec<Text>>,
 }
 
-/// An RFC 3339 date-time in a body.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct Timestamp(#[serde(with = "time::serde::rfc3339")] pub OffsetDateTime);
+fn title_schema() -> utoipa::openapi::Object {
+    TITLE.schema("1–200 characters, not blank, no control characters.")
+}
+
+fn nullable_description_schema() -> utoipa::openapi::Object {
+    DESCRIPTION.nullable_schema("At most 10,240 characters; `null` clears it.")
+}
+
+fn labels_schema() -> utoipa::openapi::Array {
+    labels_schema_builder().build()
+}
+
+fn nullable_labels_schema() -> utoipa::openapi::Array {
+    labels_schema_builder()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            utoipa::openapi::Type::Array,
+            utoipa::openapi::Type::Null,
+        ]))
+        .build()
+}
+
+fn labels_schema_builder() -> utoipa::openapi::schema::ArrayBuilder {
+    utoipa::openapi::ArrayBuilder::new()
+        .items(LABEL.schema("1–40 characters without spaces, commas or control characters."))
+        .max_items(Some(LABELS_MAX as usize))
+        .description(Some(
+            "Up to 20 labels; case-insensitive, duplicates dropped.",
+        ))
+        .examples([serde_json::json!(["work", "q3"])])
+}
+
+fn label_filter_schema() -> utoipa::openapi::Object {
+    LABEL.schema("Only tasks with this label (case-insensitive).")
+}
 
 #[derive(Serialize, ToSchema)]
 pub struct TaskView {
@@ -110,13 +140,12 @@ impl From<Task> for TaskView {
 pub struct ListParams {
     /// Only tasks in this status.
     pub status: Option<Status>,
-    /// Only tasks with this label (case-insensitive).
-    #[validate(length(min = 1, max = 40))]
-    pub label: Option<String>,
+    #[validate(custom(function = rules::label))]
+    #[param(schema_with = label_filter_schema)]
+    pub label: Option<Text>,
     /// Only tasks due before this instant (RFC 3339).
-    #[serde(default, with = "time::serde::rfc3339::option")]
-    #[param(value_type = Option<String>, format = DateTime)]
-    pub due_before: Option<OffsetDateTime>,
+    #[param(value_type = Option<Timestamp>)]
+    pub due_before: Option<Timestamp>,
     /// Page size, 1–200 (default 50).
     #[validate(range(min = 1, max = PAGE_MAX))]
     pub limit: Option<u32>,

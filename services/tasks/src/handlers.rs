@@ -6,8 +6,9 @@ use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::header::{self, HeaderName};
 use service_kit::actix_web::http::StatusCode;
 use service_kit::actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
-use service_kit::db::Lsn;
-use service_kit::http::{client_has, ApiError, ErrorBody, ReadAfter, CONSISTENCY_TOKEN_HEADER};
+use service_kit::error::{ApiError, ErrorBody};
+use service_kit::http::{client_has, ReadAfter, Written};
+use service_kit::input::{Json, Query, Timestamp};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use validator::Validate;
@@ -77,16 +78,9 @@ fn if_match(request: &HttpRequest) -> Result<Option<Precondition>, ApiError> {
         .ok_or_else(invalid)
 }
 
-/// The answer for one task: its body, `ETag`, and the consistency token when it was written.
-fn task_answer(
-    mut builder: HttpResponseBuilder,
-    task: Task,
-    written_at: Option<Lsn>,
-) -> HttpResponse {
+/// The answer for one task: its body and `ETag`.
+fn task_answer(mut builder: HttpResponseBuilder, task: Task) -> HttpResponse {
     builder.insert_header((header::ETAG, etag(task.version)));
-    if let Some(lsn) = written_at {
-        builder.insert_header((CONSISTENCY_TOKEN_HEADER, lsn.to_string()));
-    }
     builder.json(TaskView::from(task))
 }
 
@@ -111,8 +105,8 @@ pub async fn create(
     caller: Authenticated,
     request: HttpRequest,
     tasks: web::Data<Tasks>,
-    body: web::Json<CreateTask>,
-) -> Result<HttpResponse, ApiError> {
+    body: Json<CreateTask>,
+) -> Result<Written<HttpResponse>, ApiError> {
     let body = body.into_inner();
     body.validate()?;
     let idempotency = match request.headers().get("idempotency-key") {
@@ -136,11 +130,11 @@ pub async fn create(
         }
     };
     let new = NewTask {
-        title: body.title,
-        description: body.description,
+        title: body.title.into(),
+        description: body.description.map(String::from),
         status: body.status.unwrap_or(Status::Todo),
         priority: body.priority.unwrap_or(Priority::Medium),
-        due_at: body.due_at,
+        due_at: body.due_at.map(Timestamp::get),
         labels: normalize_labels(body.labels.unwrap_or_default()),
     };
     let created = tasks.create(caller.user_id, new, idempotency).await?;
@@ -149,7 +143,10 @@ pub async fn create(
     if created.replayed {
         answer.insert_header((IDEMPOTENT_REPLAYED, "true"));
     }
-    Ok(task_answer(answer, created.task, Some(created.written_at)))
+    Ok(Written::new(
+        task_answer(answer, created.task),
+        created.written_at,
+    ))
 }
 
 /// One of the caller's tasks. `If-None-Match` with its current ETag answers 304.
@@ -180,7 +177,7 @@ pub async fn get(
             .insert_header((header::ETAG, current))
             .finish());
     }
-    Ok(task_answer(HttpResponse::Ok(), task, None))
+    Ok(task_answer(HttpResponse::Ok(), task))
 }
 
 /// Change a task. `If-Match` with the version the change was based on is required: if the task
@@ -207,8 +204,8 @@ pub async fn update(
     request: HttpRequest,
     id: web::Path<Uuid>,
     tasks: web::Data<Tasks>,
-    body: web::Json<PatchTask>,
-) -> Result<HttpResponse, ApiError> {
+    body: Json<PatchTask>,
+) -> Result<Written<HttpResponse>, ApiError> {
     let expected = if_match(&request)?.ok_or_else(|| {
         ApiError::new(
             StatusCode::PRECONDITION_REQUIRED,
@@ -219,15 +216,20 @@ pub async fn update(
     let body = body.into_inner();
     body.validate()?;
     let change = TaskChange {
-        title: body.title,
-        description: body.description,
+        title: body.title.map(String::from),
+        description: body
+            .description
+            .map(|description| description.map(String::from)),
         status: body.status,
         priority: body.priority,
-        due_at: body.due_at.map(|due| due.map(|at| at.0)),
+        due_at: body.due_at.map(|due| due.map(Timestamp::get)),
         labels: body.labels.map(normalize_labels),
     };
     let (task, written_at) = tasks.update(caller.user_id, *id, expected, change).await?;
-    Ok(task_answer(HttpResponse::Ok(), task, Some(written_at)))
+    Ok(Written::new(
+        task_answer(HttpResponse::Ok(), task),
+        written_at,
+    ))
 }
 
 /// Delete a task; its history stays readable. `If-Match` is optional here.
@@ -246,12 +248,10 @@ pub async fn delete(
     request: HttpRequest,
     id: web::Path<Uuid>,
     tasks: web::Data<Tasks>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<Written<HttpResponse>, ApiError> {
     let expected = if_match(&request)?.unwrap_or(Precondition::Any);
     let written_at = tasks.delete(caller.user_id, *id, expected).await?;
-    Ok(HttpResponse::NoContent()
-        .insert_header((CONSISTENCY_TOKEN_HEADER, written_at.to_string()))
-        .finish())
+    Ok(Written::new(HttpResponse::NoContent().finish(), written_at))
 }
 
 /// The caller's tasks, newest first, a page at a time (keyset pagination).
@@ -266,7 +266,7 @@ pub async fn delete(
 )]
 pub async fn list(
     caller: Authenticated,
-    params: web::Query<ListParams>,
+    params: Query<ListParams>,
     read_after: ReadAfter,
     tasks: web::Data<Tasks>,
 ) -> Result<HttpResponse, ApiError> {
@@ -280,7 +280,7 @@ pub async fn list(
     let query = ListQuery {
         status: params.status,
         label: params.label.map(|label| label.to_lowercase()),
-        due_before: params.due_before,
+        due_before: params.due_before.map(Timestamp::get),
         limit: params.limit.unwrap_or(PAGE_DEFAULT),
         after,
     };
@@ -301,7 +301,7 @@ pub async fn list(
 pub async fn revisions(
     caller: Authenticated,
     id: web::Path<Uuid>,
-    params: web::Query<RevisionParams>,
+    params: Query<RevisionParams>,
     read_after: ReadAfter,
     tasks: web::Data<Tasks>,
 ) -> Result<HttpResponse, ApiError> {

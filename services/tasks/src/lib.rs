@@ -101,6 +101,15 @@ impl Service for TasksService {
         );
     }
 
+    /// Ready once auth's keys are here: without them no request can be authenticated.
+    fn ready(&self) -> Result<(), String> {
+        if self.verifier.has_keys() {
+            Ok(())
+        } else {
+            Err("the keys to verify access tokens have not been fetched from auth yet".to_owned())
+        }
+    }
+
     fn routes(&self, routes: &mut web::ServiceConfig) {
         routes
             .app_data(self.tasks.clone())

@@ -1,7 +1,8 @@
 //! Which path and method reach which handler, and the OpenAPI document that describes them.
 
 use service_kit::actix_web::web;
-use service_kit::http::{resource, ErrorBody};
+use service_kit::error::ErrorBody;
+use service_kit::http::resource;
 use service_kit::openapi::{document_resource, BearerSecurity};
 use utoipa::OpenApi;
 
@@ -13,8 +14,8 @@ pub fn configure(routes: &mut web::ServiceConfig) {
     routes
         .service(
             resource("/v1/tasks")
-                .route(web::post().to(handlers::create))
-                .route(web::get().to(handlers::list)),
+                .post(handlers::create)
+                .get(handlers::list),
         )
         .service(document_resource(
             "/v1/tasks/openapi.json",
@@ -22,11 +23,11 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         ))
         .service(
             resource("/v1/tasks/{id}")
-                .route(web::get().to(handlers::get))
-                .route(web::patch().to(handlers::update))
-                .route(web::delete().to(handlers::delete)),
+                .get(handlers::get)
+                .patch(handlers::update)
+                .delete(handlers::delete),
         )
-        .service(resource("/v1/tasks/{id}/revisions").route(web::get().to(handlers::revisions)));
+        .service(resource("/v1/tasks/{id}/revisions").get(handlers::revisions));
 }
 
 #[derive(OpenApi)]

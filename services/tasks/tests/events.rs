@@ -158,6 +158,17 @@ async fn with_the_broker_down_writes_succeed_and_every_event_arrives_once_later(
     assert_eq!(before.status, 201);
 
     broker.pause().expect("pause the broker");
+    // The pod stays in rotation: the outbox is there so that writes go on without the broker
+    // (a Kafka rolling restart must not take every pod out at once).
+    for _ in 0..4 {
+        let ready = test_support::http1_client()
+            .get(system.tasks.url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(750)).await;
+    }
     let mut written = vec![task_id(&before)];
     for n in 0..10 {
         let created = system

@@ -1,15 +1,26 @@
 //! The tasks binary runs the shared spine correctly against the real stack, and will not start
 //! without knowing where auth's keys are.
 
-use test_support::{run_to_exit, spine_checks};
+use test_support::auth::AuthServer;
+use test_support::{run_to_exit, spine_checks, TestStack};
 
 const TASKS: &str = env!("CARGO_BIN_EXE_tasks");
-/// Readiness does not depend on auth: the keys are fetched when the first token arrives.
+/// Where no auth answers: enough for the checks that stop before serving.
 const JWKS: (&str, &str) = ("AUTH_JWKS_URL", "http://127.0.0.1:9/v1/auth/jwks");
 
 #[tokio::test]
 async fn serves_standard_endpoints_over_http1_and_h2c() {
-    spine_checks::standard_endpoints(TASKS, "tasks", "tasks", &[JWKS]).await;
+    // Ready once it has auth's keys, so a real auth serves them.
+    let stack = TestStack::from_env();
+    let auth = AuthServer::start(&stack, "tasks-spine-auth", &[]).await;
+    let jwks = auth.url("/v1/auth/jwks");
+    spine_checks::standard_endpoints(TASKS, "tasks", "tasks", &[("AUTH_JWKS_URL", jwks.as_str())])
+        .await;
+}
+
+#[tokio::test]
+async fn is_not_ready_until_it_has_the_keys_to_verify_tokens() {
+    spine_checks::not_ready_without_keys(TASKS, "tasks", &[JWKS]).await;
 }
 
 #[test]

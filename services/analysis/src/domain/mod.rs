@@ -46,7 +46,7 @@ impl Analysis {
 
     pub async fn task(&self, owner: Uuid, task: Uuid) -> Result<TaskModel, AnalysisError> {
         self.db
-            .read_one(None, |mut conn| async move {
+            .find_on_replica_or_primary(None, |mut conn| async move {
                 storage::task(&mut conn, owner, task).await
             })
             .await?
@@ -57,7 +57,9 @@ impl Analysis {
     pub async fn tasks(&self, owner: Uuid, ids: &[Uuid]) -> Result<Vec<TaskModel>, AnalysisError> {
         let mut found = self
             .db
-            .read(|mut conn| async move { storage::tasks(&mut conn, owner, ids).await })
+            .replica_or_primary(
+                |mut conn| async move { storage::tasks(&mut conn, owner, ids).await },
+            )
             .await?;
         found.sort_by_key(|model| ids.iter().position(|id| *id == model.task_id));
         Ok(found)
@@ -71,7 +73,9 @@ impl Analysis {
         let from = dashboard::first_day(now);
         let rows = self
             .db
-            .read(|mut conn| async move { storage::dashboard(&mut conn, owner, from).await })
+            .replica_or_primary(|mut conn| async move {
+                storage::dashboard(&mut conn, owner, from).await
+            })
             .await?;
         let epoch =
             Date::from_ordinal_date(1970, 1).map_err(|e| AnalysisError::Corrupt(e.to_string()))?;
@@ -112,7 +116,9 @@ impl Analysis {
     ) -> Result<Vec<(Date, String, i64)>, AnalysisError> {
         Ok(self
             .db
-            .read(|mut conn| async move { storage::usage(&mut conn, owner, from, to).await })
+            .replica_or_primary(|mut conn| async move {
+                storage::usage(&mut conn, owner, from, to).await
+            })
             .await?)
     }
 
@@ -120,7 +126,9 @@ impl Analysis {
     pub async fn as_of(&self, owner: Uuid) -> Result<Option<model::AsOf>, AnalysisError> {
         Ok(self
             .db
-            .read(|mut conn| async move { storage::user_as_of(&mut conn, owner).await })
+            .replica_or_primary(
+                |mut conn| async move { storage::user_as_of(&mut conn, owner).await },
+            )
             .await?)
     }
 
@@ -137,7 +145,7 @@ impl Analysis {
                     return Ok(None);
                 };
                 let page = db
-                    .read(|mut conn| async move {
+                    .replica_or_primary(|mut conn| async move {
                         storage::export_page(&mut conn, owner, after, EXPORT_PAGE).await
                     })
                     .await?;

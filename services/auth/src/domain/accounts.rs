@@ -77,6 +77,8 @@ pub struct Accounts {
     rules: TokenRules,
     access_token_ttl: Duration,
     refresh_token_ttl: Duration,
+    session_max_lifetime: Duration,
+    refresh_reuse_grace: Duration,
     /// Deleted accounts, whose tokens the verifier refuses.
     revoked: Arc<RevokedUsers>,
 }
@@ -90,26 +92,40 @@ impl Accounts {
         Ok(Self {
             db,
             revoked,
-            passwords: Passwords::start(settings.password_workers, settings.password_queue)?,
+            passwords: Passwords::start(
+                settings.password_workers,
+                settings.password_queue,
+                settings.signup_password_workers,
+                settings.signup_password_queue,
+            )?,
             limits: LoginLimits::new(
                 settings.login_limit_per_username,
                 settings.login_limit_per_client,
+                settings.signup_limit_per_client,
             ),
             keys: settings.keys,
             rules: settings.rules,
             access_token_ttl: settings.access_token_ttl,
             refresh_token_ttl: settings.refresh_token_ttl,
+            session_max_lifetime: settings.session_max_lifetime,
+            refresh_reuse_grace: settings.refresh_reuse_grace,
         })
     }
 
-    /// Creates an account; returns it with the consistency token of the write.
-    pub async fn signup(&self, account: NewAccount) -> Result<(User, Lsn), AuthError> {
+    /// Creates an account; returns it with the consistency token of the write. At most
+    /// `AUTH_SIGNUP_LIMIT_PER_CLIENT` a minute from one `client`.
+    pub async fn signup(
+        &self,
+        account: NewAccount,
+        client: Option<IpAddr>,
+    ) -> Result<(User, Option<Lsn>), AuthError> {
+        self.limits.signup(client).map_err(AuthError::RateLimited)?;
         let username = normalize_username(&account.username);
         // A taken name is answered at once, without spending a password hash on it.
         let taken = {
             let username = username.clone();
             self.db
-                .write(
+                .primary(
                     |mut conn| async move { storage::username_exists(&mut conn, &username).await },
                 )
                 .await?
@@ -153,7 +169,8 @@ impl Accounts {
     }
 
     /// Checks the credentials and starts a session. Unknown users and wrong passwords take the
-    /// same path and the same time, and get the same answer.
+    /// same path and the same time, and get the same answer; each counts against the limits of
+    /// this username from this `client` and of this `client` (a correct login costs nothing).
     pub async fn login(
         &self,
         username: &str,
@@ -162,30 +179,40 @@ impl Accounts {
     ) -> Result<TokenPair, AuthError> {
         let username = normalize_username(username);
         self.limits
-            .attempt(&username, client)
+            .may_try(&username, client)
             .map_err(AuthError::RateLimited)?;
         // Read on the primary: a login right after signup must find the account.
         let found = self
             .db
-            .write(|mut conn| async move { storage::find_credentials(&mut conn, &username).await })
+            .primary(|mut conn| {
+                let username = username.clone();
+                async move { storage::find_credentials(&mut conn, &username).await }
+            })
             .await?;
         let (user_id, stored_hash) = found.unzip();
         let matches = self.passwords.verify(password, stored_hash).await?;
         match user_id {
             Some(user_id) if matches => self.start_session(user_id).await,
-            _ => Err(AuthError::InvalidCredentials),
+            _ => {
+                self.limits.failed(&username, client);
+                Err(AuthError::InvalidCredentials)
+            }
         }
     }
 
     async fn start_session(&self, user_id: Uuid) -> Result<TokenPair, AuthError> {
         let refresh = RefreshToken::generate();
-        let (hash, ttl) = (refresh.hash, self.refresh_token_ttl.as_secs());
+        let (hash, ttl, session) = (
+            refresh.hash,
+            self.refresh_token_ttl.as_secs(),
+            self.session_max_lifetime.as_secs(),
+        );
         let (session_id, _) = self
             .db
             .transaction(move |tx| {
                 async move {
                     let family = storage::create_family(tx, user_id).await?;
-                    storage::insert_refresh_token(tx, &hash, family, ttl).await?;
+                    storage::insert_refresh_token(tx, &hash, family, ttl, session).await?;
                     Ok::<_, AuthError>(family)
                 }
                 .boxed()
@@ -195,21 +222,45 @@ impl Accounts {
     }
 
     /// Rotates a refresh token: the presented one dies, a new pair is issued. Presenting a token
-    /// that was already rotated revokes its whole session (someone else may hold it).
+    /// that was already rotated revokes its whole session (someone else may hold it), unless it
+    /// comes within `AUTH_REFRESH_REUSE_GRACE_SECS` of its rotation: that is a retry (the first
+    /// answer was lost, or two tabs refreshed at once) and gets a pair of its own. A session
+    /// ends `AUTH_SESSION_MAX_LIFETIME_SECS` after its login, however often it was refreshed.
     pub async fn refresh(&self, presented: &str) -> Result<TokenPair, AuthError> {
         let hash = hash_presented(presented).ok_or(AuthError::RefreshTokenInvalid)?;
         let next = RefreshToken::generate();
         let (next_hash, ttl) = (next.hash, self.refresh_token_ttl.as_secs());
+        let (grace, session) = (
+            self.refresh_reuse_grace.as_secs(),
+            self.session_max_lifetime.as_secs(),
+        );
         let (now, token_life) = (OffsetDateTime::now_utc(), self.token_life_with_leeway());
         let (rotation, _) = self
             .db
             .transaction(move |tx| {
                 async move {
-                    let Some(current) = storage::lock_refresh_token(tx, &hash).await? else {
+                    let Some(current) =
+                        storage::lock_refresh_token(tx, &hash, grace, session).await?
+                    else {
                         return Ok(Rotation::Unusable);
                     };
                     if current.family_revoked {
                         return Ok(Rotation::Unusable);
+                    }
+                    if current.used && current.used_within_grace && !current.expired {
+                        // A retry: another token of the same session; the first stays good too.
+                        storage::insert_refresh_token(
+                            tx,
+                            &next_hash,
+                            current.family_id,
+                            ttl,
+                            session,
+                        )
+                        .await?;
+                        return Ok(Rotation::Rotated {
+                            user_id: current.user_id,
+                            session_id: current.family_id,
+                        });
                     }
                     if current.used {
                         // Committed, even though the caller gets an error. The family is locked
@@ -230,7 +281,8 @@ impl Accounts {
                         return Ok(Rotation::Unusable);
                     }
                     storage::mark_used(tx, &hash).await?;
-                    storage::insert_refresh_token(tx, &next_hash, current.family_id, ttl).await?;
+                    storage::insert_refresh_token(tx, &next_hash, current.family_id, ttl, session)
+                        .await?;
                     Ok::<_, AuthError>(Rotation::Rotated {
                         user_id: current.user_id,
                         session_id: current.family_id,
@@ -290,7 +342,7 @@ impl Accounts {
     /// The caller's account, from a replica unless `read_after` says it is not there yet.
     pub async fn profile(&self, user_id: Uuid, read_after: Option<Lsn>) -> Result<User, AuthError> {
         self.db
-            .read_one(read_after, |mut conn| async move {
+            .find_on_replica_or_primary(read_after, |mut conn| async move {
                 storage::find_user(&mut conn, user_id).await
             })
             .await?
@@ -301,7 +353,7 @@ impl Accounts {
         &self,
         user_id: Uuid,
         change: ProfileChange,
-    ) -> Result<(User, Lsn), AuthError> {
+    ) -> Result<(User, Option<Lsn>), AuthError> {
         let (user, lsn) = self
             .db
             .transaction(move |tx| {
@@ -337,7 +389,7 @@ impl Accounts {
     ) -> Result<(), AuthError> {
         let found = self
             .db
-            .write(
+            .primary(
                 |mut conn| async move { storage::find_credentials_by_id(&mut conn, user_id).await },
             )
             .await?;
@@ -345,9 +397,10 @@ impl Accounts {
             return Err(AuthError::AccountGone);
         };
         self.limits
-            .attempt(&username, client)
+            .may_try(&username, client)
             .map_err(AuthError::RateLimited)?;
         if !self.passwords.verify(password, Some(stored_hash)).await? {
+            self.limits.failed(&username, client);
             return Err(AuthError::InvalidCredentials);
         }
         let deleted_at = OffsetDateTime::now_utc();

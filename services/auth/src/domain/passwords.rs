@@ -1,8 +1,9 @@
-//! Password hashing with argon2id on a bounded worker pool.
+//! Password hashing with argon2id on bounded worker pools.
 //!
 //! Each hash costs ~19 MiB and tens of milliseconds of CPU, so hashes run on a few low-priority
 //! threads behind a bounded queue: a login storm queues up to a limit and is then refused with
-//! 503, while other requests keep being served.
+//! 503, while other requests keep being served. New passwords (signup) are hashed on a pool of
+//! their own, so a signup flood fills that pool's queue, never the one logins wait in.
 
 use std::sync::Arc;
 
@@ -20,7 +21,10 @@ const LANES: u32 = 1;
 const WORKER_NICENESS: i32 = 10;
 
 pub struct Passwords {
+    /// Verifications: login, account deletion.
     pool: WorkerPool,
+    /// New hashes: signup.
+    signup_pool: WorkerPool,
     argon2: Argon2<'static>,
     /// A real hash of a random password: an unknown username is checked against it, so that
     /// answering "no such user" costs as much as a wrong password.
@@ -28,7 +32,14 @@ pub struct Passwords {
 }
 
 impl Passwords {
-    pub fn start(workers: usize, queue: usize) -> Result<Self, String> {
+    /// `workers` threads (and `queue` waiting) verify; `signup_workers` (and `signup_queue`)
+    /// hash new passwords.
+    pub fn start(
+        workers: usize,
+        queue: usize,
+        signup_workers: usize,
+        signup_queue: usize,
+    ) -> Result<Self, String> {
         let params = Params::new(MEMORY_KIB, PASSES, LANES, None).map_err(|err| err.to_string())?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let decoy = argon2
@@ -37,8 +48,16 @@ impl Passwords {
             .to_string();
         let pool = WorkerPool::start("password", workers, queue, WORKER_NICENESS)
             .map_err(|err| format!("cannot start password workers: {err}"))?;
+        let signup_pool = WorkerPool::start(
+            "password-signup",
+            signup_workers,
+            signup_queue,
+            WORKER_NICENESS,
+        )
+        .map_err(|err| format!("cannot start signup password workers: {err}"))?;
         Ok(Self {
             pool,
+            signup_pool,
             argon2,
             decoy: decoy.into(),
         })
@@ -47,7 +66,7 @@ impl Passwords {
     /// A PHC string (`$argon2id$v=19$m=19456,t=2,p=1$...`) with a fresh salt.
     pub async fn hash(&self, password: String) -> Result<String, AuthError> {
         let argon2 = self.argon2.clone();
-        self.pool
+        self.signup_pool
             .run(move || {
                 argon2
                     .hash_password(password.as_bytes())
@@ -87,7 +106,7 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_are_salted() {
-        let passwords = Passwords::start(1, 4).unwrap();
+        let passwords = Passwords::start(1, 4, 1, 4).unwrap();
         let first = passwords.hash("correct horse".into()).await.unwrap();
         let second = passwords.hash("correct horse".into()).await.unwrap();
         assert!(

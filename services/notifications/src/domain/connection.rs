@@ -142,7 +142,7 @@ pub async fn admit(live: &Live, token: &str) -> Result<AccessClaims, Refusal> {
     if let Some(session) = claims.sid {
         let revoked = live
             .db
-            .write(|mut conn| async move { storage::session_revoked(&mut conn, session).await })
+            .primary(|mut conn| async move { storage::session_revoked(&mut conn, session).await })
             .await
             .map_err(Refusal::Unavailable)?;
         if revoked {
@@ -237,7 +237,7 @@ impl Socket<'_> {
     async fn open(&mut self, since: Option<i64>) -> Result<(), End> {
         let user = self.claims.sub;
         let (head, first_page) = self
-            .read(move |mut conn| async move {
+            .read_feed(move |mut conn| async move {
                 let head = storage::head(&mut conn, user).await?;
                 let page = match since {
                     Some(since) if since < head && since >= 0 => {
@@ -295,7 +295,7 @@ impl Socket<'_> {
         loop {
             let (user, after) = (self.claims.sub, self.last_sent);
             let page = self
-                .read(move |mut conn| async move {
+                .read_feed(move |mut conn| async move {
                     storage::entries_after(&mut conn, user, after, before, FEED_PAGE).await
                 })
                 .await?;
@@ -364,12 +364,12 @@ impl Socket<'_> {
     }
 
     /// Feed reads go to the primary: a replica may not have the entries live frames announced.
-    async fn read<T, F, Fut>(&self, op: F) -> Result<T, End>
+    async fn read_feed<T, F, Fut>(&self, op: F) -> Result<T, End>
     where
         F: FnOnce(PoolConnection<Postgres>) -> Fut,
         Fut: std::future::Future<Output = Result<T, service_kit::sqlx::Error>>,
     {
-        self.live.db.write(op).await.map_err(|err: DbError| {
+        self.live.db.primary(op).await.map_err(|err: DbError| {
             tracing::warn!(error = %err, "cannot read the change feed");
             End::Close(CloseReason::Internal)
         })

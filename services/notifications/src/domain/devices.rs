@@ -170,14 +170,14 @@ impl Devices {
     pub async fn list(&self, user: Uuid) -> Result<Vec<SubscriptionRow>, DeviceError> {
         Ok(self
             .db
-            .write(|mut conn| async move { storage::push::subscriptions(&mut conn, user).await })
+            .primary(|mut conn| async move { storage::push::subscriptions(&mut conn, user).await })
             .await?)
     }
 
     pub async fn delete(&self, user: Uuid, id: Uuid) -> Result<(), DeviceError> {
         let deleted = self
             .db
-            .write(|mut conn| async move { storage::push::unregister(&mut conn, user, id).await })
+            .primary(|mut conn| async move { storage::push::unregister(&mut conn, user, id).await })
             .await?;
         if deleted {
             Ok(())

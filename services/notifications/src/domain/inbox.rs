@@ -181,7 +181,7 @@ impl Inbox {
     ) -> Result<Page, InboxError> {
         let (items, unread) = self
             .db
-            .write(|mut conn| async move {
+            .primary(|mut conn| async move {
                 let items =
                     storage::inbox::page(&mut conn, user, before, unread_only, limit + 1).await?;
                 let unread = storage::inbox::unread_count(&mut conn, user).await?;
@@ -205,7 +205,7 @@ impl Inbox {
     pub async fn unread(&self, user: Uuid) -> Result<i64, InboxError> {
         Ok(self
             .db
-            .write(|mut conn| async move { storage::inbox::unread_count(&mut conn, user).await })
+            .primary(|mut conn| async move { storage::inbox::unread_count(&mut conn, user).await })
             .await?)
     }
 
@@ -213,7 +213,7 @@ impl Inbox {
     pub async fn mark_read(&self, user: Uuid, id: Uuid) -> Result<i64, InboxError> {
         let found = self
             .db
-            .write(|mut conn| async move {
+            .primary(|mut conn| async move {
                 if !storage::inbox::mark_read(&mut conn, user, id).await? {
                     return Ok(None);
                 }
@@ -230,7 +230,7 @@ impl Inbox {
     pub async fn mark_all_read(&self, user: Uuid) -> Result<i64, InboxError> {
         Ok(self
             .db
-            .write(|mut conn| async move {
+            .primary(|mut conn| async move {
                 storage::inbox::mark_all_read(&mut conn, user).await?;
                 storage::inbox::unread_count(&mut conn, user).await
             })
@@ -240,7 +240,7 @@ impl Inbox {
     pub async fn delete(&self, user: Uuid, id: Uuid) -> Result<(), InboxError> {
         let deleted = self
             .db
-            .write(|mut conn| async move { storage::inbox::delete(&mut conn, user, id).await })
+            .primary(|mut conn| async move { storage::inbox::delete(&mut conn, user, id).await })
             .await?;
         if deleted {
             Ok(())

@@ -272,7 +272,7 @@ impl PreferencesStore {
     pub async fn get(&self, user: Uuid) -> Result<Preferences, DbError> {
         let row = self
             .db
-            .write(|mut conn| async move { storage::inbox::preferences(&mut conn, user).await })
+            .primary(|mut conn| async move { storage::inbox::preferences(&mut conn, user).await })
             .await?;
         Ok(row.as_ref().map(Preferences::from_row).unwrap_or_default())
     }

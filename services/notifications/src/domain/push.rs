@@ -203,7 +203,7 @@ impl Dispatcher {
             let db = backlog_db.clone();
             async move {
                 let pending = db
-                    .write(|mut conn| async move {
+                    .primary(|mut conn| async move {
                         storage::push::pending(&mut conn, BACKLOG_COUNT_CAP).await
                     })
                     .await
@@ -240,7 +240,7 @@ impl Dispatcher {
                     let lease = self.settings.claim_lease;
                     match self
                         .db
-                        .write(|mut conn| async move {
+                        .primary(|mut conn| async move {
                             storage::push::claim(&mut conn, room as i64, lease).await
                         })
                         .await
@@ -292,7 +292,7 @@ impl Dispatcher {
             if !unsent.is_empty() {
                 let released = self
                     .db
-                    .write(|mut conn| {
+                    .primary(|mut conn| {
                         let unsent = &unsent;
                         async move { storage::push::release(&mut conn, unsent).await }
                     })
@@ -323,7 +323,7 @@ impl Sender {
         let settings = &self.settings;
         let settled = self
             .db
-            .write(|mut conn| {
+            .primary(|mut conn| {
                 let outcome = outcome.clone();
                 let job = &job;
                 async move {

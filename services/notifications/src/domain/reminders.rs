@@ -87,13 +87,15 @@ impl Scheduler {
             let instance = self.instance;
             match self
                 .db
-                .write(|mut conn| async move {
+                .primary(|mut conn| async move {
                     storage::reminders::release(&mut conn, instance).await
                 })
                 .await
             {
                 Ok(released) => tracing::info!(released, "gave up this instance's reminder claims"),
-                Err(err) => tracing::warn!(error = %err, "cannot give up reminder claims; they expire"),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot give up reminder claims; they expire")
+                }
             }
         })
     }

@@ -3,7 +3,8 @@
 use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::StatusCode;
 use service_kit::actix_web::{web, HttpResponse};
-use service_kit::http::{ApiError, ErrorBody, FieldIssue};
+use service_kit::error::{ApiError, ErrorBody, FieldIssue};
+use service_kit::input::Json;
 use uuid::Uuid;
 
 use crate::api::{DeviceBody, DeviceList, DeviceView, PushKey};
@@ -50,7 +51,7 @@ pub async fn register(
     caller: Authenticated,
     devices: web::Data<Devices>,
     rules: web::Data<DeviceRules>,
-    body: web::Json<DeviceBody>,
+    body: Json<DeviceBody>,
 ) -> Result<HttpResponse, ApiError> {
     let subscription = Subscription::parse(
         &body.endpoint,

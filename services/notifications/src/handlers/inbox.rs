@@ -4,7 +4,8 @@
 use service_kit::access_token::Authenticated;
 use service_kit::actix_web::{web, HttpResponse};
 use service_kit::db::DbError;
-use service_kit::http::{ApiError, ErrorBody, FieldIssue};
+use service_kit::error::{ApiError, ErrorBody, FieldIssue};
+use service_kit::input::{Json, Query, Text};
 use uuid::Uuid;
 
 use crate::api::{
@@ -41,7 +42,7 @@ impl From<InboxError> for ApiError {
 pub async fn list(
     caller: Authenticated,
     inbox: web::Data<Inbox>,
-    params: web::Query<InboxParams>,
+    params: Query<InboxParams>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = params.limit.unwrap_or(PAGE_DEFAULT);
     if !(1..=PAGE_MAX).contains(&limit) {
@@ -185,9 +186,10 @@ fn preferences_body(preferences: &Preferences) -> PreferencesBody {
             .quiet_hours
             .as_ref()
             .map(|quiet| QuietHoursBody {
-                start: format_time(quiet.start),
-                end: format_time(quiet.end),
-                time_zone: quiet.time_zone.clone(),
+                // Written by this service, from values it parsed: never a NUL.
+                start: Text::parse(format_time(quiet.start)).unwrap_or_default(),
+                end: Text::parse(format_time(quiet.end)).unwrap_or_default(),
+                time_zone: Text::parse(quiet.time_zone.clone()).unwrap_or_default(),
             }),
     }
 }
@@ -225,7 +227,7 @@ pub async fn get_preferences(
 pub async fn put_preferences(
     caller: Authenticated,
     store: web::Data<PreferencesStore>,
-    body: web::Json<PreferencesBody>,
+    body: Json<PreferencesBody>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let mut issues = Vec::new();

@@ -1,68 +1,51 @@
 //! The rules task input follows, checked by the API (with `validator`) before anything is done;
-//! the database repeats the essential ones as constraints.
+//! the database repeats the essential ones as constraints. Each text rule is also the field's
+//! OpenAPI schema (`TextRule::schema`), so the document and the checks agree.
 
-use std::borrow::Cow;
-
+use service_kit::input::{Text, TextRule};
 use validator::ValidationError;
 
-pub const TITLE_MAX: u64 = 200;
-pub const DESCRIPTION_MAX_BYTES: usize = 10 * 1024;
 pub const LABELS_MAX: u64 = 20;
-pub const LABEL_MAX: usize = 40;
 pub const IDEMPOTENCY_KEY_MAX: usize = 200;
 pub const PAGE_DEFAULT: u32 = 50;
 pub const PAGE_MAX: u32 = 200;
 
-fn invalid(code: &'static str, message: String) -> ValidationError {
-    ValidationError::new(code).with_message(Cow::Owned(message))
+/// 1–200 characters, not blank, no control characters.
+pub const TITLE: TextRule = TextRule::printable(1, 200);
+/// At most 10,240 characters (the database's `tasks_description_length`).
+pub const DESCRIPTION: TextRule = TextRule::any(0, 10_240);
+/// 1–40 characters without whitespace, control characters or commas.
+pub const LABEL: TextRule = TextRule::any(1, 40).matching(
+    "^[^\\s,\\u0000-\\u001f\\u007f-\\u009f]+$",
+    "must have no spaces, commas or control characters",
+);
+
+pub fn title(text: &Text) -> Result<(), ValidationError> {
+    TITLE.check(text)
 }
 
-/// Not blank, no control characters.
-pub fn title_text(title: &str) -> Result<(), ValidationError> {
-    if title.trim().is_empty() {
-        return Err(invalid("blank", "must not be blank".into()));
-    }
-    if title.chars().any(char::is_control) {
-        return Err(invalid(
-            "control_characters",
-            "must not contain control characters".into(),
-        ));
-    }
-    Ok(())
+pub fn description(text: &Text) -> Result<(), ValidationError> {
+    DESCRIPTION.check(text)
 }
 
-/// At most 10 KiB of UTF-8 (bytes, not characters: it is a storage bound).
-pub fn description_size(description: &str) -> Result<(), ValidationError> {
-    if description.len() > DESCRIPTION_MAX_BYTES {
-        return Err(invalid(
-            "too_large",
-            format!("must be at most {DESCRIPTION_MAX_BYTES} bytes of UTF-8"),
-        ));
-    }
-    Ok(())
+pub fn label(text: &Text) -> Result<(), ValidationError> {
+    LABEL.check(text)
 }
 
-/// Each label: 1–40 characters, no whitespace, no control characters, no commas.
-pub fn labels(labels: &[String]) -> Result<(), ValidationError> {
-    for label in labels {
-        let length = label.chars().count();
-        let bad_char = label
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || c == ',');
-        if length == 0 || length > LABEL_MAX || bad_char {
-            return Err(invalid(
-                "label",
-                format!(
-                    "each label must be 1 to {LABEL_MAX} characters without spaces or commas; {label:?} is not"
-                ),
-            ));
+/// Each label follows [`LABEL`]; the message names the one that does not.
+pub fn labels(labels: &[Text]) -> Result<(), ValidationError> {
+    for text in labels {
+        if let Err(err) = LABEL.check(text) {
+            let rule = err.message.unwrap_or_default();
+            return Err(ValidationError::new("label")
+                .with_message(format!("each label {rule}; {:?} is not", text.as_str()).into()));
         }
     }
     Ok(())
 }
 
 /// Labels are case-insensitive and a set: lower-cased, duplicates dropped, first spelling kept.
-pub fn normalize_labels(labels: Vec<String>) -> Vec<String> {
+pub fn normalize_labels(labels: Vec<Text>) -> Vec<String> {
     let mut seen = std::collections::HashSet::new();
     labels
         .into_iter()
@@ -75,27 +58,32 @@ pub fn normalize_labels(labels: Vec<String>) -> Vec<String> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn titles_are_printable_and_not_blank() {
-        assert!(title_text("Buy milk").is_ok());
-        assert!(title_text("  ").is_err());
-        assert!(title_text("a\nb").is_err());
+    fn text(value: &str) -> Text {
+        Text::parse(value).unwrap()
     }
 
     #[test]
-    fn descriptions_are_bounded_in_bytes() {
-        assert!(description_size(&"a".repeat(DESCRIPTION_MAX_BYTES)).is_ok());
-        assert!(description_size(&"é".repeat(DESCRIPTION_MAX_BYTES / 2 + 1)).is_err());
+    fn titles_are_printable_and_not_blank() {
+        assert!(title(&text("Buy milk")).is_ok());
+        assert!(title(&text("  ")).is_err());
+        assert!(title(&text("a\nb")).is_err());
+        assert!(title(&text(&"x".repeat(201))).is_err());
+    }
+
+    #[test]
+    fn descriptions_are_bounded_in_characters() {
+        assert!(description(&text(&"é".repeat(10_240))).is_ok());
+        assert!(description(&text(&"a".repeat(10_241))).is_err());
     }
 
     #[test]
     fn labels_are_single_words_and_normalized() {
-        assert!(labels(&["home".into(), "q3:planning".into()]).is_ok());
+        assert!(labels(&[text("home"), text("q3:planning")]).is_ok());
         for bad in ["", "two words", "a,b", &"x".repeat(41)] {
-            assert!(labels(&[bad.to_owned()]).is_err(), "{bad:?}");
+            assert!(labels(&[text(bad)]).is_err(), "{bad:?}");
         }
         assert_eq!(
-            normalize_labels(vec!["Home".into(), "work".into(), "HOME".into()]),
+            normalize_labels(vec![text("Home"), text("work"), text("HOME")]),
             vec!["home".to_owned(), "work".to_owned()]
         );
     }

@@ -49,7 +49,8 @@ pub struct IdempotencyKey {
 pub struct Created {
     pub task: Task,
     pub replayed: bool,
-    pub written_at: Lsn,
+    /// Where the write is in the WAL (none if it could not be read after the commit).
+    pub written_at: Option<Lsn>,
 }
 
 /// Which tasks a list shows: filters, page size and where the previous page ended.
@@ -156,7 +157,7 @@ impl Tasks {
     ) -> Result<Task, TaskError> {
         let row = self
             .db
-            .read_one(read_after, |mut conn| async move {
+            .find_on_replica_or_primary(read_after, |mut conn| async move {
                 storage::find(&mut conn, owner, id).await
             })
             .await?
@@ -172,7 +173,7 @@ impl Tasks {
         id: Uuid,
         expected: Precondition,
         change: TaskChange,
-    ) -> Result<(Task, Lsn), TaskError> {
+    ) -> Result<(Task, Option<Lsn>), TaskError> {
         self.db
             .transaction(move |tx| {
                 async move {
@@ -216,7 +217,7 @@ impl Tasks {
         owner: Uuid,
         id: Uuid,
         expected: Precondition,
-    ) -> Result<Lsn, TaskError> {
+    ) -> Result<Option<Lsn>, TaskError> {
         let ((), written_at) = self
             .db
             .transaction(move |tx| {
@@ -259,7 +260,7 @@ impl Tasks {
         let limit = query.limit as usize;
         let rows = self
             .db
-            .read_after(read_after, |mut conn| {
+            .replica_or_primary_after(read_after, |mut conn| {
                 let query = query.clone();
                 async move { storage::list(&mut conn, owner, &query).await }
             })
@@ -285,7 +286,7 @@ impl Tasks {
     ) -> Result<RevisionPage, TaskError> {
         let rows = self
             .db
-            .read_one(read_after, |mut conn| async move {
+            .find_on_replica_or_primary(read_after, |mut conn| async move {
                 let rows =
                     storage::revisions(&mut conn, owner, id, after_version, i64::from(limit) + 1)
                         .await?;

@@ -1,0 +1,150 @@
+//! The tasks API through the edge against input that used to crash or fail it: text PostgreSQL
+//! cannot store, instants past what the driver can hold, null where a field cannot be cleared,
+//! and methods a path does not serve. Each answers 400 (or 405) naming what is wrong, and
+//! nothing is written.
+
+mod common;
+
+use common::{send, task_id, token, System};
+use reqwest::Method;
+use serde_json::json;
+
+#[tokio::test]
+async fn nul_bytes_are_refused_naming_the_field_and_nothing_is_written() {
+    let system = System::start("tasks-nul").await;
+    let ada = system.user("nul").await;
+    for (body, field) in [
+        (
+            json!({ "title": "x", "description": "a\u{0}b" }),
+            "description",
+        ),
+        (json!({ "title": "a\u{0}" }), "title"),
+        (
+            json!({ "title": "x", "labels": ["ok", "b\u{0}d"] }),
+            "labels[1]",
+        ),
+    ] {
+        let answer = system.create(&ada, body.clone()).await;
+        assert_eq!(answer.status, 400, "{body}: {}", answer.body);
+        assert_eq!(answer.invalid_fields(), [field.to_owned()].into(), "{body}");
+        assert!(
+            answer.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("NUL"),
+            "{}",
+            answer.body
+        );
+    }
+    let filtered = system.get(&ada, "/v1/tasks?label=%00").await;
+    assert_eq!(filtered.status, 400, "{}", filtered.body);
+    assert_eq!(filtered.code(), "invalid_query");
+    assert_eq!(filtered.invalid_fields(), ["label".to_owned()].into());
+
+    let task = system.create(&ada, json!({ "title": "kept" })).await;
+    let patched = send(
+        system
+            .request(
+                &ada,
+                Method::PATCH,
+                &format!("/v1/tasks/{}", task_id(&task)),
+            )
+            .header("if-match", "\"1\"")
+            .json(&json!({ "description": "\u{0}" })),
+    )
+    .await;
+    assert_eq!(patched.status, 400, "{}", patched.body);
+    // Read after the valid write (its consistency token), so the replica's lag cannot hide it.
+    let list = send(
+        system
+            .request(&ada, Method::GET, "/v1/tasks")
+            .header("x-consistency-token", token(&task)),
+    )
+    .await;
+    assert_eq!(
+        list.body["items"].as_array().unwrap().len(),
+        1,
+        "only the valid task"
+    );
+    assert_eq!(
+        list.body["items"][0]["version"], 1,
+        "the PATCH wrote nothing"
+    );
+}
+
+#[tokio::test]
+async fn instants_beyond_what_the_database_holds_are_a_400_not_a_crash() {
+    let system = System::start("tasks-dates").await;
+    let ada = system.user("dates").await;
+    // Valid RFC 3339, but in the year 10000 (or 0) once in UTC.
+    for due in ["9999-12-31T23:59:59-23:59", "0001-01-01T00:00:00+00:01"] {
+        let created = system
+            .create(&ada, json!({ "title": "far", "due_at": due }))
+            .await;
+        assert_eq!(created.status, 400, "{due}: {}", created.body);
+        assert_eq!(created.invalid_fields(), ["due_at".to_owned()].into());
+    }
+    let task = system.create(&ada, json!({ "title": "near" })).await;
+    let path = format!("/v1/tasks/{}", task_id(&task));
+    let patched = send(
+        system
+            .request(&ada, Method::PATCH, &path)
+            .header("if-match", "\"1\"")
+            .json(&json!({ "due_at": "9999-12-31T23:59:59-23:59" })),
+    )
+    .await;
+    assert_eq!(patched.status, 400, "{}", patched.body);
+    assert_eq!(patched.invalid_fields(), ["due_at".to_owned()].into());
+    let listed = system
+        .get(&ada, "/v1/tasks?due_before=9999-12-31T23:59:59-23:59")
+        .await;
+    assert_eq!(listed.status, 400, "{}", listed.body);
+    assert_eq!(listed.invalid_fields(), ["due_before".to_owned()].into());
+    // The edges of the range itself are fine.
+    let edge = system
+        .create(
+            &ada,
+            json!({ "title": "last", "due_at": "9999-12-31T23:59:59Z" }),
+        )
+        .await;
+    assert_eq!(edge.status, 201, "{}", edge.body);
+    // No worker died: the service still answers on.
+    let list = system.get(&ada, "/v1/tasks").await;
+    assert_eq!(list.status, 200);
+    assert!(
+        !system.tasks.logs().contains("panicked"),
+        "a request panicked:\n{}",
+        system.tasks.logs()
+    );
+}
+
+#[tokio::test]
+async fn a_field_that_cannot_be_cleared_refuses_null_and_unknown_methods_say_what_is_allowed() {
+    let system = System::start("tasks-shapes").await;
+    let ada = system.user("shapes").await;
+    let task = system.create(&ada, json!({ "title": "shape" })).await;
+    let path = format!("/v1/tasks/{}", task_id(&task));
+    for field in ["title", "status", "priority", "labels"] {
+        let patched = send(
+            system
+                .request(&ada, Method::PATCH, &path)
+                .header("if-match", "\"1\"")
+                .json(&json!({ field: null })),
+        )
+        .await;
+        assert_eq!(patched.status, 400, "{field}: {}", patched.body);
+        assert_eq!(patched.invalid_fields(), [field.to_owned()].into());
+    }
+    let array = system.create(&ada, json!(["title", "x"])).await;
+    assert_eq!(array.status, 400, "{}", array.body);
+
+    for (method, path, allow) in [
+        (Method::PUT, "/v1/tasks".to_owned(), "POST, GET"),
+        (Method::POST, path.clone(), "GET, PATCH, DELETE"),
+    ] {
+        let answer = send(system.request(&ada, method.clone(), &path)).await;
+        assert_eq!(answer.status, 405, "{method} {path}: {}", answer.body);
+        assert_eq!(answer.header("allow"), Some(allow), "{method} {path}");
+        assert_eq!(answer.code(), "method_not_allowed");
+    }
+}
