@@ -255,6 +255,7 @@ pub async fn smoke_up() -> Result<()> {
         if round == 1 {
             published_task_shows_in_kcat(&h1, up_layout.broker_port).await?;
             observability::check_running(&h1).await?;
+            crate::fuzz::run(&h1, &[]).await?;
         }
 
         // Idle h2c connections would hold the services' drain (see `RunningUp::stop`).

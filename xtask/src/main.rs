@@ -15,6 +15,8 @@
 //! - `edge`: the edge proxy alone (started by `up`);
 //! - `observability-check`: on a running `up`, a traced request reaches the trace store from
 //!   the edge to the consumers, Prometheus has every service up, every dashboard query answers;
+//! - `fuzz [schemathesis options]`: on a running `up`, schemathesis over every OpenAPI document
+//!   (also part of `test`);
 //! - `profile <service> [--seconds N]`: perf CPU samples of a running service (loadtest/README.md).
 
 mod bench;
@@ -25,6 +27,7 @@ mod check;
 mod deploy_check;
 mod edge;
 mod events_tools;
+mod fuzz;
 mod load;
 mod observability;
 mod prereqs;
@@ -52,7 +55,7 @@ pub(crate) const LOCAL_PUSH_PORT: u16 = 8085;
 const LOCAL_PUSH: &str = "local-push";
 
 const USAGE: &str =
-    "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL... | profile SERVICE [--seconds N] | observability-check>";
+    "usage: cargo xtask <up [--release | --as-tests] | test | stack | deploy-check | load SCENARIO [--smoke] | bench NAME [--smoke] | catalog | kcat ARGS... | edge PORT SERVICE=URL... | profile SERVICE [--seconds N] | observability-check | fuzz [SCHEMATHESIS OPTIONS]>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -102,6 +105,12 @@ fn main() -> ExitCode {
         Some("kcat") => events_tools::kcat(&args[1..]),
         Some("edge") => runtime.block_on(run_edge(&args[1..])),
         Some("profile") => profile::run(&args[1..]),
+        Some("fuzz") => runtime.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?;
+            fuzz::run(&client, &args[1..]).await
+        }),
         Some("observability-check") => runtime.block_on(async {
             let client = reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))

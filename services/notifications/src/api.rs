@@ -166,10 +166,15 @@ pub const PAGE_MAX: i64 = 100;
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct InboxParams {
     /// `next_cursor` of the previous page.
+    #[param(
+        pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
+    )]
     pub cursor: Option<String>,
     /// 1–100, default 20.
+    #[serde(default, deserialize_with = "service_kit::input::query_whole")]
     #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// Only unread notifications.
@@ -192,10 +197,11 @@ pub enum DeliveryName {
 #[serde(deny_unknown_fields)]
 pub struct QuietHoursBody {
     /// `HH:MM`, local time, e.g. `22:00`.
-    #[schema(value_type = String, example = "22:00")]
+    #[schema(value_type = String, example = "22:00", pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$")]
     pub start: Text,
-    /// `HH:MM`, local time; earlier than `start` means the next morning, e.g. `07:00`.
-    #[schema(value_type = String, example = "07:00")]
+    /// `HH:MM`, local time, not `start`; earlier than `start` means the next morning, e.g.
+    /// `07:00`.
+    #[schema(value_type = String, example = "07:00", pattern = "^([01][0-9]|2[0-3]):[0-5][0-9]$")]
     pub end: Text,
     /// An IANA time zone, e.g. `Europe/Berlin`.
     #[schema(value_type = String, example = "Europe/Berlin")]
@@ -209,6 +215,7 @@ pub struct PreferencesBody {
     pub due_soon: DeliveryName,
     pub overdue: DeliveryName,
     /// How long before a due date "due soon" fires: 1–10080 minutes (default 60).
+    #[serde(deserialize_with = "service_kit::input::whole")]
     #[schema(minimum = 1, maximum = 10080)]
     pub reminder_lead_minutes: u32,
     #[serde(default, deserialize_with = "service_kit::input::optional_object")]
@@ -232,11 +239,12 @@ pub struct DeviceBody {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceKeys {
-    /// The device's P-256 public key, uncompressed, base64url (87 characters).
-    #[schema(value_type = String)]
+    /// The device's P-256 public key, uncompressed, base64url (87 characters; padding and the
+    /// standard alphabet are taken too). It must be a point on the curve.
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9+/_-]{87}=*$")]
     pub p256dh: Text,
     /// The device's 16-byte authentication secret, base64url (22 characters).
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^[A-Za-z0-9+/_-]{22}=*$")]
     pub auth: Text,
 }
 

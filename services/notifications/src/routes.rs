@@ -3,7 +3,7 @@
 use service_kit::actix_web::web;
 use service_kit::error::{ErrorBody, FieldIssue};
 use service_kit::http::resource;
-use service_kit::openapi::{document_resource, BearerSecurity};
+use service_kit::openapi::{document_resource, BearerSecurity, SpineResponses};
 use utoipa::OpenApi;
 
 use crate::api;
@@ -81,7 +81,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         api::DeviceList,
         api::PushKey,
     )),
-    modifiers(&BearerSecurity),
+    modifiers(&BearerSecurity, &SpineResponses),
     tags(
         (name = "live", description = "Live updates over WebSocket"),
         (name = "inbox", description = "The user's notifications"),

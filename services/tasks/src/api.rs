@@ -148,8 +148,11 @@ pub struct ListParams {
     pub due_before: Option<Timestamp>,
     /// Page size, 1–200 (default 50).
     #[validate(range(min = 1, max = PAGE_MAX))]
+    #[serde(default, deserialize_with = "service_kit::input::query_whole")]
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]{21}[AQgw]$")]
     pub cursor: Option<String>,
 }
 
@@ -160,8 +163,11 @@ pub struct ListParams {
 pub struct RevisionParams {
     /// Page size, 1–500 (default 100).
     #[validate(range(min = 1, max = 500))]
+    #[serde(default, deserialize_with = "service_kit::input::query_whole")]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-f][A-Za-z0-9_-]{9}[AEIMQUYcgkosw048]$")]
     pub cursor: Option<String>,
 }
 
@@ -217,7 +223,8 @@ pub struct RevisionPage {
     pub next_cursor: Option<String>,
 }
 
-/// Cursors are opaque to clients: the last task id of a page, base64url.
+/// Cursors are opaque to clients: the last task id of a page, base64url (22 characters; the
+/// documents' patterns say which strings decode).
 pub fn encode_task_cursor(id: Uuid) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
@@ -227,14 +234,14 @@ pub fn decode_task_cursor(cursor: &str) -> Option<Uuid> {
     Uuid::from_slice(&bytes).ok()
 }
 
-/// Revision cursors: the last version of a page, base64url.
+/// Revision cursors: the last version of a page, base64url (11 characters); 0 is the start.
 pub fn encode_revision_cursor(version: i64) -> String {
     URL_SAFE_NO_PAD.encode(version.to_be_bytes())
 }
 
 pub fn decode_revision_cursor(cursor: &str) -> Option<i64> {
     let bytes: [u8; 8] = URL_SAFE_NO_PAD.decode(cursor).ok()?.try_into().ok()?;
-    Some(i64::from_be_bytes(bytes)).filter(|version| *version > 0)
+    Some(i64::from_be_bytes(bytes)).filter(|version| *version >= 0)
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ fn task_answer(mut builder: HttpResponseBuilder, task: Task) -> HttpResponse {
 #[utoipa::path(
     post, path = "/v1/tasks", tag = "tasks",
     security(("bearer" = [])),
-    params(("Idempotency-Key" = Option<String>, Header, description = "1–200 characters; the same key with the same body returns the first result for 24 hours.")),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[\x21-\x7e]([\t\x20-\x7e]{0,198}[\x21-\x7e])?$", description = "1–200 visible ASCII characters; the same key with the same body returns the first result for 24 hours.")),
     request_body = CreateTask,
     responses(
         (status = 201, description = "Created (or replayed).", body = TaskView, headers(
@@ -155,7 +155,7 @@ pub async fn create(
     security(("bearer" = [])),
     params(
         ("id" = Uuid, Path),
-        ("x-consistency-token" = Option<String>, Header, description = "From an earlier write: the answer reflects it."),
+        ("x-consistency-token" = Option<String>, Header, nullable = false, pattern = "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", description = "From an earlier write: the answer reflects it."),
     ),
     responses(
         (status = 200, description = "The task.", body = TaskView, headers(("etag" = String))),
@@ -187,7 +187,7 @@ pub async fn get(
     security(("bearer" = [])),
     params(
         ("id" = Uuid, Path),
-        ("If-Match" = String, Header, description = "The ETag the change is based on, or `*`."),
+        ("If-Match" = String, Header, pattern = r#"^(\*|"0*[1-9][0-9]{0,17}"|0*[1-9][0-9]{0,17})$"#, description = "The ETag the change is based on, or `*`."),
     ),
     request_body = PatchTask,
     responses(
@@ -236,7 +236,7 @@ pub async fn update(
 #[utoipa::path(
     delete, path = "/v1/tasks/{id}", tag = "tasks",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, nullable = false, pattern = r#"^(\*|"0*[1-9][0-9]{0,17}"|0*[1-9][0-9]{0,17})$"#, description = "The ETag the deletion is based on, or `*`.")),
     responses(
         (status = 204, description = "Deleted.", headers(("x-consistency-token" = String))),
         (status = 404, description = "No such task for this user.", body = ErrorBody),
@@ -258,7 +258,7 @@ pub async fn delete(
 #[utoipa::path(
     get, path = "/v1/tasks", tag = "tasks",
     security(("bearer" = [])),
-    params(ListParams, ("x-consistency-token" = Option<String>, Header)),
+    params(ListParams, ("x-consistency-token" = Option<String>, Header, nullable = false, pattern = "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", description = "From an earlier write: the answer reflects it.")),
     responses(
         (status = 200, description = "A page.", body = TaskPage),
         (status = 400, description = "A filter or the cursor is invalid.", body = ErrorBody),
@@ -292,7 +292,7 @@ pub async fn list(
 #[utoipa::path(
     get, path = "/v1/tasks/{id}/revisions", tag = "tasks",
     security(("bearer" = [])),
-    params(("id" = Uuid, Path), RevisionParams, ("x-consistency-token" = Option<String>, Header)),
+    params(("id" = Uuid, Path), RevisionParams, ("x-consistency-token" = Option<String>, Header, nullable = false, pattern = "^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$", description = "From an earlier write: the answer reflects it.")),
     responses(
         (status = 200, description = "A page of revisions (a deleted task's history included).", body = RevisionPage),
         (status = 404, description = "No such task for this user.", body = ErrorBody),

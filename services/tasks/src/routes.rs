@@ -3,7 +3,7 @@
 use service_kit::actix_web::web;
 use service_kit::error::ErrorBody;
 use service_kit::http::resource;
-use service_kit::openapi::{document_resource, BearerSecurity};
+use service_kit::openapi::{document_resource, BearerSecurity, SpineResponses};
 use utoipa::OpenApi;
 
 use crate::api::{CreateTask, PatchTask, RevisionPage, RevisionView, TaskPage, TaskView};
@@ -62,7 +62,7 @@ pub fn configure(routes: &mut web::ServiceConfig) {
         RevisionKind,
         ErrorBody
     )),
-    modifiers(&BearerSecurity),
+    modifiers(&BearerSecurity, &SpineResponses),
     tags((name = "tasks", description = "Tasks and their revisions"))
 )]
 pub struct ApiDoc;

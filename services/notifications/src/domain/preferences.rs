@@ -144,18 +144,15 @@ impl QuietHours {
 }
 
 /// `HH:MM` (or `HH:MM:SS`), 24-hour.
+/// `HH:MM`, exactly as the document's pattern says.
 fn parse_time(text: &str) -> Option<Time> {
-    let mut parts = text.split(':');
-    let hour: i8 = parts.next()?.parse().ok()?;
-    let minute: i8 = parts.next()?.parse().ok()?;
-    let second: i8 = match parts.next() {
-        Some(second) => second.parse().ok()?,
-        None => 0,
+    let (hour, minute) = text.split_once(':')?;
+    let two_digits = |part: &str| {
+        (part.len() == 2 && part.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| part.parse::<i8>().ok())
+            .flatten()
     };
-    if parts.next().is_some() {
-        return None;
-    }
-    Time::new(hour, minute, second, 0).ok()
+    Time::new(two_digits(hour)?, two_digits(minute)?, 0, 0).ok()
 }
 
 /// Formats a quiet-hours bound as `HH:MM`.

@@ -5,7 +5,7 @@ use service_kit::access_token::Authenticated;
 use service_kit::actix_web::{web, HttpResponse};
 use service_kit::db::DbError;
 use service_kit::error::{ApiError, ErrorBody, FieldIssue};
-use service_kit::input::{Json, Query, Text};
+use service_kit::input::{hyphenated_uuid, Json, Query, Text};
 use uuid::Uuid;
 
 use crate::api::{
@@ -53,7 +53,7 @@ pub async fn list(
     }
     let before = match &params.cursor {
         None => None,
-        Some(cursor) => Some(Uuid::parse_str(cursor).map_err(|_| {
+        Some(cursor) => Some(hyphenated_uuid(cursor).ok_or_else(|| {
             ApiError::bad_request("invalid_cursor", "cursor must be a next_cursor of this API")
         })?),
     };
