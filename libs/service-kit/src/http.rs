@@ -273,6 +273,9 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
     let http = context.config.http.clone();
     let context = web::Data::new(context);
     let routes = service.clone();
+    // At 0 from the start: a counter that first appears at 1 has no increase() to alert on.
+    metrics::counter!(names::HTTP_PANICS).increment(0);
+    metrics::counter!(names::HTTP_SILENT_CONNECTIONS_CLOSED).increment(0);
     let listener = listen((http.host, http.port).into())?;
     let local_addr = listener.local_addr()?;
     let builder = actix_server::Server::build()

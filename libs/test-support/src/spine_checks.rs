@@ -136,6 +136,7 @@ pub async fn standard_endpoints(
             format!(
                 r#"db_replica_fallback_total{{service="{service}",reason="replica_unusable"}} 0"#
             ),
+            format!(r#"http_panics_total{{service="{service}"}} 0"#),
         ] {
             assert!(
                 metrics.contains(&series),

@@ -112,6 +112,7 @@ impl Default for Policy {
             thread_variables: [
                 "HTTP_WORKERS",
                 "AUTH_PASSWORD_WORKERS",
+                "AUTH_SIGNUP_PASSWORD_WORKERS",
                 "TOKIO_WORKER_THREADS",
                 "GOMAXPROCS",
             ]
