@@ -208,7 +208,7 @@ impl TokenVerifier {
     }
 
     /// A verifier that fetches auth's JWKS in the background and keeps it fresh; call it inside
-    /// the runtime (it spawns the fetching task, which lives as long as the process).
+    /// the runtime (it spawns the fetching task, a background task of the process).
     pub fn remote(settings: RemoteKeysSettings, rules: &TokenRules) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -228,7 +228,7 @@ impl TokenVerifier {
             revoked: None,
         };
         if let Some(remote) = &verifier.remote {
-            tokio::spawn(keep_fresh(verifier.ring.clone(), remote.clone()));
+            crate::workers::background().spawn(keep_fresh(verifier.ring.clone(), remote.clone()));
         }
         Ok(verifier)
     }

@@ -548,13 +548,13 @@ impl Database {
         }
     }
 
-    /// Starts the replica monitor (no-op without a replica). It runs until the process exits.
+    /// Starts the replica monitor (no-op without a replica), a background task of the process.
     pub fn spawn_replica_monitor(&self) {
         if self.inner.replica.is_none() {
             return;
         }
         let db = self.clone();
-        tokio::spawn(async move {
+        crate::workers::background().spawn(async move {
             let Some(replica) = &db.inner.replica else {
                 return;
             };

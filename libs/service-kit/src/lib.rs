@@ -50,6 +50,9 @@ use crate::http::AppContext;
 /// Exit code for configuration errors, distinct from runtime failures (1).
 const EXIT_BAD_CONFIG: u8 = 2;
 
+/// How long shutdown waits for the background tasks (chores, monitors) to end.
+const BACKGROUND_STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How long shutdown waits for the database pools to close.
 const POOL_CLOSE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -181,6 +184,9 @@ fn serve<S: Service>() -> ExitCode {
             .map_err(|err| format!("HTTP server on port {}: {err}", config.http.port))?;
         tracing::info!("in-flight requests drained; stopping background work");
         service.stop().await;
+        if !workers::background().stop(BACKGROUND_STOP_LIMIT).await {
+            tracing::warn!("background tasks did not end within {BACKGROUND_STOP_LIMIT:?}");
+        }
         tracing::info!("closing database pools");
         // Bounded: a connection still lent out (to background work that did not stop in time)
         // must not keep the process past its grace period.

@@ -7,9 +7,12 @@
 //! gets the CPU it needs to answer other requests quickly.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::error::ApiError;
 use crate::metrics as names;
@@ -105,15 +108,58 @@ impl WorkerPool {
     }
 }
 
-/// Runs `chore` every `period` for the life of the process, the first time at once; runs never
-/// overlap. A failure is logged with `name` once per streak (a database outage would otherwise
-/// log every period), and the recovery too; the next run goes ahead either way.
+/// The process's background tasks (periodic chores, the replica monitor, key refreshes): each
+/// is tracked, and [`Background::stop`] ends them all and waits for them on shutdown, before the
+/// database pools close under them.
+pub struct Background {
+    tracker: TaskTracker,
+    stopping: CancellationToken,
+}
+
+/// The process's [`Background`].
+pub fn background() -> &'static Background {
+    static BACKGROUND: OnceLock<Background> = OnceLock::new();
+    BACKGROUND.get_or_init(|| Background {
+        tracker: TaskTracker::new(),
+        stopping: CancellationToken::new(),
+    })
+}
+
+impl Background {
+    /// Runs `task` until it ends or the process stops (it is dropped at its next `.await`
+    /// then). Call it inside the runtime.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let stopping = self.stopping.clone();
+        self.tracker.spawn(async move {
+            tokio::select! {
+                () = stopping.cancelled() => {}
+                () = task => {}
+            }
+        });
+    }
+
+    /// Ends every background task and waits for them, up to `limit`; whether they all ended.
+    pub async fn stop(&self, limit: std::time::Duration) -> bool {
+        self.stopping.cancel();
+        self.tracker.close();
+        tokio::time::timeout(limit, self.tracker.wait())
+            .await
+            .is_ok()
+    }
+}
+
+/// Runs `chore` every `period` until the process stops ([`Background`]), the first time at once;
+/// runs never overlap. A failure is logged with `name` once per streak (a database outage would
+/// otherwise log every period), and the recovery too; the next run goes ahead either way.
 pub fn spawn_periodic<F, Fut>(name: &'static str, period: std::time::Duration, chore: F)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send,
 {
-    tokio::spawn(async move {
+    background().spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failures = 0u32;
