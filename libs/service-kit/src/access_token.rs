@@ -238,6 +238,16 @@ impl TokenVerifier {
         !self.ring.load().keys.is_empty()
     }
 
+    /// [`crate::Service::ready`] of a service that authenticates requests: ready once it has
+    /// keys, since without them it could authenticate none.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.has_keys() {
+            Ok(())
+        } else {
+            Err("the keys to verify access tokens have not been fetched from auth yet".to_owned())
+        }
+    }
+
     /// Checks `token` and returns its claims.
     pub async fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let outcome = self.check(token).await;

@@ -32,21 +32,6 @@ async fn metric(probe: &ServiceProcess, name: &str) -> f64 {
     test_support::metric_sum(&http1_client(), &probe.url("/metrics"), name).await
 }
 
-/// The value of `name`'s series carrying `label` (`dependency="primary"`, say).
-async fn metric_with(probe: &ServiceProcess, name: &str, label: &str) -> Option<f64> {
-    let text = http1_client()
-        .get(probe.url("/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|line| line.starts_with(&format!("{name}{{")) && line.contains(label))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
-
 async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let response = client.get(url).send().await.expect("request");
     let status = response.status().as_u16();
@@ -202,7 +187,16 @@ async fn with_the_primary_down_the_pod_stays_ready_and_writes_fail_alone_with_50
     assert_eq!(health["status"], "degraded", "{health}");
     assert_eq!(health["checks"]["writer"]["ok"], false, "{health}");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while metric_with(&probe, "dependency_up", r#"dependency="primary""#).await != Some(0.0) {
+    let metrics = probe.url("/metrics");
+    let primary_up = || {
+        test_support::metric_sum_where(
+            &client,
+            &metrics,
+            "dependency_up",
+            r#"dependency="primary""#,
+        )
+    };
+    while primary_up().await != 0.0 {
         assert!(Instant::now() < deadline, "dependency_up did not say so");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -333,6 +333,17 @@ where
 
 /// Sum of every series of the metric `name` in the Prometheus text at `metrics_url`.
 pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
+    metric_sum_where(client, metrics_url, name, "").await
+}
+
+/// Sum of the series of the metric `name` whose labels contain `label` (`pool="password"`, say)
+/// in the Prometheus text at `metrics_url`.
+pub async fn metric_sum_where(
+    client: &reqwest::Client,
+    metrics_url: &str,
+    name: &str,
+    label: &str,
+) -> f64 {
     let text = client
         .get(metrics_url)
         .send()
@@ -345,6 +356,7 @@ pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str)
         .filter(|line| {
             line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
         })
+        .filter(|line| line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -273,24 +273,15 @@ async fn login_failures_look_the_same_for_unknown_users_and_wrong_passwords() {
         .contains("invalid_credentials"));
 }
 
-/// Jobs the password pool has run so far (each hash or verification is one).
+/// Jobs the password pool has run so far (each verification is one).
 async fn password_jobs(client: &reqwest::Client, auth: &AuthServer) -> f64 {
-    let metrics = client
-        .get(auth.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metrics
-        .lines()
-        .filter(|line| {
-            line.starts_with("worker_pool_wait_seconds_count{")
-                && line.contains("pool=\"password\"")
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    test_support::metric_sum_where(
+        client,
+        &auth.url("/metrics"),
+        "worker_pool_wait_seconds_count",
+        "pool=\"password\"",
+    )
+    .await
 }
 
 #[tokio::test]

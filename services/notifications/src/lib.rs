@@ -213,13 +213,8 @@ impl Service for NotificationsService {
         self.relay.stop(RELAY_STOP_LIMIT).await;
     }
 
-    /// Ready once auth's keys are here: without them no request can be authenticated.
     fn ready(&self) -> Result<(), String> {
-        if self.verifier.has_keys() {
-            Ok(())
-        } else {
-            Err("the keys to verify access tokens have not been fetched from auth yet".to_owned())
-        }
+        self.verifier.readiness()
     }
 
     fn routes(&self, routes: &mut web::ServiceConfig) {
