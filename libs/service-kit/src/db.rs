@@ -20,9 +20,9 @@
 //! ([`Lsn`]), which services hand to the client as a consistency token. A read given a token
 //! is checked on the very connection that serves it (its server's replayed position), so it is
 //! right however many replicas stand behind the reader address; a connection not there yet
-//! sends the read to the primary. Tokens beyond any position the service has seen (from the
-//! future, or forged) are clamped to the primary's current position, so they cannot pin a
-//! client's reads to the primary.
+//! sends the read to the primary. A token beyond the primary's current position (from the
+//! future, forged, or another service's) stands for no write and is treated as absent, so it
+//! cannot pin a client's reads to the primary.
 //!
 //! Tracing: below the caller's span, the wait for a connection is a `db.acquire` span and the
 //! work on it a `db.query` span (both with `pool` = `writer` or `reader`), or, for
@@ -374,7 +374,7 @@ impl Database {
                 .map(|value| (value, ReadTarget::Primary));
         }
         let token = match token {
-            Some(token) => Some(self.clamp(token).await),
+            Some(token) => self.clamp(token).await,
             None => None,
         };
         let pool = replica.pool.load_full();
@@ -435,13 +435,14 @@ impl Database {
             .map(|value| (value, ReadTarget::Primary))
     }
 
-    /// `token` if a write can have produced it; a token beyond the primary's current position
-    /// (from the future, or forged) becomes the furthest position this process has seen, which
-    /// a healthy replica has replayed. Tokens up to that position cost nothing; beyond it, one
-    /// query to the primary, shared by every request that arrived before it started.
-    async fn clamp(&self, token: Lsn) -> Lsn {
+    /// `token` if a write can have produced it: one beyond the primary's current position (from
+    /// the future, forged, or another service's) stands for no write, so it asks for nothing
+    /// and the read is a plain one (`None`). Tokens up to the furthest position this process
+    /// has seen cost nothing; beyond it, one query to the primary, shared by every request that
+    /// arrived before it started.
+    async fn clamp(&self, token: Lsn) -> Option<Lsn> {
         if token.0 <= self.inner.seen.load(Ordering::Acquire) {
-            return token;
+            return Some(token);
         }
         let arrived = Instant::now();
         let mut last = self.inner.seen_refresh.lock().await;
@@ -459,15 +460,11 @@ impl Database {
                         current as u64
                     }
                     // Cannot tell: the token stands; the read goes where it says.
-                    Err(_) => return token,
+                    Err(_) => return Some(token),
                 }
             }
         };
-        if token.0 <= current {
-            token
-        } else {
-            Lsn(self.inner.seen.load(Ordering::Acquire))
-        }
+        (token.0 <= current).then_some(token)
     }
 
     /// Notes a position the primary reached.
