@@ -161,10 +161,8 @@ impl From<TokenError> for ApiError {
     }
 }
 
-/// Keys by key id.
-struct KeyRing {
-    keys: HashMap<String, DecodingKey>,
-}
+/// The verification keys by key id.
+type KeyRing = HashMap<String, DecodingKey>;
 
 struct RemoteKeys {
     settings: RemoteKeysSettings,
@@ -193,9 +191,7 @@ impl TokenVerifier {
     pub fn with_keys(jwks: &JwkSet, rules: &TokenRules) -> Self {
         Self {
             validation: validation(rules),
-            ring: Arc::new(ArcSwap::from_pointee(KeyRing {
-                keys: decoding_keys(jwks),
-            })),
+            ring: Arc::new(ArcSwap::from_pointee(decoding_keys(jwks))),
             remote: None,
             revoked: None,
         }
@@ -217,9 +213,7 @@ impl TokenVerifier {
             .map_err(|err| format!("cannot build the JWKS client: {err}"))?;
         let verifier = Self {
             validation: validation(rules),
-            ring: Arc::new(ArcSwap::from_pointee(KeyRing {
-                keys: HashMap::new(),
-            })),
+            ring: Arc::new(ArcSwap::from_pointee(KeyRing::new())),
             remote: Some(Arc::new(RemoteKeys {
                 settings,
                 client,
@@ -235,7 +229,7 @@ impl TokenVerifier {
 
     /// Whether there are keys to verify with (a service is not ready before).
     pub fn has_keys(&self) -> bool {
-        !self.ring.load().keys.is_empty()
+        !self.ring.load().is_empty()
     }
 
     /// [`crate::Service::ready`] of a service that authenticates requests: ready once it has
@@ -305,7 +299,7 @@ impl TokenVerifier {
     }
 
     fn key(&self, kid: &str) -> Option<DecodingKey> {
-        self.ring.load().keys.get(kid).cloned()
+        self.ring.load().get(kid).cloned()
     }
 
     /// A key id we do not know may be a freshly rotated key: fetch again, at most every
@@ -345,7 +339,7 @@ async fn keep_fresh(ring: Arc<ArcSwap<KeyRing>>, remote: Arc<RemoteKeys>) {
                     tracing::warn!(error = %err, "JWKS fetch failed; keeping the keys we have and retrying");
                 }
                 failing = true;
-                if ring.load().keys.is_empty() {
+                if ring.load().is_empty() {
                     RETRY_WITHOUT_KEYS
                 } else {
                     MIN_REFETCH_INTERVAL
@@ -374,7 +368,7 @@ async fn fetch(ring: &ArcSwap<KeyRing>, remote: &RemoteKeys) -> Result<(), Strin
         return Err(format!("GET {url}: no usable EdDSA keys"));
     }
     tracing::debug!(keys = keys.len(), "fetched signing keys");
-    ring.store(Arc::new(KeyRing { keys }));
+    ring.store(Arc::new(keys));
     Ok(())
 }
 

@@ -1,4 +1,5 @@
-//! Broker reachability: a Kafka metadata request with a deadline, used by `/readyz`.
+//! Broker reachability: a Kafka metadata request with a deadline, for the dependency checks
+//! (`/healthz/dependencies`, `dependency_up`).
 //!
 //! It speaks the real Kafka protocol through librdkafka, so "reachable" means a broker answered,
 //! not merely that a port accepted a TCP connection.
@@ -32,7 +33,7 @@ impl BrokerProbe {
             .set("bootstrap.servers", &config.bootstrap_servers)
             .set("socket.timeout.ms", config.timeout.as_millis().to_string())
             // librdkafka's own reconnect chatter would flood the logs while the broker is down;
-            // /readyz and its log line report the outage instead.
+            // the dependency checks report the outage instead.
             .set("log_level", "3")
             .create::<BaseConsumer>()
             .map_err(|err| BrokerError::Client(err.to_string()))?;

@@ -182,7 +182,7 @@ impl FromStr for Lsn {
     }
 }
 
-/// Which server answered a read, as reported by `/readyz`.
+/// Which server answered a read, as reported by `/healthz/dependencies`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadTarget {
     Replica,
@@ -360,18 +360,10 @@ impl Database {
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
         let Some(replica) = &self.inner.replica else {
-            return self
-                .primary(op)
-                .await
-                .map(|value| (value, ReadTarget::Primary));
+            return self.read_on_primary(None, op).await;
         };
         if !replica.in_use.load(Ordering::Relaxed) {
-            metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "replica_unusable")
-                .increment(1);
-            return self
-                .primary(op)
-                .await
-                .map(|value| (value, ReadTarget::Primary));
+            return self.read_on_primary(Some("replica_unusable"), op).await;
         }
         let token = match token {
             Some(token) => self.clamp(token).await,
@@ -392,14 +384,7 @@ impl Database {
             None => conn,
             Some(token) => match replayed_up_to(conn, token).await {
                 Ok(Some(conn)) => conn,
-                Ok(None) => {
-                    metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_your_writes")
-                        .increment(1);
-                    return self
-                        .primary(op)
-                        .await
-                        .map(|value| (value, ReadTarget::Primary));
-                }
+                Ok(None) => return self.read_on_primary(Some("read_your_writes"), op).await,
                 Err(err) => return self.after_replica_failure(replica, err, op).await,
             },
         };
@@ -429,7 +414,23 @@ impl Database {
             return Err(to_db_error(err, "reader"));
         }
         replica.mark_unusable(&format!("read failed: {err}"));
-        metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "read_failed").increment(1);
+        self.read_on_primary(Some("read_failed"), op).await
+    }
+
+    /// Runs the read `op` on the primary; `fallback` is why, when a replica was there to use
+    /// (counted in `db_replica_fallback_total`).
+    async fn read_on_primary<T, F, Fut>(
+        &self,
+        fallback: Option<&'static str>,
+        op: &F,
+    ) -> Result<(T, ReadTarget), DbError>
+    where
+        F: Fn(PoolConnection<Postgres>) -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        if let Some(reason) = fallback {
+            metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => reason).increment(1);
+        }
         self.primary(op)
             .await
             .map(|value| (value, ReadTarget::Primary))

@@ -187,3 +187,22 @@ fn describe(issue: &validator::ValidationError) -> String {
         (code, _, _) => format!("breaks the rule `{code}`"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_web::body::to_bytes;
+
+    #[actix_web::test]
+    async fn api_error_has_the_documented_body_and_retry_after() {
+        let response = ApiError::unavailable("try later").error_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
+        let body = to_bytes(response.into_body()).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({ "error": { "code": "unavailable", "message": "try later" } })
+        );
+    }
+}

@@ -1,10 +1,12 @@
-//! The HTTP server every service runs, and the one place errors become HTTP responses.
+//! The HTTP server every service runs: routes, standard endpoints, and the request helpers
+//! (client address, consistency tokens).
 //!
 //! One port serves HTTP/1.1 and HTTP/2 cleartext (h2c with prior knowledge). Every request is
 //! traced (W3C `traceparent` honoured), counted and timed per route, bounded in body size and
-//! in handler time. `/healthz`, `/readyz` and `/metrics` come with it. SIGTERM (or SIGINT) first
-//! lets the service close its long-lived connections ([`Service::draining`]), then stops
-//! accepting, lets in-flight requests finish (up to `HTTP_SHUTDOWN_TIMEOUT_SECS`) and returns.
+//! in handler time. `/healthz`, `/readyz`, `/healthz/dependencies` and `/metrics` come with it.
+//! SIGTERM (or SIGINT) first lets the service close its long-lived connections
+//! ([`Service::draining`]), then stops accepting, lets in-flight requests finish (up to
+//! `HTTP_SHUTDOWN_TIMEOUT_SECS`) and returns.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -32,8 +34,8 @@ use crate::error::ApiError;
 use crate::metrics as names;
 use crate::Service;
 
-/// How long `/readyz` waits for each dependency before calling it failed.
-const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a dependency check waits for each dependency before calling it failed.
+const DEPENDENCY_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What handlers can reach through `web::Data<AppContext>`.
 #[derive(Clone)]
@@ -457,10 +459,41 @@ async fn readyz<S: Service>(service: web::Data<S>) -> HttpResponse {
 /// For people: each dependency checked now (primary, reads, broker), always 200, with
 /// `status` `ok` or `degraded`.
 async fn dependencies(context: web::Data<AppContext>) -> HttpResponse {
-    let checks = check_dependencies(&context).await;
-    let degraded = ["writer", "reader", "broker"]
-        .into_iter()
-        .any(|part| checks[part]["ok"] != json!(true));
+    let db = &context.db;
+    let ((writer, broker), reader) = tokio::join!(
+        check_primary_and_broker(&context),
+        tokio::time::timeout(
+            DEPENDENCY_CHECK_TIMEOUT,
+            db.replica_or_primary(|mut conn| async move {
+                sqlx::query("SELECT 1").execute(&mut *conn).await
+            })
+        ),
+    );
+    let target = match db.read_target() {
+        ReadTarget::Replica => "replica",
+        ReadTarget::Primary if db.has_replica() => "primary (replica unusable)",
+        ReadTarget::Primary => "primary (no replica configured)",
+    };
+    let reader = match reader {
+        Ok(Ok(_)) => Ok(target),
+        Ok(Err(err)) => Err(err.to_string()),
+        Err(_) => Err(format!("no answer within {DEPENDENCY_CHECK_TIMEOUT:?}")),
+    };
+    let degraded = writer.is_err() || reader.is_err() || broker.is_err();
+    let checks = json!({
+        "writer": match writer {
+            Ok(()) => json!({ "ok": true }),
+            Err(err) => json!({ "ok": false, "error": err }),
+        },
+        "reader": match reader {
+            Ok(target) => json!({ "ok": true, "target": target }),
+            Err(err) => json!({ "ok": false, "error": err }),
+        },
+        "broker": match broker {
+            Ok(brokers) => json!({ "ok": true, "brokers": brokers }),
+            Err(err) => json!({ "ok": false, "error": err }),
+        },
+    });
     HttpResponse::Ok().json(json!({
         "status": if degraded { "degraded" } else { "ok" },
         "checks": checks,
@@ -470,61 +503,39 @@ async fn dependencies(context: web::Data<AppContext>) -> HttpResponse {
 /// How often `dependency_up` is measured.
 const DEPENDENCY_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps `dependency_up` current for the life of the process.
+/// Keeps `dependency_up` current for the life of the process. (The replica has its own
+/// monitor: `db_replica_in_use`.)
 pub(crate) fn spawn_dependency_checks(context: AppContext) {
     crate::workers::spawn_periodic("dependency checks", DEPENDENCY_CHECK_INTERVAL, move || {
         let context = context.clone();
         async move {
-            check_dependencies(&context).await;
-            Ok(())
+            // A failure is logged once per outage by `spawn_periodic`.
+            let (primary, broker) = check_primary_and_broker(&context).await;
+            primary.and(broker.map(drop))
         }
     });
 }
 
-/// The primary, plain reads and the broker, each within [`READINESS_TIMEOUT`]; also sets
-/// `dependency_up` for each.
-async fn check_dependencies(context: &AppContext) -> serde_json::Value {
-    let db = &context.db;
-    let (writer, reader, broker) = tokio::join!(
-        db.ping_primary(READINESS_TIMEOUT),
-        tokio::time::timeout(
-            READINESS_TIMEOUT,
-            db.replica_or_primary(|mut conn| async move {
-                sqlx::query("SELECT 1").execute(&mut *conn).await
-            })
-        ),
+/// The primary and the broker, each within [`DEPENDENCY_CHECK_TIMEOUT`]; also sets
+/// `dependency_up` for each. The errors as people read them.
+async fn check_primary_and_broker(
+    context: &AppContext,
+) -> (Result<(), String>, Result<usize, String>) {
+    let (primary, broker) = tokio::join!(
+        context.db.ping_primary(DEPENDENCY_CHECK_TIMEOUT),
         context.broker.check(),
     );
-    let up = |dependency: &'static str, ok: bool| {
-        metrics::gauge!(names::DEPENDENCY_UP, "dependency" => dependency).set(if ok {
+    for (dependency, up) in [("primary", primary.is_ok()), ("broker", broker.is_ok())] {
+        metrics::gauge!(names::DEPENDENCY_UP, "dependency" => dependency).set(if up {
             1.0
         } else {
             0.0
         });
-    };
-    up("primary", writer.is_ok());
-    up("broker", broker.is_ok());
-    let writer = match writer {
-        Ok(()) => json!({ "ok": true }),
-        Err(err) => json!({ "ok": false, "error": err.to_string() }),
-    };
-    let target = match db.read_target() {
-        ReadTarget::Replica => "replica",
-        ReadTarget::Primary if db.has_replica() => "primary (replica unusable)",
-        ReadTarget::Primary => "primary (no replica configured)",
-    };
-    let reader = match reader {
-        Ok(Ok(_)) => json!({ "ok": true, "target": target }),
-        Ok(Err(err)) => json!({ "ok": false, "error": err.to_string() }),
-        Err(_) => {
-            json!({ "ok": false, "error": format!("no answer within {READINESS_TIMEOUT:?}") })
-        }
-    };
-    let broker = match broker {
-        Ok(brokers) => json!({ "ok": true, "brokers": brokers }),
-        Err(err) => json!({ "ok": false, "error": err.to_string() }),
-    };
-    json!({ "writer": writer, "reader": reader, "broker": broker })
+    }
+    (
+        primary.map_err(|err| err.to_string()),
+        broker.map_err(|err| err.to_string()),
+    )
 }
 
 async fn render_metrics(context: web::Data<AppContext>) -> HttpResponse {
@@ -673,19 +684,5 @@ mod tests {
         // No header, or garbage: the last address vouched for.
         assert_eq!(client("10.1.2.3", &[]), ip("10.1.2.3"));
         assert_eq!(client("10.1.2.3", &["nonsense"]), ip("10.1.2.3"));
-    }
-    use actix_web::body::to_bytes;
-
-    #[actix_web::test]
-    async fn api_error_has_the_documented_body_and_retry_after() {
-        let response = ApiError::unavailable("try later").error_response();
-        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(response.headers().get(header::RETRY_AFTER).unwrap(), "1");
-        let body = to_bytes(response.into_body()).await.unwrap();
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            body,
-            json!({ "error": { "code": "unavailable", "message": "try later" } })
-        );
     }
 }

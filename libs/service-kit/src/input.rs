@@ -50,10 +50,6 @@ impl Text {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-
-    pub fn into_string(self) -> String {
-        self.0
-    }
 }
 
 impl Deref for Text {
@@ -85,13 +81,6 @@ impl From<Text> for String {
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         Text::parse(String::deserialize(deserializer)?).map_err(de::Error::custom)
-    }
-}
-
-/// `#[validate(length(...))]` counts characters, as it does for `String`.
-impl validator::ValidateLength<u64> for Text {
-    fn length(&self) -> Option<u64> {
-        Some(self.0.chars().count() as u64)
     }
 }
 
@@ -223,9 +212,9 @@ impl TextRule {
     }
 }
 
-/// `pattern` compiled, once per process: rules are constants, so there are few.
-fn compiled(pattern: &'static str) -> Arc<Regex> {
-    static CACHE: OnceLock<RwLock<HashMap<&'static str, Arc<Regex>>>> = OnceLock::new();
+/// `pattern` compiled, once per process: patterns are the code's constants, so there are few.
+fn compiled(pattern: &str) -> Arc<Regex> {
+    static CACHE: OnceLock<RwLock<HashMap<String, Arc<Regex>>>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(regex) = cache
         .read()
@@ -241,28 +230,33 @@ fn compiled(pattern: &'static str) -> Arc<Regex> {
             .unwrap_or_else(|err| panic!("text rule pattern {pattern:?} does not compile: {err}")),
     );
     if let Ok(mut cache) = cache.write() {
-        cache.insert(pattern, regex.clone());
+        cache.insert(pattern.to_owned(), regex.clone());
     }
     regex
 }
 
 /// A UUID as the documents write it: hyphenated, 36 characters (JSON Schema's `uuid` format).
-pub const UUID_PATTERN: &str =
+const UUID_PATTERN: &str =
     "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$";
 
-/// `text` as a UUID if it is written as [`UUID_PATTERN`] says (the `uuid` crate also takes the
+/// `text` as a UUID if it is written as [`uuid_schema`] says (the `uuid` crate also takes the
 /// 32-digit, braced and URN forms, which the documents do not offer).
 pub fn hyphenated_uuid(text: &str) -> Option<uuid::Uuid> {
-    let hyphens_at = [8, 13, 18, 23];
-    let shaped = text.len() == 36
-        && text.char_indices().all(|(at, c)| {
-            if hyphens_at.contains(&at) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        });
-    shaped.then(|| uuid::Uuid::parse_str(text).ok()).flatten()
+    if compiled(UUID_PATTERN).is_match(text) {
+        uuid::Uuid::parse_str(text).ok()
+    } else {
+        None
+    }
+}
+
+/// The schema of a hyphenated UUID in a parameter (a cursor, say), as [`hyphenated_uuid`]
+/// reads it.
+pub fn uuid_schema(description: &str) -> utoipa::openapi::Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some(UUID_PATTERN))
+        .description(Some(description))
+        .build()
 }
 
 /// The earliest instant [`Timestamp`] takes: 0001-01-01T00:00:00Z.

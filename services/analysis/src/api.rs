@@ -89,6 +89,8 @@ impl TaskAnalysisView {
 #[into_params(parameter_in = Query)]
 pub struct IdsParams {
     /// Task ids (hyphenated UUIDs), comma-separated: 1 to 200.
+    // Written out: utoipa's `schema_with` would drop `required` (service_kit::input's
+    // hyphenated_uuids reads exactly this).
     #[param(
         pattern = r"^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}(,[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}){0,199}$"
     )]

@@ -168,10 +168,7 @@ pub const PAGE_MAX: i64 = 100;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct InboxParams {
-    /// `next_cursor` of the previous page.
-    #[param(
-        pattern = "^[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}$"
-    )]
+    #[param(schema_with = cursor_schema)]
     pub cursor: Option<String>,
     /// 1–100, default 20.
     #[serde(default, deserialize_with = "service_kit::input::query_whole")]
@@ -179,6 +176,10 @@ pub struct InboxParams {
     pub limit: Option<i64>,
     /// Only unread notifications.
     pub unread: Option<bool>,
+}
+
+fn cursor_schema() -> utoipa::openapi::Object {
+    service_kit::input::uuid_schema("`next_cursor` of the previous page.")
 }
 
 /// How a kind of notification reaches the user.
