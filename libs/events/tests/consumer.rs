@@ -422,14 +422,7 @@ async fn a_database_outage_holds_events_back_and_dead_letters_none() {
     let client = http1_client();
     // The series is there at 0 (not absent): the dead-letter alert's increase() needs a 0
     // before the first dead letter to see it.
-    let text = client
-        .get(&metrics)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = test_support::metrics_text(&client, &metrics).await;
     assert!(
         text.lines()
             .any(|line| line.starts_with("events_dead_lettered_total{")

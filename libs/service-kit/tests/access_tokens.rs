@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use test_support::auth::{keygen, AuthServer};
-use test_support::{http1_client, workspace_binary, ServiceProcess, TestStack};
+use test_support::{http1_client, ServiceProcess, TestStack};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+mod common;
+use common::start_probe;
 
 /// Serves `document` (or 503 while it is `None`) to every request, counting requests.
 struct JwksStandIn {
@@ -74,18 +77,6 @@ async fn jwks_of(auth: &AuthServer) -> String {
         .unwrap()
 }
 
-async fn start_probe(stack: &TestStack, jwks_url: &str, label: &str) -> ServiceProcess {
-    let mut env = stack.service_env("postgres");
-    env.push(("AUTH_JWKS_URL".into(), jwks_url.into()));
-    let mut probe = ServiceProcess::spawn(
-        workspace_binary("examples/probe_service"),
-        &env,
-        &stack.scratch_dir(label),
-    );
-    probe.wait_ready().await;
-    probe
-}
-
 /// Status and body of `GET /probe/whoami` with `token`.
 async fn whoami(probe: &ServiceProcess, token: &str) -> (u16, Value) {
     let response = http1_client()
@@ -106,7 +97,13 @@ async fn verifies_auth_tokens_from_cached_keys_and_learns_rotated_keys() {
 
     let jwks = JwksStandIn::start().await;
     jwks.serve(Some(jwks_of(&before).await));
-    let probe = start_probe(&stack, &jwks.url, "verifier-probe").await;
+    let probe = start_probe(
+        &stack,
+        stack.replica_port,
+        "verifier-probe",
+        &[("AUTH_JWKS_URL", &jwks.url)],
+    )
+    .await;
 
     let (status, body) = whoami(&probe, &old_session.access_token).await;
     assert_eq!(status, 200, "{body}");
@@ -184,7 +181,13 @@ async fn without_any_keys_yet_the_answer_is_503_not_401() {
     let auth = AuthServer::start(&stack, "verifier-unreachable-auth", &[]).await;
     let session = auth.signup_and_login(&http1_client(), "nokeys").await;
     let jwks = JwksStandIn::start().await;
-    let probe = start_probe(&stack, &jwks.url, "verifier-unreachable").await;
+    let probe = start_probe(
+        &stack,
+        stack.replica_port,
+        "verifier-unreachable",
+        &[("AUTH_JWKS_URL", &jwks.url)],
+    )
+    .await;
 
     // The keys cannot be fetched: the client is not at fault, so no 401 that would log it out.
     let (status, body) = whoami(&probe, &session.access_token).await;

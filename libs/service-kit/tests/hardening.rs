@@ -9,24 +9,8 @@ use serde_json::Value;
 use test_support::{http1_client, ServiceProcess, TestStack};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn probe_binary() -> std::path::PathBuf {
-    test_support::workspace_binary("examples/probe_service")
-}
-
-/// The probe reading from `reader_port`, with `extra` settings.
-async fn start_probe(
-    stack: &TestStack,
-    reader_port: u16,
-    label: &str,
-    extra: &[(&str, &str)],
-) -> ServiceProcess {
-    let mut env = stack.service_env_with_reader("postgres", reader_port);
-    env.retain(|(name, _)| !extra.iter().any(|(k, _)| k == name));
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let mut probe = ServiceProcess::spawn(probe_binary(), &env, &stack.scratch_dir(label));
-    probe.wait_ready().await;
-    probe
-}
+mod common;
+use common::start_probe;
 
 async fn metric(probe: &ServiceProcess, name: &str) -> f64 {
     test_support::metric_sum(&http1_client(), &probe.url("/metrics"), name).await
@@ -131,14 +115,7 @@ async fn made_up_methods_add_no_metric_series() {
         let _ = socket.read_to_string(&mut answer).await;
         answers.push((method, answer));
     }
-    let metrics = http1_client()
-        .get(probe.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = test_support::metrics_text(&http1_client(), &probe.url("/metrics")).await;
     for method in ["FOO1", "FOO2", "FOO3", "PROPFIND", "BREW"] {
         assert!(!metrics.contains(method), "{method} became a label");
     }

@@ -3,7 +3,6 @@
 //! returns, and SIGTERM draining in-flight requests.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,25 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use test_support::{http1_client, ServiceProcess, TestStack};
 
-/// The probe is an example of this package; cargo builds it next to the test binaries.
-fn probe_binary() -> PathBuf {
-    test_support::workspace_binary("examples/probe_service")
-}
-
-fn start_probe(stack: &TestStack, reader_port: u16, label: &str) -> ServiceProcess {
-    start_probe_with(stack, reader_port, label, &[])
-}
-
-fn start_probe_with(
-    stack: &TestStack,
-    reader_port: u16,
-    label: &str,
-    extra: &[(&str, &str)],
-) -> ServiceProcess {
-    let mut env = stack.service_env_with_reader("postgres", reader_port);
-    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    ServiceProcess::spawn(probe_binary(), &env, &stack.scratch_dir(label))
-}
+mod common;
+use common::start_probe;
 
 /// `Ok(in_recovery)` for a 200, `Err(description)` for anything else.
 async fn read_role(client: &reqwest::Client, probe: &ServiceProcess) -> Result<bool, String> {
@@ -57,8 +39,7 @@ async fn metric_sum(client: &reqwest::Client, probe: &ServiceProcess, name: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_reads_are_served_by_the_replica() {
     let stack = TestStack::from_env();
-    let mut probe = start_probe(&stack, stack.replica_port, "reads");
-    probe.wait_ready().await;
+    let probe = start_probe(&stack, stack.replica_port, "reads", &[]).await;
     let client = http1_client();
     for _ in 0..20 {
         assert_eq!(
@@ -77,8 +58,7 @@ async fn plain_reads_are_served_by_the_replica() {
 async fn replica_outage_moves_reads_to_the_primary_and_back_without_failures() {
     let stack = TestStack::from_env();
     let mut replica = stack.scratch_replica("fallback");
-    let mut probe = start_probe(&stack, replica.port, "fallback");
-    probe.wait_ready().await;
+    let probe = start_probe(&stack, replica.port, "fallback", &[]).await;
     let client = http1_client();
     assert_eq!(
         read_role(&client, &probe).await,
@@ -181,8 +161,7 @@ async fn replica_outage_moves_reads_to_the_primary_and_back_without_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_finishes_every_accepted_request_then_exits_zero() {
     let stack = TestStack::from_env();
-    let mut probe = start_probe(&stack, stack.replica_port, "sigterm");
-    probe.wait_ready().await;
+    let mut probe = start_probe(&stack, stack.replica_port, "sigterm", &[]).await;
 
     // Eight clients send a stream of 300 ms requests, each numbered, until the server is gone.
     let clock = Instant::now();
@@ -275,8 +254,7 @@ async fn oversized_malformed_and_slow_requests_get_json_errors() {
         ("HTTP_MAX_BODY_BYTES", "2048"),
         ("HTTP_REQUEST_TIMEOUT_MS", "300"),
     ];
-    let mut probe = start_probe_with(&stack, stack.replica_port, "limits", &limits);
-    probe.wait_ready().await;
+    let probe = start_probe(&stack, stack.replica_port, "limits", &limits).await;
     let client = http1_client();
     let error_of = |body: &Value| {
         body["error"]["code"]
@@ -359,8 +337,7 @@ async fn traces_are_exported_over_otlp_with_the_incoming_trace_id() {
     let stack = TestStack::from_env();
     let endpoint = format!("http://127.0.0.1:{collector_port}");
     let otlp = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
-    let mut probe = start_probe_with(&stack, stack.replica_port, "otlp", &otlp);
-    probe.wait_ready().await;
+    let mut probe = start_probe(&stack, stack.replica_port, "otlp", &otlp).await;
     let trace_id = "0af7651916cd43dd8448eb211c80319c";
     let response = http1_client()
         .get(probe.url("/probe/read"))

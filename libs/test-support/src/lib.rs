@@ -331,6 +331,18 @@ where
     }
 }
 
+/// The Prometheus text served at `metrics_url`.
+pub async fn metrics_text(client: &reqwest::Client, metrics_url: &str) -> String {
+    client
+        .get(metrics_url)
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
 /// Sum of every series of the metric `name` in the Prometheus text at `metrics_url`.
 pub async fn metric_sum(client: &reqwest::Client, metrics_url: &str, name: &str) -> f64 {
     metric_sum_where(client, metrics_url, name, "").await
@@ -344,15 +356,9 @@ pub async fn metric_sum_where(
     name: &str,
     label: &str,
 ) -> f64 {
-    let text = client
-        .get(metrics_url)
-        .send()
+    metrics_text(client, metrics_url)
         .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
+        .lines()
         .filter(|line| {
             line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} "))
         })

@@ -135,15 +135,7 @@ async fn idle_clients_are_pinged_and_closed_when_they_stop_answering() {
     reading.quiet_for(Duration::from_secs(3)).await;
     // The server closed it as idle (the client may not get to read the close frame: answering
     // the pings it has not read yet, it writes to a connection the server has already closed).
-    let metrics = system
-        .client
-        .get(system.live[0].url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = test_support::metrics_text(&system.client, &system.live[0].url("/metrics")).await;
     let idle_closes: Vec<&str> = metrics
         .lines()
         .filter(|line| line.starts_with("live_closes_total{") && line.contains("reason=\"idle\""))
