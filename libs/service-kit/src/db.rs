@@ -66,7 +66,17 @@ const FLUSH_LSN_SQL: &str = "SELECT (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)
 
 /// The primary's WAL insert position: after a commit returns, it lies at or past the commit
 /// record, so a replica that has replayed this far sees the commit (flushed or not).
-const INSERT_LSN_SQL: &str = "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8";
+///
+/// When the last record ended a WAL page, PostgreSQL reports the insert position past the next
+/// page's header (24 bytes, 40 on a segment's first page, on 64-bit platforms), a position no
+/// replica reports having replayed until more WAL is written: on a quiet primary, reads with
+/// such a token would go to the primary for good. No record lies inside a header, so the page
+/// boundary stands for the same writes.
+const INSERT_LSN_SQL: &str = "SELECT at - CASE \
+         WHEN at % pg_size_bytes(current_setting('wal_segment_size')) = 40 THEN 40 \
+         WHEN at % current_setting('wal_block_size')::int8 = 24 THEN 24 \
+         ELSE 0 END \
+     FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 AS at) AS insert";
 
 /// Upper bound on one health probe, so a hung replica is noticed as fast as a dead one.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);

@@ -296,6 +296,16 @@ async fn read_your_writes_holds_with_two_replicas_behind_one_address_and_one_pau
     paused.query("postgres", "SELECT pg_wal_replay_pause()");
 
     let client = http1_client();
+    // The pool opens connections only as reads overlap, and sequential reads would keep reusing
+    // one (on either replica). Eight overlapping reads open several, spread over both replicas
+    // by the proxy; later reads take them in turn.
+    test_support::join_spawned((0..8).map(|_| {
+        let (client, url) = (client.clone(), probe.url("/probe/slow-read?ms=300"));
+        tokio::spawn(async move { client.get(url).send().await.unwrap().status() })
+    }))
+    .await
+    .into_iter()
+    .for_each(|status| assert_eq!(status, 200));
     let (mut on_replica, mut on_primary) = (0, 0);
     for round in 0..200 {
         let written = client.post(probe.url("/probe/rows")).send().await.unwrap();
@@ -308,10 +318,19 @@ async fn read_your_writes_holds_with_two_replicas_behind_one_address_and_one_pau
             .as_str()
             .unwrap()
             .to_owned();
-        // The next request of that client: at once, or a moment later (when the current
-        // replica has replayed it, so replica connections serve some of these reads).
+        // The next request of that client: at once, or once the current replica has replayed
+        // the write, so replica connections serve some of these reads. (The test stack commits
+        // asynchronously: a write can take a few hundred milliseconds to reach a replica.)
         if round % 2 == 1 {
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            let replayed = format!("SELECT pg_last_wal_replay_lsn() >= '{token}'::pg_lsn");
+            let since = Instant::now();
+            while current.query("postgres", &replayed).trim() != "t" {
+                assert!(
+                    since.elapsed() < Duration::from_secs(5),
+                    "round {round}: the current replica did not replay {token}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
         let read = client
             .get(probe.url(&format!("/probe/rows/{id}")))
