@@ -120,7 +120,17 @@ async fn a_json_array_is_not_an_object_and_changes_nothing() {
     .await;
     assert_eq!(answer.status, 400, "{}", answer.body);
     assert_eq!(answer.code(), "invalid_body");
-    let profile = Answer::send(client.get(&me).header("authorization", &bearer)).await;
+    // Read as the client would after its own write: with the write's consistency token.
+    let written = set
+        .header("x-consistency-token")
+        .expect("consistency token");
+    let profile = Answer::send(
+        client
+            .get(&me)
+            .header("authorization", &bearer)
+            .header("x-consistency-token", written),
+    )
+    .await;
     assert_eq!(
         profile.body["nickname"], "Ada",
         "the profile was not cleared"
