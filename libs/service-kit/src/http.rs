@@ -115,9 +115,10 @@ impl actix_web::dev::HttpServiceFactory for Routes {
                 let allow = allow.clone();
                 async move { method_not_allowed(&request, allow) }
             }))
-            // Here, below routing: routing needs the request unshared, and the guard keeps a
-            // copy of it to answer with.
+            // Here, below routing: routing needs the request unshared, and the guards keep a
+            // copy of it to answer with (so the metrics see the matched route on every answer).
             .wrap(from_fn(catch_panics))
+            .wrap(from_fn(enforce_timeout))
             .register(config);
     }
 }
@@ -299,9 +300,8 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
                 .app_data(web::PathConfig::default().error_handler(|err, _| {
                     ApiError::bad_request("invalid_path", err.to_string()).into()
                 }))
-                // Last wrapped runs first: tracing span → metrics → timeout → (each resource's
-                // panic guard, see `Routes`) → handler.
-                .wrap(from_fn(enforce_timeout))
+                // Last wrapped runs first: tracing span → metrics → (each resource's timeout
+                // and panic guard, see `Routes`) → handler.
                 .wrap(from_fn(record_metrics))
                 .wrap(TracingLogger::default())
                 .route("/healthz", web::get().to(healthz))
@@ -561,17 +561,16 @@ async fn record_metrics(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let method = method_label(request.method());
-    // The pattern (`/v1/tasks/{id}`), never the raw path: label values must stay few.
-    let route = request
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".to_owned());
     let started = Instant::now();
     let result = next.call(request).await;
     let elapsed = started.elapsed();
-    let status = match &result {
-        Ok(response) => response.status(),
-        Err(err) => err.as_response_error().status_code(),
+    let (status, route) = match &result {
+        // The pattern (`/v1/tasks/{id}`), never the raw path: label values must stay few. Read
+        // off the answered request, where routing has marked it: no second match.
+        Ok(response) => (response.status(), response.request().match_pattern()),
+        Err(err) => (err.as_response_error().status_code(), None),
     };
+    let route = route.unwrap_or_else(|| "unmatched".to_owned());
     metrics::counter!(names::HTTP_REQUESTS, "method" => method, "route" => route.clone(), "status" => status.as_str().to_owned())
         .increment(1);
     metrics::histogram!(names::HTTP_DURATION, "method" => method, "route" => route.clone())
@@ -633,22 +632,25 @@ async fn catch_panics(
 /// Answers 503 with `Retry-After` when a handler runs past `HTTP_REQUEST_TIMEOUT_MS`.
 async fn enforce_timeout(
     request: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let limit = request
         .app_data::<web::Data<AppContext>>()
         .map_or(Duration::from_secs(15), |context| {
             context.config.http.request_timeout
         });
+    let http_request = request.request().clone();
     match tokio::time::timeout(limit, next.call(request)).await {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "timeout",
-            format!("the request took longer than {} ms", limit.as_millis()),
-        )
-        .retry_after(1)
-        .into()),
+        Ok(result) => result.map(ServiceResponse::map_into_left_body),
+        Err(_) => {
+            let answer = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "timeout",
+                format!("the request took longer than {} ms", limit.as_millis()),
+            )
+            .retry_after(1);
+            Ok(ServiceResponse::new(http_request, answer.error_response()).map_into_right_body())
+        }
     }
 }
 
