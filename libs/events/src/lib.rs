@@ -29,6 +29,9 @@ pub mod metric_names {
     pub const OUTBOX_PENDING: &str = "outbox_pending";
     /// Age of the oldest event waiting in the outbox, in seconds (0 when none waits).
     pub const OUTBOX_OLDEST_PENDING: &str = "outbox_oldest_pending_seconds";
+    /// Seconds from an event's write (its statement's or transaction's start) until the broker
+    /// acknowledged it and the relay marked it published.
+    pub const OUTBOX_PUBLISH_DELAY: &str = "outbox_publish_delay_seconds";
     /// Events published from the outbox, by `topic`.
     pub const EVENTS_PUBLISHED: &str = "events_published_total";
     /// Events applied by a consumer, by `topic`.

@@ -1,7 +1,8 @@
 //! The transactional outbox: a service never loses an event its database committed.
 //!
 //! [`enqueue`] writes the event into the service's `outbox` table inside the transaction that
-//! makes the change (and `NOTIFY`s at commit). The [`Relay`] publishes committed rows in order
+//! makes the change; a single-statement write puts a [`NewEvent`] in its own `WITH` instead.
+//! The [`Relay`] publishes committed rows in order
 //! with the idempotent producer and marks them published; housekeeping deletes them an hour
 //! later, in batches. Exactly one relay per database publishes at a time: it holds a PostgreSQL
 //! advisory lock on a connection of its own, checks before every round that the connection
@@ -10,6 +11,15 @@
 //! round's rows (at most one batch) without marking them, and they are published again, so
 //! consumers apply each event id once.
 //!
+//! Waking the relay must not slow the writes down. A `NOTIFY` inside the writing transaction
+//! serialises the commits of every notifying transaction (PostgreSQL holds a database-wide lock
+//! from the notify queue until commit): measured here, it halved the commit rate. So a write
+//! made through `Database::transaction` or `Database::write` wakes this process's relay in
+//! memory once it has committed. A relay that is not the publisher passes the wake-up on with
+//! one `NOTIFY` of its own, outside any write (wake-ups that pile up meanwhile make one), which
+//! the publisher `LISTEN`s for. Writes in other transactions `NOTIFY` at commit as before. A
+//! relay also looks every `poll_interval`, so a lost wake-up delays, never loses.
+//!
 //! Every instance, publisher or not, measures the backlog once a second (`outbox_pending`,
 //! `outbox_oldest_pending_seconds`), independently of the publishing: when the broker is away
 //! the drain hangs, and the backlog is exactly what must show.
@@ -17,6 +27,7 @@
 //! Per-key order holds because every change to one aggregate locks its row: the next change's
 //! outbox row is inserted, and committed, after the previous one's.
 
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -30,7 +41,7 @@ use service_kit::sqlx::types::Json;
 use service_kit::sqlx::{self, Connection, PgConnection};
 use service_kit::workers::StoppableTask;
 use time::OffsetDateTime;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use uuid::Uuid;
 
 use crate::catalog::EventPayload;
@@ -52,6 +63,120 @@ const BACKLOG_INTERVAL: Duration = Duration::from_secs(1);
 const BACKLOG_COUNT_CAP: i64 = 1_000_000;
 /// How long a stopping relay lets librdkafka try to deliver what it holds.
 const STOP_FLUSH: Duration = Duration::from_millis(500);
+
+/// The wake-ups of this process's relays (one per database; tests run several in a process).
+static LOCAL_RELAYS: Mutex<Vec<Weak<Notify>>> = Mutex::new(Vec::new());
+
+fn register_local_relay(wake: &Arc<Notify>) {
+    let mut relays = LOCAL_RELAYS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    relays.retain(|relay| relay.strong_count() > 0);
+    relays.push(Arc::downgrade(wake));
+}
+
+/// Wakes every relay of this process: whichever publishes takes the new rows at once, the
+/// others pass the wake-up on to the publisher.
+fn wake_local_relays() {
+    let relays = LOCAL_RELAYS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    for relay in relays.iter().filter_map(Weak::upgrade) {
+        relay.notify_one();
+    }
+}
+
+/// Sees to it that the relay hears of a write to the outbox made on `conn`: in memory once it
+/// has committed when this process runs a relay and the write runs in `Database::transaction`
+/// or `Database::write`; else with a `NOTIFY`, delivered at commit.
+async fn wake_relay(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let local = LOCAL_RELAYS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .iter()
+        .any(|relay| relay.strong_count() > 0);
+    if local && service_kit::db::after_commit(wake_local_relays) {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(CHANNEL)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// An event to write in the same statement as the change it announces, for writes that are
+/// one statement (`Database::write`): [`NewEvent::insert_sql`] is the `INSERT` for a `WITH`,
+/// [`NewEvent::bind`] binds its values. The payload is serialised at once, so the statement
+/// only binds text.
+pub struct NewEvent {
+    id: Uuid,
+    topic: &'static str,
+    key: String,
+    event_type: &'static str,
+    source: &'static str,
+    traceparent: Option<String>,
+    payload: String,
+}
+
+impl NewEvent {
+    /// `payload` as an event from `source`, in the current span's trace (as [`enqueue`]'s).
+    pub fn new<P: EventPayload>(source: &'static str, payload: &P) -> serde_json::Result<Self> {
+        Ok(Self {
+            id: Uuid::now_v7(),
+            topic: P::TOPIC.name,
+            key: payload.aggregate_id().to_string(),
+            event_type: P::TYPE,
+            source,
+            traceparent: current_traceparent(),
+            payload: serde_json::to_string(payload)?,
+        })
+    }
+
+    /// The event's id.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The `INSERT` of the event, for a `WITH`, its seven values bound from `$first` on (see
+    /// [`NewEvent::bind`]). It inserts only if `condition` (a SQL boolean, e.g. `EXISTS
+    /// (SELECT 1 FROM changed)`) holds.
+    pub fn insert_sql(first: usize, condition: &str) -> String {
+        let p = |offset: usize| format!("${}", first + offset);
+        format!(
+            "INSERT INTO outbox (event_id, topic, message_key, event_type, source, subject, \
+             occurred_at, traceparent, payload) \
+             SELECT {id}, {topic}, {key}, {event_type}, {source}, {key}, now(), {traceparent}, \
+             {payload}::json WHERE {condition}",
+            id = p(0),
+            topic = p(1),
+            key = p(2),
+            event_type = p(3),
+            source = p(4),
+            traceparent = p(5),
+            payload = p(6),
+        )
+    }
+
+    /// Binds the values [`NewEvent::insert_sql`] names, in its order, and asks for the relay to
+    /// be woken once the statement has committed.
+    pub fn bind<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+        if !service_kit::db::after_commit(wake_local_relays) {
+            tracing::debug!("an outbox row written outside Database::write: the relay finds it on its next look");
+        }
+        query
+            .bind(self.id)
+            .bind(self.topic)
+            .bind(self.key)
+            .bind(self.event_type)
+            .bind(self.source)
+            .bind(self.traceparent)
+            .bind(self.payload)
+    }
+}
 
 /// Writes `payload` as an event into the outbox, in the caller's transaction; returns its id.
 /// In an `outbox.enqueue` span (the topic and type as fields, never the payload), whose context
@@ -129,16 +254,6 @@ pub async fn enqueue_all<P: EventPayload>(
     wake_relay(conn).await
 }
 
-/// Wakes the publishing relay: delivered at commit, once per transaction however many events it
-/// wrote.
-async fn wake_relay(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(CHANNEL)
-        .execute(conn)
-        .await
-        .map(drop)
-}
-
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelaySettings {
@@ -212,10 +327,13 @@ impl Relay {
                 ),
             )],
         );
+        let wake = Arc::new(Notify::new());
+        register_local_relay(&wake);
         let worker = Worker {
             db,
             producer,
             settings,
+            wake,
         };
         Ok(Self {
             task: StoppableTask::spawn(|stopped| worker.run(stopped)),
@@ -294,6 +412,8 @@ struct Worker {
     db: Database,
     producer: FutureProducer,
     settings: RelaySettings,
+    /// Woken after this process committed outbox rows.
+    wake: Arc<Notify>,
 }
 
 impl Worker {
@@ -338,9 +458,22 @@ impl Worker {
             if held {
                 break;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(LEADERSHIP_RETRY) => {}
-                _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            let retry = tokio::time::sleep(LEADERSHIP_RETRY);
+            tokio::pin!(retry);
+            loop {
+                let woken = tokio::select! {
+                    _ = &mut retry => false,
+                    _ = self.wake.notified() => true,
+                    _ = stop.wait_for(|stop| *stop) => return Ok(()),
+                };
+                if !woken {
+                    break;
+                }
+                // This process wrote events: the publisher is elsewhere, tell it.
+                sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(CHANNEL)
+                    .execute(&mut lock)
+                    .await?;
             }
         }
         tracing::info!("outbox relay: this instance publishes the events");
@@ -373,6 +506,7 @@ impl Worker {
             }
             tokio::select! {
                 notification = listener.recv() => { notification?; }
+                _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(self.settings.poll_interval) => {}
                 _ = stop.wait_for(|stop| *stop) => return Ok(()),
             }
@@ -444,9 +578,12 @@ impl Worker {
                 .bind(&positions)
                 .execute(self.db.writer_pool())
                 .await?;
+            let now = OffsetDateTime::now_utc();
             for row in &published {
                 metrics::counter!(names::EVENTS_PUBLISHED, "topic" => row.topic.clone())
                     .increment(1);
+                metrics::histogram!(names::OUTBOX_PUBLISH_DELAY)
+                    .record((now - row.occurred_at).as_seconds_f64().max(0.0));
             }
         }
         match failure {

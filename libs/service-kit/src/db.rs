@@ -78,6 +78,34 @@ const INSERT_LSN_SQL: &str = "SELECT at - CASE \
          ELSE 0 END \
      FROM (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 AS at) AS insert";
 
+/// Something to run once a write has committed (see [`after_commit`]).
+type CommitHook = Box<dyn FnOnce() + Send>;
+
+tokio::task_local! {
+    /// What to run once the [`Database::transaction`] or [`Database::write`] being run
+    /// succeeded (see [`after_commit`]).
+    static AFTER_COMMIT: std::cell::RefCell<Vec<CommitHook>>;
+}
+
+/// Runs `write`, collecting the hooks it registers with [`after_commit`].
+async fn with_commit_hooks<T>(write: impl Future<Output = T>) -> (T, Vec<CommitHook>) {
+    AFTER_COMMIT
+        .scope(Default::default(), async {
+            let outcome = write.await;
+            (outcome, AFTER_COMMIT.with(std::cell::RefCell::take))
+        })
+        .await
+}
+
+/// Asks for `hook` to run once the enclosing [`Database::transaction`] (or
+/// [`Database::write`]) has committed: to tell others about a write without holding up the
+/// commit. False, and nothing is kept, outside one.
+pub fn after_commit(hook: impl FnOnce() + Send + 'static) -> bool {
+    AFTER_COMMIT
+        .try_with(|hooks| hooks.borrow_mut().push(Box::new(hook)))
+        .is_ok()
+}
+
 /// Upper bound on one health probe, so a hung replica is noticed as fast as a dead one.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 
@@ -487,7 +515,8 @@ impl Database {
     /// position that reflects the commit (the client's consistency token). An error from `op`
     /// rolls the transaction back. Once the commit succeeded the answer is success: if the
     /// position cannot be read afterwards, there is no token (the client then reads without
-    /// one), never an error that would invite a retry of a committed write.
+    /// one), never an error that would invite a retry of a committed write. What `op` asked
+    /// for with [`after_commit`] runs once the commit succeeded.
     pub async fn transaction<T, E, F>(&self, op: F) -> Result<(T, Option<Lsn>), E>
     where
         E: From<DbError>,
@@ -498,39 +527,78 @@ impl Database {
             .map_err(|err| to_db_error(err, "writer"))?;
         let span = stage_span(|| tracing::info_span!("db.transaction", pool = "writer"));
         let running = Instant::now();
-        let committed = async {
+        let commit = stage_span(|| tracing::info_span!(parent: &span, "db.commit"));
+        let (committed, hooks) = with_commit_hooks(async {
             let mut tx = conn
                 .begin()
                 .await
                 .map_err(|err| failed(&span, err, "writer"))?;
             let value = op(&mut tx).await?;
-            let commit = stage_span(|| tracing::info_span!("db.commit"));
             tx.commit()
                 .instrument(commit.clone())
                 .await
                 .map_err(|err| failed(&commit, err, "writer"))?;
-            let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
-                .fetch_one(&mut *conn)
-                .instrument(commit.clone())
-                .await;
-            let lsn = match lsn {
-                Ok(lsn) => Some(Lsn(lsn as u64)),
-                Err(err) => {
-                    mark_failed(&commit, &err);
-                    tracing::warn!(error = %err, "committed, but the WAL position could not be read: answering without a consistency token");
-                    None
-                }
-            };
-            Ok::<_, E>((value, lsn))
-        }
+            Ok::<_, E>(value)
+        })
         .instrument(span.clone())
         .await;
-        let (value, lsn) = committed?;
-        if let Some(lsn) = lsn {
-            self.saw(lsn.0);
-        }
-        metrics::histogram!(names::DB_QUERY_DURATION, "pool" => "writer").record(running.elapsed());
+        let value = committed?;
+        let lsn = self.written(&mut conn, commit, hooks, running).await;
         Ok((value, lsn))
+    }
+
+    /// Runs `op` on a connection to the primary outside a transaction block, for writes that
+    /// are one statement each (a data-modifying `WITH` writes a row, its history and its outbox
+    /// event at once, atomically): a round trip per step instead of `BEGIN`, one per table and
+    /// `COMMIT`. Otherwise as [`Database::transaction`]: the WAL position of what `op` wrote
+    /// comes back, and what `op` asked for with [`after_commit`] runs once it succeeded.
+    pub async fn write<T, E, F>(&self, op: F) -> Result<(T, Option<Lsn>), E>
+    where
+        E: From<DbError>,
+        F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
+    {
+        let mut conn = acquire(&self.inner.writer, "writer")
+            .await
+            .map_err(|err| to_db_error(err, "writer"))?;
+        let span = stage_span(|| tracing::info_span!("db.write", pool = "writer"));
+        let running = Instant::now();
+        let (written, hooks) = with_commit_hooks(op(&mut conn))
+            .instrument(span.clone())
+            .await;
+        let value = written?;
+        let commit = stage_span(|| tracing::info_span!(parent: &span, "db.commit"));
+        let lsn = self.written(&mut conn, commit, hooks, running).await;
+        Ok((value, lsn))
+    }
+
+    /// After a committed write on `conn` (begun at `running`): runs the write's hooks and
+    /// returns the WAL position that reflects it, read in the write's `commit` span.
+    async fn written(
+        &self,
+        conn: &mut PgConnection,
+        commit: Span,
+        hooks: Vec<CommitHook>,
+        running: Instant,
+    ) -> Option<Lsn> {
+        for hook in hooks {
+            hook();
+        }
+        let lsn = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
+            .fetch_one(&mut *conn)
+            .instrument(commit.clone())
+            .await;
+        metrics::histogram!(names::DB_QUERY_DURATION, "pool" => "writer").record(running.elapsed());
+        match lsn {
+            Ok(lsn) => {
+                self.saw(lsn as u64);
+                Some(Lsn(lsn as u64))
+            }
+            Err(err) => {
+                mark_failed(&commit, &err);
+                tracing::warn!(error = %err, "committed, but the WAL position could not be read: answering without a consistency token");
+                None
+            }
+        }
     }
 
     /// Where plain reads go right now.
@@ -932,6 +1000,7 @@ mod tests {
                 let _ = db
                     .transaction(|_| Box::pin(async { Ok::<_, DbError>(()) }))
                     .await;
+                let _ = db.write(|_| Box::pin(async { Ok::<_, DbError>(()) })).await;
                 let _ = db.writer_connection().await.map(drop);
             }
             .instrument(tracing::info_span!("request"))
@@ -945,8 +1014,9 @@ mod tests {
                 .map(|span| pool_of(span))
                 .collect::<Vec<_>>(),
             // write, read, read with a token (its replica connection is asked how far it has
-            // replayed, which this stand-in refuses), find, transaction, writer_connection
-            ["writer", "reader", "reader", "reader", "writer", "writer"]
+            // replayed, which this stand-in refuses), find, transaction, write,
+            // writer_connection
+            ["writer", "reader", "reader", "reader", "writer", "writer", "writer"]
         );
         let queries = named(&spans, "db.query");
         assert_eq!(
@@ -955,7 +1025,14 @@ mod tests {
         );
         let transaction = named(&spans, "db.transaction");
         assert_eq!(transaction.len(), 1);
-        for span in acquires.iter().chain(&queries).chain(&transaction) {
+        let write = named(&spans, "db.write");
+        assert_eq!(write.len(), 1);
+        for span in acquires
+            .iter()
+            .chain(&queries)
+            .chain(&transaction)
+            .chain(&write)
+        {
             assert_eq!(
                 span.parent_span_id, request,
                 "{} below the caller",
@@ -966,13 +1043,20 @@ mod tests {
             .iter()
             .all(|span| failed_with(span) == "SQLSTATE XX000"));
         let commit = named(&spans, "db.commit");
-        assert_eq!(commit.len(), 1);
+        assert_eq!(
+            commit.len(),
+            2,
+            "one for the transaction, one for the write"
+        );
         assert_eq!(
             commit[0].parent_span_id,
             transaction[0].span_context.span_id()
         );
-        // The commit went through; reading the WAL position was refused.
-        assert_eq!(failed_with(commit[0]), "SQLSTATE XX000");
+        assert_eq!(commit[1].parent_span_id, write[0].span_context.span_id());
+        // The commits went through; reading the WAL position was refused.
+        assert!(commit
+            .iter()
+            .all(|span| failed_with(span) == "SQLSTATE XX000"));
     }
 
     #[test]

@@ -276,6 +276,67 @@ async fn one_relay_publishes_at_a_time_and_another_takes_over_when_it_dies() {
     assert_eq!(ids.len(), 25);
 }
 
+/// A `NOTIFY` in the writing transaction serialises every writer's commit in PostgreSQL (it
+/// halved the commit rate): the instance that writes wakes its own relay instead, after the
+/// commit, and a waiting instance passes the wake-up on with a `NOTIFY` outside the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wake_the_relay_without_notifying_inside_their_transaction() {
+    let stack = TestStack::from_env();
+    let broker = stack.scratch_broker("tasks-wake");
+    let bootstrap = broker.bootstrap_servers();
+    stack.create_topics(&bootstrap, &events::catalog::topics_to_create(3));
+    let database = stack.scratch_database("tasks");
+    let settings = isolated(&bootstrap, &database);
+    let writer_url = &database
+        .iter()
+        .find(|(name, _)| name == "DATABASE_WRITER_URL")
+        .expect("the scratch database's URL")
+        .1;
+    let system = System::start_with("tasks-wake", None, &settings).await;
+    let ada = system.user("wake").await;
+    let mut listener = sqlx::postgres::PgListener::connect(writer_url)
+        .await
+        .expect("listen");
+    listener.listen("outbox").await.expect("LISTEN outbox");
+
+    // One instance, publishing: its writes notify nobody.
+    let created = system.create(&ada, json!({ "title": "woken" })).await;
+    assert_eq!(created.status, 201);
+    let id = task_id(&created);
+    let changed = send(
+        system
+            .request(&ada, Method::PATCH, &format!("/v1/tasks/{id}"))
+            .header("if-match", "*")
+            .json(&json!({ "status": "done" })),
+    )
+    .await;
+    assert_eq!(changed.status, 200);
+    let published = published_after_settling(&bootstrap, 2).await;
+    assert_eq!(published.len(), 2, "both changes published");
+    let heard = tokio::time::timeout(Duration::from_millis(500), listener.try_recv()).await;
+    assert!(
+        heard.is_err(),
+        "a write sent NOTIFY on the outbox channel: {heard:?}"
+    );
+
+    // A second instance, waiting for the lock: its write reaches the publisher by NOTIFY.
+    let second = system.another_tasks("tasks-wake-2", &settings).await;
+    let created = test_support::http1_client()
+        .post(second.url("/v1/tasks"))
+        .header("authorization", &ada.access_token)
+        .json(&json!({ "title": "from the other instance" }))
+        .send()
+        .await
+        .expect("POST to the second instance");
+    assert_eq!(created.status(), 201);
+    let heard = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
+    assert!(
+        matches!(heard, Ok(Ok(_))),
+        "the waiting instance passed the wake-up on: {heard:?}"
+    );
+    assert_eq!(published_after_settling(&bootstrap, 3).await.len(), 3);
+}
+
 /// Settings pointing tasks at `broker` and `database` (from [`TestStack::scratch_database`]).
 fn isolated<'a>(bootstrap: &'a str, database: &'a [(String, String)]) -> Vec<(&'a str, &'a str)> {
     let mut settings: Vec<(&str, &str)> = vec![("KAFKA_BOOTSTRAP_SERVERS", bootstrap)];
