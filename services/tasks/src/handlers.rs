@@ -40,6 +40,9 @@ impl From<TaskError> for ApiError {
                 "idempotency_key_reused",
                 message,
             ),
+            TaskError::Contended => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "contended", message).retry_after(1)
+            }
             TaskError::Database(db) => db.into(),
             TaskError::Corrupt(_) => ApiError::internal(message),
         }
@@ -197,6 +200,7 @@ pub async fn get(
         (status = 404, description = "No such task for this user.", body = ErrorBody),
         (status = 412, description = "The task changed since that version; `ETag` has the current one.", body = ErrorBody),
         (status = 428, description = "If-Match is missing.", body = ErrorBody),
+        (status = 503, description = "With `If-Match: *`, other changes to the task kept getting in first (`contended`), or the database is unavailable; retry after `Retry-After`.", body = ErrorBody),
     )
 )]
 pub async fn update(
@@ -241,6 +245,7 @@ pub async fn update(
         (status = 204, description = "Deleted.", headers(("x-consistency-token" = String))),
         (status = 404, description = "No such task for this user.", body = ErrorBody),
         (status = 412, description = "The task changed since the If-Match version.", body = ErrorBody),
+        (status = 503, description = "Without a version, other changes to the task kept getting in first (`contended`), or the database is unavailable; retry after `Retry-After`.", body = ErrorBody),
     )
 )]
 pub async fn delete(

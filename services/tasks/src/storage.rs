@@ -2,6 +2,8 @@
 //! on the primary, on a replica, or in one transaction. The statements are public so the EXPLAIN
 //! test checks the very plans the service runs.
 
+use std::sync::LazyLock;
+
 use serde_json::Value;
 use service_kit::housekeeping::Sweep;
 use service_kit::revoked_users;
@@ -9,7 +11,9 @@ use service_kit::sqlx::{self, PgConnection, Postgres, QueryBuilder};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::domain::{ListQuery, NewTask, Revision, RevisionKind, Task, TaskError};
+use events::outbox::NewEvent;
+
+use crate::domain::{ListQuery, Revision, RevisionKind, Task, TaskError};
 
 /// The task columns, read through the alias `t`.
 macro_rules! task_columns {
@@ -23,11 +27,6 @@ pub const FIND_SQL: &str = concat!(
     "SELECT ",
     task_columns!(),
     " FROM tasks t WHERE t.id = $1 AND t.owner_id = $2"
-);
-pub const FIND_FOR_UPDATE_SQL: &str = concat!(
-    "SELECT ",
-    task_columns!(),
-    " FROM tasks t WHERE t.id = $1 AND t.owner_id = $2 FOR UPDATE"
 );
 pub const REVISIONS_SQL: &str = "SELECT version, kind, actor_id, changed_at, changes \
      FROM task_revisions WHERE task_id = $1 AND owner_id = $2 AND version > $3 \
@@ -102,123 +101,122 @@ pub async fn find(conn: &mut PgConnection, owner: Uuid, id: Uuid) -> sqlx::Resul
         .await
 }
 
-/// Reads the task and locks it until the transaction ends: concurrent changes to one task are
-/// decided one after the other, each against the version the previous one left.
-#[tracing::instrument(skip_all)]
-pub async fn find_for_update(
-    conn: &mut PgConnection,
-    owner: Uuid,
-    id: Uuid,
-) -> sqlx::Result<Option<TaskRow>> {
-    sqlx::query_as(FIND_FOR_UPDATE_SQL)
-        .bind(id)
-        .bind(owner)
-        .fetch_optional(conn)
-        .await
+/// A new task: its row, labels, first revision and `task.created` event in one statement
+/// (`$1`–`$10`, then the event's values).
+pub const CREATE_SQL: &str = "WITH t AS ( \
+       INSERT INTO tasks (id, owner_id, title, description, status, priority, due_at, labels, \
+         version, created_at, updated_at) \
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, $9, $9) RETURNING version), \
+     labelled AS (INSERT INTO task_labels (owner_id, label, task_id) \
+       SELECT $2, label, $1 FROM unnest($8::text[]) AS label), \
+     revision AS (INSERT INTO task_revisions (task_id, version, owner_id, actor_id, kind, \
+       changes, changed_at) VALUES ($1, 1, $2, $2, 'created', $10, $9)), \
+     event AS (";
+/// A change to a task at version `$10`: its row, labels (when `$11`), revision and
+/// `task.updated` event in one statement; no row back if the task is not at that version.
+pub const UPDATE_SQL: &str = "WITH changed AS ( \
+       UPDATE tasks t SET title = $3, description = $4, status = $5, priority = $6, \
+         due_at = $7, labels = $8, version = t.version + 1, updated_at = $9 \
+       WHERE t.id = $1 AND t.owner_id = $2 AND t.version = $10 RETURNING t.version), \
+     unlabelled AS (DELETE FROM task_labels WHERE task_id = $1 AND $11 \
+       AND label <> ALL($8::text[]) AND EXISTS (SELECT 1 FROM changed)), \
+     labelled AS (INSERT INTO task_labels (owner_id, label, task_id) \
+       SELECT $2, label, $1 FROM unnest($8::text[]) AS label \
+       WHERE $11 AND EXISTS (SELECT 1 FROM changed) ON CONFLICT DO NOTHING), \
+     revision AS (INSERT INTO task_revisions (task_id, version, owner_id, actor_id, kind, \
+       changes, changed_at) SELECT $1, version, $2, $2, 'updated', $12, $9 FROM changed), \
+     event AS (";
+/// Deleting a task at version `$3`: the row (its labels cascade), a `deleted` revision and the
+/// `task.deleted` event in one statement; no row back if the task is not at that version.
+pub const DELETE_SQL: &str = "WITH gone AS ( \
+       DELETE FROM tasks t WHERE t.id = $1 AND t.owner_id = $2 AND t.version = $3 \
+       RETURNING t.version), \
+     revision AS (INSERT INTO task_revisions (task_id, version, owner_id, actor_id, kind, \
+       changes, changed_at) SELECT $1, version + 1, $2, $2, 'deleted', '{}'::jsonb, now() \
+       FROM gone), \
+     event AS (";
+
+/// A statement of [`CREATE_SQL`]'s kind, completed with the event's `INSERT` (values from
+/// `$first`, written if `condition` holds) and the version written.
+pub fn with_event(head: &str, first: usize, condition: &str, written: &str) -> String {
+    format!(
+        "{head}{}) SELECT version FROM {written}",
+        NewEvent::insert_sql(first, condition)
+    )
 }
 
-#[tracing::instrument(skip_all)]
-pub async fn insert(
-    conn: &mut PgConnection,
-    id: Uuid,
-    owner: Uuid,
-    task: &NewTask,
-) -> sqlx::Result<TaskRow> {
-    sqlx::query_as(concat!(
-        "INSERT INTO tasks AS t (id, owner_id, title, description, status, priority, due_at, \
-         labels, version, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1, now(), now()) RETURNING ",
-        task_columns!()
-    ))
-    .bind(id)
-    .bind(owner)
-    .bind(&task.title)
-    .bind(&task.description)
-    .bind(task.status.as_str())
-    .bind(task.priority.as_str())
-    .bind(task.due_at)
-    .bind(&task.labels)
-    .fetch_one(conn)
-    .await
-}
+/// The three statements, whole (built once: sqlx prepares each once per connection).
+pub static CREATE: LazyLock<String> = LazyLock::new(|| with_event(CREATE_SQL, 11, "true", "t"));
+pub static UPDATE: LazyLock<String> =
+    LazyLock::new(|| with_event(UPDATE_SQL, 13, "EXISTS (SELECT 1 FROM changed)", "changed"));
+pub static DELETE: LazyLock<String> =
+    LazyLock::new(|| with_event(DELETE_SQL, 4, "EXISTS (SELECT 1 FROM gone)", "gone"));
 
-/// Writes `task`'s fields as its next version.
+/// Writes the new `task` (at version 1, created at `task.created_at`), its labels, its first
+/// revision (`changes`) and `event`, at once.
 #[tracing::instrument(skip_all)]
-pub async fn update(conn: &mut PgConnection, task: &Task) -> sqlx::Result<TaskRow> {
-    sqlx::query_as(concat!(
-        "UPDATE tasks t SET title = $2, description = $3, status = $4, priority = $5, \
-         due_at = $6, labels = $7, version = t.version + 1, updated_at = now() \
-         WHERE t.id = $1 RETURNING ",
-        task_columns!()
-    ))
-    .bind(task.id)
-    .bind(&task.title)
-    .bind(&task.description)
-    .bind(task.status.as_str())
-    .bind(task.priority.as_str())
-    .bind(task.due_at)
-    .bind(&task.labels)
-    .fetch_one(conn)
-    .await
-}
-
-#[tracing::instrument(skip_all)]
-pub async fn delete(conn: &mut PgConnection, id: Uuid) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM tasks WHERE id = $1")
-        .bind(id)
-        .execute(conn)
-        .await
-        .map(drop)
-}
-
-/// Makes the label index say exactly `labels` for the task.
-#[tracing::instrument(skip_all)]
-pub async fn replace_labels(
-    conn: &mut PgConnection,
-    owner: Uuid,
-    task_id: Uuid,
-    labels: &[String],
-) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM task_labels WHERE task_id = $1")
-        .bind(task_id)
-        .execute(&mut *conn)
-        .await?;
-    if !labels.is_empty() {
-        sqlx::query(
-            "INSERT INTO task_labels (owner_id, label, task_id) \
-             SELECT $1, label, $2 FROM unnest($3::text[]) AS label",
-        )
-        .bind(owner)
-        .bind(task_id)
-        .bind(labels)
-        .execute(conn)
-        .await?;
-    }
-    Ok(())
-}
-
-#[tracing::instrument(skip_all)]
-pub async fn insert_revision(
+pub async fn create(
     conn: &mut PgConnection,
     task: &Task,
-    version: i64,
-    actor: Uuid,
-    kind: RevisionKind,
     changes: &Value,
+    event: NewEvent,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO task_revisions (task_id, version, owner_id, actor_id, kind, changes, changed_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, now())",
-    )
-    .bind(task.id)
-    .bind(version)
-    .bind(task.owner_id)
-    .bind(actor)
-    .bind(kind.as_str())
-    .bind(changes)
-    .execute(conn)
-    .await
-    .map(drop)
+    let query = sqlx::query_as::<_, (i64,)>(&CREATE)
+        .bind(task.id)
+        .bind(task.owner_id)
+        .bind(&task.title)
+        .bind(&task.description)
+        .bind(task.status.as_str())
+        .bind(task.priority.as_str())
+        .bind(task.due_at)
+        .bind(&task.labels)
+        .bind(task.created_at)
+        .bind(changes);
+    event.bind(query).fetch_one(conn).await.map(drop)
+}
+
+/// Writes `next` (the task's fields at `next.version`, changed at `next.updated_at`) if the task
+/// is still at `next.version - 1`, with its revision (`changes`) and `event`; the labels too
+/// when `labels_changed`. False when the task is at another version, or gone.
+#[tracing::instrument(skip_all)]
+pub async fn update_if_current(
+    conn: &mut PgConnection,
+    next: &Task,
+    labels_changed: bool,
+    changes: &Value,
+    event: NewEvent,
+) -> sqlx::Result<bool> {
+    let query = sqlx::query_as::<_, (i64,)>(&UPDATE)
+        .bind(next.id)
+        .bind(next.owner_id)
+        .bind(&next.title)
+        .bind(&next.description)
+        .bind(next.status.as_str())
+        .bind(next.priority.as_str())
+        .bind(next.due_at)
+        .bind(&next.labels)
+        .bind(next.updated_at)
+        .bind(next.version - 1)
+        .bind(labels_changed)
+        .bind(changes);
+    Ok(event.bind(query).fetch_optional(conn).await?.is_some())
+}
+
+/// Deletes `owner`'s task `id` if it is at `version`, writing its `deleted` revision and
+/// `event`. False when it is at another version, or gone.
+#[tracing::instrument(skip_all)]
+pub async fn delete_if_current(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    id: Uuid,
+    version: i64,
+    event: NewEvent,
+) -> sqlx::Result<bool> {
+    let query = sqlx::query_as::<_, (i64,)>(&DELETE)
+        .bind(id)
+        .bind(owner)
+        .bind(version);
+    Ok(event.bind(query).fetch_optional(conn).await?.is_some())
 }
 
 #[derive(sqlx::FromRow)]

@@ -130,6 +130,9 @@ pub enum TaskError {
     VersionMismatch { current: i64 },
     #[error("this Idempotency-Key was already used for a different request")]
     IdempotencyKeyReused,
+    /// Other changes to the task kept getting in first (`If-Match: *` under heavy contention).
+    #[error("the task is changing too fast to apply this change; try again")]
+    Contended,
     #[error(transparent)]
     Database(#[from] DbError),
     #[error("stored data is unreadable: {0}")]

@@ -10,10 +10,10 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use events::catalog::{TaskCreated, TaskDeleted, TaskUpdated};
-use events::outbox;
+use events::outbox::NewEvent;
 
 use super::changes::creation;
-use super::{NewTask, Revision, RevisionKind, Status, Task, TaskChange, TaskError};
+use super::{NewTask, Revision, Status, Task, TaskChange, TaskError};
 use crate::storage;
 
 /// The CloudEvents `source` of tasks' events.
@@ -98,44 +98,72 @@ impl Tasks {
 
     /// Creates a task for `owner`. With an idempotency key already used for the same request,
     /// creates nothing and returns the task the first request created.
+    ///
+    /// The row, its labels, its first revision and its event are one statement; with a key, that
+    /// statement runs in a transaction with the key's claim and stored answer.
     pub async fn create(
         &self,
         owner: Uuid,
         new: NewTask,
         idempotency: Option<IdempotencyKey>,
     ) -> Result<Created, TaskError> {
-        let id = Uuid::now_v7();
+        let now = now_as_stored();
+        let task = Task {
+            id: Uuid::now_v7(),
+            owner_id: owner,
+            title: new.title,
+            description: new.description,
+            status: new.status,
+            priority: new.priority,
+            due_at: new.due_at,
+            labels: new.labels,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        };
+        let changes = json(&creation(&task))?;
+        let event = NewEvent::new(
+            EVENT_SOURCE,
+            &TaskCreated {
+                task: task.snapshot(),
+                actor_id: owner,
+            },
+        )
+        .map_err(|err| TaskError::Corrupt(err.to_string()))?;
+        let Some(key) = idempotency else {
+            let (task, written_at) = self
+                .db
+                .write(|conn| {
+                    async move {
+                        storage::create(conn, &task, &changes, event).await?;
+                        Ok::<_, TaskError>(task)
+                    }
+                    .boxed()
+                })
+                .await?;
+            return Ok(Created {
+                task,
+                replayed: false,
+                written_at,
+            });
+        };
         let ((task, replayed), written_at) = self
             .db
             .transaction(move |tx| {
                 async move {
-                    if let Some(key) = &idempotency {
-                        let claimed = storage::claim_idempotency_key(
-                            tx,
-                            owner,
-                            &key.key,
-                            &key.request_hash,
-                            id,
-                        )
-                        .await?;
-                        if !claimed {
-                            return replay(tx, owner, key).await.map(|task| (task, true));
-                        }
+                    let claimed = storage::claim_idempotency_key(
+                        tx,
+                        owner,
+                        &key.key,
+                        &key.request_hash,
+                        task.id,
+                    )
+                    .await?;
+                    if !claimed {
+                        return replay(tx, owner, &key).await.map(|task| (task, true));
                     }
-                    let task = Task::try_from(storage::insert(tx, id, owner, &new).await?)?;
-                    storage::replace_labels(tx, owner, id, &task.labels).await?;
-                    let changes = json(&creation(&task))?;
-                    storage::insert_revision(tx, &task, 1, owner, RevisionKind::Created, &changes)
-                        .await?;
-                    let created = TaskCreated {
-                        task: task.snapshot(),
-                        actor_id: owner,
-                    };
-                    outbox::enqueue(tx, EVENT_SOURCE, &created).await?;
-                    if let Some(key) = &idempotency {
-                        storage::store_idempotent_response(tx, owner, &key.key, &json(&task)?)
-                            .await?;
-                    }
+                    storage::create(tx, &task, &changes, event).await?;
+                    storage::store_idempotent_response(tx, owner, &key.key, &json(&task)?).await?;
                     Ok((task, false))
                 }
                 .boxed()
@@ -167,6 +195,11 @@ impl Tasks {
 
     /// Applies `change` if the task is at the version `expected` names. A change that changes
     /// nothing writes nothing and keeps the version.
+    ///
+    /// Optimistic: the task is read, the change decided against it, and written (row, labels,
+    /// revision, event in one statement) only if the task is still at the version read. If
+    /// another change came first, it is decided again against what that one left, so
+    /// concurrent changes apply one after the other, as under a lock, without holding one.
     pub async fn update(
         &self,
         owner: Uuid,
@@ -175,36 +208,37 @@ impl Tasks {
         change: TaskChange,
     ) -> Result<(Task, Option<Lsn>), TaskError> {
         self.db
-            .transaction(move |tx| {
+            .write(move |conn| {
                 async move {
-                    let current = lock_checked(tx, owner, id, expected).await?;
-                    let (next, changes) = change.apply(&current);
-                    if changes.is_empty() {
-                        return Ok(current);
+                    for _ in 0..MAX_ATTEMPTS {
+                        let current = find_checked(conn, owner, id, expected).await?;
+                        let (mut next, changes) = change.apply(&current);
+                        if changes.is_empty() {
+                            return Ok(current);
+                        }
+                        next.version = current.version + 1;
+                        next.updated_at = now_as_stored();
+                        let labels_changed = changes.contains_key("labels");
+                        let revision = json(&changes)?;
+                        let event = NewEvent::new(
+                            EVENT_SOURCE,
+                            &TaskUpdated {
+                                task: next.snapshot(),
+                                changes: changes
+                                    .into_iter()
+                                    .map(|(field, change)| (field.to_owned(), change))
+                                    .collect(),
+                                actor_id: owner,
+                            },
+                        )
+                        .map_err(|err| TaskError::Corrupt(err.to_string()))?;
+                        if storage::update_if_current(conn, &next, labels_changed, &revision, event)
+                            .await?
+                        {
+                            return Ok(next);
+                        }
                     }
-                    let saved = Task::try_from(storage::update(tx, &next).await?)?;
-                    if changes.contains_key("labels") {
-                        storage::replace_labels(tx, owner, id, &saved.labels).await?;
-                    }
-                    storage::insert_revision(
-                        tx,
-                        &saved,
-                        saved.version,
-                        owner,
-                        RevisionKind::Updated,
-                        &json(&changes)?,
-                    )
-                    .await?;
-                    let updated = TaskUpdated {
-                        task: saved.snapshot(),
-                        changes: changes
-                            .into_iter()
-                            .map(|(field, change)| (field.to_owned(), change))
-                            .collect(),
-                        actor_id: owner,
-                    };
-                    outbox::enqueue(tx, EVENT_SOURCE, &updated).await?;
-                    Ok(saved)
+                    Err(TaskError::Contended)
                 }
                 .boxed()
             })
@@ -220,29 +254,30 @@ impl Tasks {
     ) -> Result<Option<Lsn>, TaskError> {
         let ((), written_at) = self
             .db
-            .transaction(move |tx| {
+            .write(move |conn| {
                 async move {
-                    let current = lock_checked(tx, owner, id, expected).await?;
-                    storage::delete(tx, id).await?;
-                    let empty = serde_json::json!({});
-                    storage::insert_revision(
-                        tx,
-                        &current,
-                        current.version + 1,
-                        owner,
-                        RevisionKind::Deleted,
-                        &empty,
-                    )
-                    .await?;
-                    let deleted = TaskDeleted {
-                        task_id: current.id,
-                        owner_id: current.owner_id,
-                        last_version: current.version,
-                        actor_id: owner,
-                        reason: None,
-                    };
-                    outbox::enqueue(tx, EVENT_SOURCE, &deleted).await?;
-                    Ok::<_, TaskError>(())
+                    for attempt in 0..MAX_ATTEMPTS {
+                        // With a version to match, that version is the one to delete: no read.
+                        let version = match expected {
+                            Precondition::Version(version) if attempt == 0 => version,
+                            _ => find_checked(conn, owner, id, expected).await?.version,
+                        };
+                        let event = NewEvent::new(
+                            EVENT_SOURCE,
+                            &TaskDeleted {
+                                task_id: id,
+                                owner_id: owner,
+                                last_version: version,
+                                actor_id: owner,
+                                reason: None,
+                            },
+                        )
+                        .map_err(|err| TaskError::Corrupt(err.to_string()))?;
+                        if storage::delete_if_current(conn, owner, id, version, event).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(TaskError::Contended)
                 }
                 .boxed()
             })
@@ -318,19 +353,31 @@ impl Tasks {
     }
 }
 
-/// Locks `owner`'s task `id` until the transaction ends, and checks `expected` against it.
-async fn lock_checked(
-    tx: &mut service_kit::sqlx::PgConnection,
+/// Attempts at a change before giving up: each failed one means another change to the task
+/// got in first.
+const MAX_ATTEMPTS: usize = 16;
+
+/// `owner`'s task `id` as the primary has it now, checked against `expected`.
+async fn find_checked(
+    conn: &mut service_kit::sqlx::PgConnection,
     owner: Uuid,
     id: Uuid,
     expected: Precondition,
 ) -> Result<Task, TaskError> {
-    let current = storage::find_for_update(tx, owner, id)
+    let current = storage::find(conn, owner, id)
         .await?
         .ok_or(TaskError::NotFound(id))?;
     let current = Task::try_from(current)?;
     expected.check(current.version)?;
     Ok(current)
+}
+
+/// Now, at the precision PostgreSQL stores (microseconds): the instant written is the instant
+/// answered and carried by the event.
+fn now_as_stored() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
 }
 
 /// The task stored under an idempotency key, if the request is the same as the first.
