@@ -20,7 +20,7 @@ function thresholdLines(data) {
   return lines.sort();
 }
 
-/// `{ stdout, <reportDir>/<name>.md }` for k6's handleSummary.
+/// `{ stdout, <reportDir>/<name>.md, <reportDir>/<name>.json }` for k6's handleSummary.
 export function summaryFiles(data, { name, title, description, rows }) {
   const failed = (data.metrics.http_req_failed || {}).values || {};
   const lines = [
@@ -41,5 +41,6 @@ export function summaryFiles(data, { name, title, description, rows }) {
   ];
   const text = lines.join('\n');
   const reportDir = __ENV.REPORT_DIR || '.';
-  return { stdout: `\n${text}\n`, [`${reportDir}/${name}.md`]: text };
+  // The whole summary too, for tools that read the figures (`cargo xtask bench tasks`).
+  return { stdout: `\n${text}\n`, [`${reportDir}/${name}.md`]: text, [`${reportDir}/${name}.json`]: JSON.stringify(data) };
 }

@@ -10,7 +10,8 @@
 //!
 //! `cargo xtask bench live` (the live-updates WebSocket against a fresh `up`) is in
 //! [`crate::bench_live`], `cargo xtask bench push` (Web Push delivery against a fresh `up`) in
-//! [`crate::bench_push`].
+//! [`crate::bench_push`], `cargo xtask bench tasks` (tasks' write and read paths) in
+//! [`crate::bench_tasks`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use crate::stack::{log_file, reports_dir, state_dir, Infra, StackLayout};
 use crate::{target_dir, workspace_root, Build};
 
 /// The benchmarks `cargo xtask bench` knows.
-pub const BENCHES: [&str; 3] = ["consumer", "live", "push"];
+pub const BENCHES: [&str; 4] = ["consumer", "live", "push", "tasks"];
 
 /// Events per second one instance must apply in a full run.
 const GOAL_EVENTS_PER_SEC: f64 = 10_000.0;
@@ -41,6 +42,9 @@ pub fn run(bench: &str, smoke: bool) -> Result<()> {
     }
     if bench == "push" {
         return tokio::runtime::Runtime::new()?.block_on(crate::bench_push::run(smoke));
+    }
+    if bench == "tasks" {
+        return tokio::runtime::Runtime::new()?.block_on(crate::bench_tasks::run(smoke));
     }
     let events: usize = if smoke { 5_000 } else { 200_000 };
     let build = Build::for_measurement(smoke);

@@ -144,7 +144,7 @@ async fn telemetry(smoke: bool) -> Result<()> {
 }
 
 /// The pid of the running process whose executable is named `name`.
-fn pid_of(name: &str) -> Option<u32> {
+pub(crate) fn pid_of(name: &str) -> Option<u32> {
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()
@@ -172,21 +172,21 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// The `REPORT` line `loadtest/telemetry.lua` prints.
 #[derive(Debug, Default, PartialEq)]
-struct WrkReport {
-    requests: u64,
-    duration_us: u64,
+pub(crate) struct WrkReport {
+    pub(crate) requests: u64,
+    pub(crate) duration_us: u64,
     status_errors: u64,
     connect_errors: u64,
     read_errors: u64,
     write_errors: u64,
     timeouts: u64,
-    p50_us: u64,
-    p99_us: u64,
+    pub(crate) p50_us: u64,
+    pub(crate) p99_us: u64,
     max_us: u64,
 }
 
 impl WrkReport {
-    fn parse(text: &str) -> Option<Self> {
+    pub(crate) fn parse(text: &str) -> Option<Self> {
         let line = text.lines().find_map(|line| line.strip_prefix("REPORT "))?;
         let mut report = Self::default();
         for pair in line.split_whitespace() {
@@ -210,7 +210,7 @@ impl WrkReport {
         Some(report)
     }
 
-    fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.status_errors
             + self.connect_errors
             + self.read_errors
