@@ -139,11 +139,18 @@ impl Infra {
         install
             .base_backup(layout.primary_port, &replica_dir)
             .context("pg_basebackup for the replica")?;
+        // Rebuilt at every start, the replica has nothing to keep through a crash: it need not
+        // fsync. With it, the WAL receiver's flush of every chunk it received took ~0.7 of a
+        // core here under ~700 writes/s (on a cluster the replica has its own machine).
+        let mut replica_settings = settings.clone();
+        if !layout.throwaway {
+            replica_settings.push(("fsync", "off"));
+        }
         let replica = install
             .start(
                 &replica_dir,
                 layout.replica_port,
-                &settings,
+                &replica_settings,
                 log_file(&logs, "postgres-replica")?,
             )
             .context("starting the replica")?;
