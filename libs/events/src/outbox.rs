@@ -261,6 +261,11 @@ pub struct RelaySettings {
     pub batch: i64,
     /// Longest wait between rounds when no NOTIFY arrives (the fallback if one is missed).
     pub poll_interval: Duration,
+    /// How long a woken relay lets more rows come before it reads them: one round (one
+    /// produce request, one mark) for the writes of those milliseconds instead of one each.
+    /// Woken in memory right after each commit, the relay otherwise published rows one by one:
+    /// measured here, that took the broker from 0.29 to 0.50 of a core at ~500 writes/s.
+    pub linger: Duration,
     /// How long published rows are kept (for inspection) before housekeeping deletes them.
     pub keep_published: Duration,
     /// How often housekeeping runs.
@@ -272,6 +277,7 @@ impl Default for RelaySettings {
         Self {
             batch: 200,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(5),
             keep_published: Duration::from_secs(3600),
             housekeeping_interval: Duration::from_secs(60),
         }
@@ -504,11 +510,14 @@ impl Worker {
                 Round::Published(count) if count == self.settings.batch => continue,
                 Round::Published(_) => {}
             }
-            tokio::select! {
-                notification = listener.recv() => { notification?; }
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+            let woken = tokio::select! {
+                notification = listener.recv() => { notification?; true }
+                _ = self.wake.notified() => true,
+                _ = tokio::time::sleep(self.settings.poll_interval) => false,
                 _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            };
+            if woken {
+                tokio::time::sleep(self.settings.linger).await;
             }
         }
     }
