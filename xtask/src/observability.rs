@@ -279,10 +279,10 @@ async fn one_trace_from_request_to_consumer(client: &reqwest::Client) -> Result<
                 has(&["tasks"], &|span| span["name"] == "db.acquire"),
             ),
             (
-                "a statement in tasks (a span below db.transaction)",
+                "a statement in tasks (a span below db.write or db.transaction)",
                 has(&["tasks"], &|span| {
                     spans.iter().any(|parent| {
-                        parent["name"] == "db.transaction"
+                        (parent["name"] == "db.write" || parent["name"] == "db.transaction")
                             && parent["span_id"] == span["parent_span_id"]
                             && span["name"] != "db.commit"
                     })

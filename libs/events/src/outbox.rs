@@ -120,8 +120,16 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    /// `payload` as an event from `source`, in the current span's trace (as [`enqueue`]'s).
+    /// `payload` as an event from `source`, made in an `outbox.enqueue` span (the topic and type
+    /// as fields) in the current trace, whose context the row carries as [`enqueue`]'s does: the
+    /// relay's publishing hangs below it.
     pub fn new<P: EventPayload>(source: &'static str, payload: &P) -> serde_json::Result<Self> {
+        let span = tracing::info_span!(
+            "outbox.enqueue",
+            outbox.topic = P::TOPIC.name,
+            outbox.event_type = P::TYPE
+        );
+        let _entered = span.enter();
         Ok(Self {
             id: Uuid::now_v7(),
             topic: P::TOPIC.name,
