@@ -522,9 +522,7 @@ impl Database {
         E: From<DbError>,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
-        let mut conn = acquire(&self.inner.writer, "writer")
-            .await
-            .map_err(|err| to_db_error(err, "writer"))?;
+        let mut conn = self.writer_connection().await?;
         let span = stage_span(|| tracing::info_span!("db.transaction", pool = "writer"));
         let running = Instant::now();
         let commit = stage_span(|| tracing::info_span!(parent: &span, "db.commit"));
@@ -557,9 +555,7 @@ impl Database {
         E: From<DbError>,
         F: for<'c> FnOnce(&'c mut PgConnection) -> BoxFuture<'c, Result<T, E>>,
     {
-        let mut conn = acquire(&self.inner.writer, "writer")
-            .await
-            .map_err(|err| to_db_error(err, "writer"))?;
+        let mut conn = self.writer_connection().await?;
         let span = stage_span(|| tracing::info_span!("db.write", pool = "writer"));
         let running = Instant::now();
         let (written, hooks) = with_commit_hooks(op(&mut conn))
