@@ -384,3 +384,77 @@ async fn a_signup_flood_from_one_client_is_refused_while_another_logs_in() {
         "one client got more than its signups: {statuses:?}"
     );
 }
+
+/// `attempts` requests made by `send` at once (wrong passwords): how many were answered
+/// 401 (each a real argon2 verification) and how many were refused without one (429 by the
+/// limit, or 503 when the password pool's queue was full).
+async fn guesses_at_once(
+    attempts: usize,
+    send: impl Fn() -> reqwest::RequestBuilder,
+) -> (usize, usize) {
+    let answers = futures_util::future::join_all((0..attempts).map(|_| Answer::send(send()))).await;
+    let verified = answers.iter().filter(|answer| answer.status == 401).count();
+    let refused = answers
+        .iter()
+        .filter(|answer| {
+            matches!(answer.status, 429 | 503) && answer.header("retry-after").is_some()
+        })
+        .count();
+    assert_eq!(
+        verified + refused,
+        attempts,
+        "only 401, and 429 or 503 with Retry-After: {:?}",
+        answers
+            .iter()
+            .map(|answer| answer.status)
+            .collect::<Vec<_>>()
+    );
+    (verified, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_guesses_cannot_pass_the_limit_on_login_or_account_deletion() {
+    // The default limit: 10 failures per minute for one username from one client.
+    let auth = AuthServer::start(&TestStack::from_env(), "parallel-guesses", &[]).await;
+    let attacker = client_from("127.0.0.6");
+    let owner = client_from("127.0.0.7");
+    let session = auth.signup_and_login(&owner, "guessed").await;
+
+    // 80 wrong passwords at once, as many connections: attempts still being verified count.
+    let (verified, refused) = guesses_at_once(80, || {
+        attacker
+            .post(auth.url("/v1/auth/login"))
+            .json(&json!({ "username": session.username, "password": "wrong guess" }))
+    })
+    .await;
+    println!("login: 80 parallel guesses, {verified} verified (401), {refused} refused (429/503)");
+    assert!(
+        verified <= 10,
+        "{verified} of 80 parallel guesses were verified; the limit is 10 per minute"
+    );
+    // The owner from elsewhere is not locked out by it.
+    let owners = login(&auth, &owner, &session.username, &session.password).await;
+    assert_eq!(owners.status, 200, "{}", owners.body);
+
+    // DELETE /v1/users/me checks the password too: a stolen token guessing it in parallel.
+    let thief = client_from("127.0.0.8");
+    let (verified, refused) = guesses_at_once(80, || {
+        thief
+            .delete(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token)
+            .json(&json!({ "password": "wrong guess" }))
+    })
+    .await;
+    println!("delete: 80 parallel guesses, {verified} verified (401), {refused} refused (429/503)");
+    assert!(
+        verified <= 10,
+        "{verified} of 80 parallel deletion guesses were verified; the limit is 10 per minute"
+    );
+    let me = Answer::send(
+        owner
+            .get(auth.url("/v1/users/me"))
+            .bearer_auth(&session.access_token),
+    )
+    .await;
+    assert_eq!(me.status, 200, "the account is still there: {}", me.body);
+}

@@ -178,8 +178,11 @@ impl Accounts {
         client: Option<IpAddr>,
     ) -> Result<TokenPair, AuthError> {
         let username = normalize_username(username);
-        self.limits
-            .may_try(&username, client)
+        // Holds a place under the limits until the password is checked: guesses sent at once
+        // count before any of them has failed.
+        let attempt = self
+            .limits
+            .attempt(&username, client)
             .map_err(AuthError::RateLimited)?;
         // Read on the primary: a login right after signup must find the account.
         let found = self
@@ -194,7 +197,7 @@ impl Accounts {
         match user_id {
             Some(user_id) if matches => self.start_session(user_id).await,
             _ => {
-                self.limits.failed(&username, client);
+                attempt.failed();
                 Err(AuthError::InvalidCredentials)
             }
         }
@@ -396,13 +399,15 @@ impl Accounts {
         let Some((username, stored_hash)) = found else {
             return Err(AuthError::AccountGone);
         };
-        self.limits
-            .may_try(&username, client)
+        let attempt = self
+            .limits
+            .attempt(&username, client)
             .map_err(AuthError::RateLimited)?;
         if !self.passwords.verify(password, Some(stored_hash)).await? {
-            self.limits.failed(&username, client);
+            attempt.failed();
             return Err(AuthError::InvalidCredentials);
         }
+        drop(attempt);
         let deleted_at = OffsetDateTime::now_utc();
         let tokens_valid_until = deleted_at + self.token_life_with_leeway();
         let (deleted, _) = self
