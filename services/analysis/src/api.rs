@@ -86,6 +86,7 @@ impl TaskAnalysisView {
 
 /// `GET /v1/analysis/tasks?ids=…`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct IdsParams {
     /// Task ids (hyphenated UUIDs), comma-separated: 1 to 200.
@@ -132,21 +133,27 @@ pub struct TelemetryBatchBody(pub Vec<TelemetryEventBody>);
 /// `202` to `POST /v1/telemetry`: the batch is on the broker.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TelemetryAccepted {
-    /// The batch's id (the message's `ce_id` on `analysis.telemetry.v1`).
+    /// The batch's id (the message's `ce_id` on `analysis.telemetry.v1`). With an
+    /// `Idempotency-Key`, the same for every retry of the batch.
     pub batch_id: Uuid,
     pub events: usize,
 }
 
 /// `GET /v1/analysis/usage`.
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct UsageParams {
-    /// First UTC day (`2026-12-01`), default 6 days before `to`.
+    /// First UTC day (`2026-12-01`), from 0001-01-01; default 6 days before `to` (not before
+    /// 0001-01-01).
     #[param(format = Date, pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
     pub from: Option<String>,
-    /// Last UTC day, default today. At most 92 days after `from`.
+    /// Last UTC day, to 9999-12-31; default today. At most 91 days after `from`.
     #[param(format = Date, pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
     pub to: Option<String>,
+    /// `next_cursor` of the previous answer (with the same `from` and `to`).
+    #[param(pattern = "^([0-9a-f]{2}){12,75}$")]
+    pub cursor: Option<String>,
 }
 
 /// One user's count of one event name on one UTC day.
@@ -164,6 +171,8 @@ pub struct UsageView {
     pub from: String,
     #[schema(value_type = String, format = Date)]
     pub to: String,
-    /// By day, then name; days without events are absent.
+    /// By day, then name; days without events are absent. At most 1,000.
     pub items: Vec<UsageDay>,
+    /// Pass as `cursor` for the rows after these; `null` on the last page.
+    pub next_cursor: Option<String>,
 }

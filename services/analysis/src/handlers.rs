@@ -7,7 +7,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use service_kit::access_token::Authenticated;
 use service_kit::actix_web::http::header;
 use service_kit::actix_web::web::{self, Bytes};
-use service_kit::actix_web::{HttpRequest, HttpResponse};
+use service_kit::actix_web::{FromRequest, HttpRequest, HttpResponse};
 use service_kit::error::{ApiError, ErrorBody, FieldIssue};
 use service_kit::http::client_has;
 use service_kit::input::{hyphenated_uuid, AnyJson, Query};
@@ -20,8 +20,10 @@ use crate::api::{
     TelemetryBatchBody, UsageDay, UsageParams, UsageView,
 };
 use crate::domain::model::TaskModel;
-use crate::domain::telemetry::{self, Ingest, IngestError};
-use crate::domain::{Analysis, AnalysisError, MAX_IDS, MAX_USAGE_DAYS};
+use crate::domain::telemetry::{
+    self, BrokenBatch, Ingest, IngestError, MAX_IDEMPOTENCY_KEY_BYTES, MAX_LISTED_BROKEN_FIELDS,
+};
+use crate::domain::{Analysis, AnalysisError, UsageCursor, MAX_IDS, MAX_USAGE_DAYS};
 
 impl From<AnalysisError> for ApiError {
     fn from(err: AnalysisError) -> Self {
@@ -39,10 +41,33 @@ impl From<IngestError> for ApiError {
         // A full queue empties within moments; an unacknowledged batch needs the broker back.
         let retry_after = match err {
             IngestError::QueueFull => 1,
-            IngestError::NotAcknowledged | IngestError::Stopping => 2,
+            IngestError::Expired | IngestError::NotAcknowledged | IngestError::Stopping => 2,
+            IngestError::Encoding(_) => return ApiError::internal(err),
         };
         ApiError::unavailable(err.to_string()).retry_after(retry_after)
     }
+}
+
+/// The 400 for a broken batch: the first broken fields, and in the message how many more.
+fn broken_batch(broken: BrokenBatch) -> ApiError {
+    let unlisted = broken.unlisted();
+    let mut error = ApiError::invalid_input(
+        broken
+            .listed
+            .into_iter()
+            .map(|b| FieldIssue {
+                field: b.field,
+                message: b.message,
+            })
+            .collect(),
+    );
+    if unlisted > 0 {
+        error.message = format!(
+            "{}; and {unlisted} more broken fields (only the first {MAX_LISTED_BROKEN_FIELDS} are listed)",
+            error.message
+        );
+    }
+    error
 }
 
 /// A JSON answer with a strong `ETag` of its bytes; `304` when the client has them already.
@@ -245,42 +270,73 @@ pub async fn export(
         .streaming(body))
 }
 
+/// The request's `Idempotency-Key`, if it has one: 1–200 visible ASCII characters, as tasks
+/// takes them.
+fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let Some(value) = request.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|key| (1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len()))
+        .map(|key| Some(key.to_owned()))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 200 visible ASCII characters",
+            )
+        })
+}
+
 /// Accepts a batch of client events: 202 once the broker has it.
 #[utoipa::path(
     post, path = "/v1/telemetry", tag = "telemetry",
     security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, nullable = false, pattern = r"^[\x21-\x7e]([\t\x20-\x7e]{0,198}[\x21-\x7e])?$", description = "1–200 visible ASCII characters. The same key with the same events (from the same user) is the same batch: the same `batch_id`, counted once however often it is sent (for 8 days). Send one with every batch and keep it for the batch's retries: a 503 after a timeout may have been kept.")),
     request_body(content = TelemetryBatchBody, description = "1–500 events, at most 256 KiB."),
     responses(
-        (status = 202, description = "The batch is on the broker (acknowledged by all in-sync replicas): durable.", body = TelemetryAccepted),
-        (status = 400, description = "The body breaks a rule; `details` names every broken field (`events[3].props.plan`).", body = ErrorBody),
+        (status = 202, description = "The batch is on the broker (acknowledged by all in-sync replicas): durable. A retry with the same `Idempotency-Key` and events answers the same `batch_id`.", body = TelemetryAccepted),
+        (status = 400, description = "The body breaks a rule: `details` names the first 50 broken fields (`events[3].props.plan`), and the message says how many more there are; or the Idempotency-Key is not 1–200 visible ASCII characters (`invalid_idempotency_key`).", body = ErrorBody),
         (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
         (status = 413, description = "The body is larger than 256 KiB.", body = ErrorBody),
-        (status = 503, description = "The queue is full, or the broker did not acknowledge in time: nothing was kept (or a copy may have been: retrying is safe, each batch is counted once). `Retry-After` says when to retry.", body = ErrorBody),
+        (status = 503, description = "Not accepted; `Retry-After` says when to retry. `Retry-After: 1`: the ingest holds all the batches or bytes it may (the body is not read): nothing was kept. `Retry-After: 2`: the broker did not take or acknowledge the batch within the bound; it may have been kept, so retry with the same `Idempotency-Key` to have it counted once (without a key, a retry may count it twice).", body = ErrorBody),
     )
 )]
 pub async fn post_telemetry(
     caller: Authenticated,
+    request: HttpRequest,
+    body: web::Payload,
     ingest: web::Data<Ingest>,
-    body: AnyJson<serde_json::Value>,
 ) -> Result<HttpResponse, ApiError> {
-    let events = telemetry::parse_batch(&body.0, OffsetDateTime::now_utc()).map_err(|broken| {
-        ApiError::invalid_input(
-            broken
-                .into_iter()
-                .map(|b| FieldIssue {
-                    field: b.field,
-                    message: b.message,
-                })
-                .collect(),
-        )
-    })?;
+    let key = idempotency_key(&request)?;
+    // Room for the body before a byte of it is read: memory is bounded by the bytes held,
+    // bodies being read included, whatever the number of requests.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<usize>().ok());
+    let held = ingest.reserve(declared)?;
+    let mut payload = body.into_inner();
+    let AnyJson(body) = AnyJson::<serde_json::Value>::from_request(&request, &mut payload).await?;
+    let events = telemetry::parse_batch(body, OffsetDateTime::now_utc()).map_err(broken_batch)?;
     let count = events.len();
-    let batch_id = ingest.submit(caller.user_id, events).await?;
+    let batch_id = ingest
+        .submit(caller.user_id, key.as_deref(), events, held)
+        .await?;
     Ok(HttpResponse::Accepted().json(TelemetryAccepted {
         batch_id,
         events: count,
     }))
 }
+
+/// The first day `GET /v1/analysis/usage` takes: year 1, as instants are from year 1 to 9999
+/// everywhere in the API (years are written with 4 digits, so 9999 is the last).
+const FIRST_DAY: time::Date = match time::Date::from_ordinal_date(1, 1) {
+    Ok(day) => day,
+    Err(_) => panic!("1 January of year 1 is a day"),
+};
 
 fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Date>, ApiError> {
     let Some(text) = text else {
@@ -304,11 +360,59 @@ fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Dat
         },
         _ => None,
     };
-    date.map(Some).ok_or(()).map_err(|_| {
-        ApiError::invalid_input(vec![FieldIssue {
-            field: field.into(),
-            message: format!("{text:?} is not a day (YYYY-MM-DD)"),
-        }])
+    // Year 0 parses (as 1 BC), but no answer may hold a day before year 1.
+    date.filter(|date| *date >= FIRST_DAY)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid_input(vec![FieldIssue {
+                field: field.into(),
+                message: format!(
+                    "{text:?} is not a day (YYYY-MM-DD) from 0001-01-01 to 9999-12-31"
+                ),
+            }])
+        })
+}
+
+/// A usage cursor as clients see it: the last row's day and name, hex-encoded (opaque to them).
+fn usage_cursor_text(cursor: &UsageCursor) -> String {
+    format!("{}/{}", cursor.day, cursor.name)
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A cursor this endpoint gave, read back.
+fn parse_usage_cursor(text: &str) -> Result<UsageCursor, ApiError> {
+    let invalid = || {
+        ApiError::bad_request(
+            "invalid_cursor",
+            "cursor is not one this endpoint gave: pass `next_cursor` as it came",
+        )
+    };
+    // A day, `/` and a name of at most 64 characters.
+    if !text.len().is_multiple_of(2) || text.len() > 2 * (10 + 1 + telemetry::MAX_NAME_CHARS) {
+        return Err(invalid());
+    }
+    let bytes = (0..text.len())
+        .step_by(2)
+        .map(|at| {
+            text.get(at..at + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(invalid)?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let (day, name) = text.split_once('/').ok_or_else(invalid)?;
+    let day = parse_day("cursor", Some(day))
+        .ok()
+        .flatten()
+        .ok_or_else(invalid)?;
+    if !telemetry::valid_name(name) {
+        return Err(invalid());
+    }
+    Ok(UsageCursor {
+        day,
+        name: name.to_owned(),
     })
 }
 
@@ -318,8 +422,8 @@ fn parse_day(field: &'static str, text: Option<&str>) -> Result<Option<time::Dat
     security(("bearer" = [])),
     params(UsageParams),
     responses(
-        (status = 200, description = "Counts per UTC day (of the events' own time) and name.", body = UsageView),
-        (status = 400, description = "`from` or `to` is not a day, `from` is after `to`, or the range is longer than 92 days.", body = ErrorBody),
+        (status = 200, description = "Counts per UTC day (of the events' own time) and name, by day then name: at most 1,000 rows per answer; `next_cursor` asks for the next ones.", body = UsageView),
+        (status = 400, description = "`from` or `to` is not a day from 0001-01-01 to 9999-12-31, `from` is after `to`, the range is longer than 92 days, the cursor is not one this endpoint gave (`invalid_cursor`), or a parameter is unknown (`invalid_query`).", body = ErrorBody),
         (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
         (status = 503, description = "The database is unavailable.", body = ErrorBody),
     )
@@ -331,7 +435,9 @@ pub async fn usage(
 ) -> Result<HttpResponse, ApiError> {
     let to =
         parse_day("to", params.to.as_deref())?.unwrap_or_else(|| OffsetDateTime::now_utc().date());
-    let from = parse_day("from", params.from.as_deref())?.unwrap_or(to - time::Duration::days(6));
+    // The default range is the week up to `to`, or as much of it as there is after year 1.
+    let from = parse_day("from", params.from.as_deref())?
+        .unwrap_or_else(|| (to - time::Duration::days(6)).max(FIRST_DAY));
     let days = (to - from).whole_days();
     if !(0..MAX_USAGE_DAYS).contains(&days) {
         return Err(ApiError::invalid_input(vec![FieldIssue {
@@ -339,19 +445,76 @@ pub async fn usage(
             message: format!("must be on or before `to`, at most {MAX_USAGE_DAYS} days apart"),
         }]));
     }
-    let items = analysis
-        .usage(caller.user_id, from, to)
-        .await?
-        .into_iter()
-        .map(|(day, name, events)| UsageDay {
-            day: day.to_string(),
-            name,
-            events,
-        })
-        .collect();
+    let after = params
+        .cursor
+        .as_deref()
+        .map(parse_usage_cursor)
+        .transpose()?;
+    let page = analysis
+        .usage(caller.user_id, from, to, after.as_ref())
+        .await?;
     Ok(HttpResponse::Ok().json(UsageView {
         from: from.to_string(),
         to: to.to_string(),
-        items,
+        items: page
+            .rows
+            .into_iter()
+            .map(|(day, name, events)| UsageDay {
+                day: day.to_string(),
+                name,
+                events,
+            })
+            .collect(),
+        next_cursor: page.next.as_ref().map(usage_cursor_text),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_usage_cursor_reads_back_as_it_was_given() {
+        let cursor = UsageCursor {
+            day: time::Date::from_calendar_date(2026, time::Month::December, 8).unwrap(),
+            name: "app.open-2_x".into(),
+        };
+        let text = usage_cursor_text(&cursor);
+        assert!(text.bytes().all(|b| b.is_ascii_hexdigit()), "{text}");
+        assert_eq!(parse_usage_cursor(&text).unwrap(), cursor);
+        let longest = UsageCursor {
+            name: format!("a{}", "b".repeat(63)),
+            ..cursor
+        };
+        assert_eq!(
+            parse_usage_cursor(&usage_cursor_text(&longest)).unwrap(),
+            longest
+        );
+        for bad in ["", "zz", "0", "2f", &usage_cursor_text(&longest)[2..]] {
+            assert_eq!(
+                parse_usage_cursor(bad).unwrap_err().code,
+                "invalid_cursor",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn days_are_from_year_1_to_9999() {
+        assert_eq!(
+            parse_day("to", Some("0001-01-01")).unwrap(),
+            Some(FIRST_DAY)
+        );
+        assert!(parse_day("to", Some("9999-12-31")).unwrap().is_some());
+        for bad in [
+            "0000-12-31",
+            "0000-01-01",
+            "+10000-01-01",
+            "2026-02-30",
+            "2026-W01-1",
+        ] {
+            let refused = parse_day("to", Some(bad)).unwrap_err();
+            assert_eq!(refused.details[0].field, "to", "{bad}");
+        }
+    }
 }

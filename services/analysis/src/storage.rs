@@ -38,9 +38,30 @@ pub const DASHBOARD_SQL: &str = "SELECT \
 pub const AS_OF_SQL: &str =
     "SELECT event_at, topic, partition, \"offset\" FROM user_as_of WHERE owner_id = $1";
 
-/// A user's telemetry counts for days `$2` to `$3`.
-pub const USAGE_SQL: &str = "SELECT day, name, events FROM user_usage \
-     WHERE owner_id = $1 AND day BETWEEN $2 AND $3 ORDER BY day, name";
+/// Rows of one usage page.
+pub const USAGE_PAGE_ROWS: usize = 1000;
+/// [`USAGE_PAGE_ROWS`] + 1, written out for the statements (one more row than a page tells
+/// whether there is a next one); a unit test keeps the two together.
+macro_rules! usage_rows_read {
+    () => {
+        "1001"
+    };
+}
+
+/// The first page of a user's telemetry counts for days `$2` to `$3`.
+pub const USAGE_SQL: &str = concat!(
+    "SELECT day, name, events FROM user_usage \
+     WHERE owner_id = $1 AND day BETWEEN $2 AND $3 ORDER BY day, name LIMIT ",
+    usage_rows_read!()
+);
+/// A later page: the rows after day `$4` and name `$5` (the row comparison is a range of the
+/// primary key's index, so a late page reads no more rows than the first).
+pub const USAGE_AFTER_SQL: &str = concat!(
+    "SELECT day, name, events FROM user_usage \
+     WHERE owner_id = $1 AND day BETWEEN $2 AND $3 AND (day, name) > ($4, $5) \
+     ORDER BY day, name LIMIT ",
+    usage_rows_read!()
+);
 
 /// A stored task row: a tombstone has no model.
 pub struct StoredTask {
@@ -266,7 +287,7 @@ pub async fn add_usage(
     .map(drop)
 }
 
-/// `(day, name, events)` of `owner` from `from` to `to`, by day and name.
+/// `(day, name, events)` of `owner` from `from` to `to`, by day and name: a page and one row.
 #[tracing::instrument(skip_all)]
 pub async fn usage(
     conn: &mut PgConnection,
@@ -278,6 +299,26 @@ pub async fn usage(
         .bind(owner)
         .bind(from)
         .bind(to)
+        .fetch_all(conn)
+        .await
+}
+
+/// [`usage`] after day `after_day` and name `after_name`.
+#[tracing::instrument(skip_all)]
+pub async fn usage_after(
+    conn: &mut PgConnection,
+    owner: Uuid,
+    from: Date,
+    to: Date,
+    after_day: Date,
+    after_name: &str,
+) -> sqlx::Result<Vec<(Date, String, i64)>> {
+    sqlx::query_as(USAGE_AFTER_SQL)
+        .bind(owner)
+        .bind(from)
+        .bind(to)
+        .bind(after_day)
+        .bind(after_name)
         .fetch_all(conn)
         .await
 }
@@ -353,4 +394,16 @@ pub fn erased_users_sweep() -> Sweep {
         "DELETE FROM erased_users WHERE user_hash IN ( \
            SELECT user_hash FROM erased_users WHERE erased_at < now() - interval '8 days' LIMIT $1)",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_statements_read_one_row_more_than_a_page() {
+        let limit = format!("LIMIT {}", USAGE_PAGE_ROWS + 1);
+        assert!(USAGE_SQL.ends_with(&limit), "{USAGE_SQL}");
+        assert!(USAGE_AFTER_SQL.ends_with(&limit), "{USAGE_AFTER_SQL}");
+    }
 }

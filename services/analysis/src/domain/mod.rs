@@ -21,6 +21,9 @@ use model::{Priority, Status, TaskModel};
 pub const MAX_IDS: usize = 200;
 /// The longest range of `GET /v1/analysis/usage`, in days.
 pub const MAX_USAGE_DAYS: i64 = 92;
+/// Most rows of one `GET /v1/analysis/usage` answer (names are the clients' own, so a user's
+/// (day, name) pairs have no bound of their own); `next_cursor` leads to the rest.
+pub const USAGE_PAGE_ROWS: usize = storage::USAGE_PAGE_ROWS;
 /// Analyses read per round trip while exporting.
 pub const EXPORT_PAGE: i64 = 500;
 
@@ -32,6 +35,20 @@ pub enum AnalysisError {
     Corrupt(String),
     #[error(transparent)]
     Database(#[from] DbError),
+}
+
+/// Where a usage page starts: after this day and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageCursor {
+    pub day: Date,
+    pub name: String,
+}
+
+/// A page of a user's telemetry counts: `(day, name, events)` by day and name, and where the
+/// next page starts if there is one.
+pub struct UsagePage {
+    pub rows: Vec<(Date, String, i64)>,
+    pub next: Option<UsageCursor>,
 }
 
 /// The reads of the analysis API, all served by a replica when it is usable.
@@ -107,19 +124,38 @@ impl Analysis {
         Ok(dashboard::dashboard(totals, now))
     }
 
-    /// `owner`'s telemetry counts from `from` to `to`: `(day, name, events)` by day and name.
+    /// `owner`'s telemetry counts from `from` to `to`, after `after` if given: at most
+    /// [`USAGE_PAGE_ROWS`] of them.
     pub async fn usage(
         &self,
         owner: Uuid,
         from: Date,
         to: Date,
-    ) -> Result<Vec<(Date, String, i64)>, AnalysisError> {
-        Ok(self
+        after: Option<&UsageCursor>,
+    ) -> Result<UsagePage, AnalysisError> {
+        let mut rows = self
             .db
             .replica_or_primary(|mut conn| async move {
-                storage::usage(&mut conn, owner, from, to).await
+                match after {
+                    None => storage::usage(&mut conn, owner, from, to).await,
+                    Some(after) => {
+                        storage::usage_after(&mut conn, owner, from, to, after.day, &after.name)
+                            .await
+                    }
+                }
             })
-            .await?)
+            .await?;
+        // The statements read one row more than a page: whether there is a next page.
+        let next = if rows.len() > USAGE_PAGE_ROWS {
+            rows.truncate(USAGE_PAGE_ROWS);
+            rows.last().map(|(day, name, _)| UsageCursor {
+                day: *day,
+                name: name.clone(),
+            })
+        } else {
+            None
+        };
+        Ok(UsagePage { rows, next })
     }
 
     /// The newest event applied for `owner`, if any.
