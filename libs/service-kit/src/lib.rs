@@ -23,6 +23,7 @@ pub mod access_token;
 pub mod broker;
 pub mod config;
 pub mod db;
+pub mod erased_users;
 pub mod error;
 pub mod housekeeping;
 pub mod http;

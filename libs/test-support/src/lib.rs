@@ -314,6 +314,42 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// Every table of the database at `database_url` (a `postgres://role@127.0.0.1:port/name` URL
+/// of the test stack) holding rows in which `needle` appears in any column, JSON included, with
+/// how many: what "nothing of this user is left" is checked by. Read as the superuser, so
+/// tables the service's role could not see are searched too.
+pub fn rows_mentioning(database_url: &str, needle: &str) -> Vec<(String, i64)> {
+    let (port, database) = database_url
+        .rsplit_once('@')
+        .and_then(|(_, address)| address.split_once(':'))
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .and_then(|(port, name)| Some((port.parse::<u16>().ok()?, name.to_owned())))
+        .unwrap_or_else(|| panic!("not a test stack database URL: {database_url}"));
+    assert!(
+        needle
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-'),
+        "search for ids, not {needle:?}"
+    );
+    let install = PgInstall::detect().expect("PostgreSQL binaries");
+    // One statement: a count per table, each made by query_to_xml from the table's name.
+    let sql = format!(
+        "SELECT table_name || '=' || (xpath('/row/n/text()', query_to_xml(format( \
+           'SELECT count(*) AS n FROM %I AS t WHERE t::text LIKE %L', table_name, '%{needle}%'), \
+           false, true, '')))[1]::text \
+         FROM information_schema.tables \
+         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY table_name"
+    );
+    let output = local_postgres::query(&install, port, &database, &sql)
+        .unwrap_or_else(|err| panic!("search {database} for {needle}: {err}"));
+    output
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .filter_map(|(table, count)| Some((table.to_owned(), count.trim().parse::<i64>().ok()?)))
+        .filter(|(_, count)| *count > 0)
+        .collect()
+}
+
 /// Asks `probe` every half second until `done` holds for its answer or `limit` has passed;
 /// returns the last answer (for the test to assert on, so a timeout shows what was seen).
 pub async fn poll_until<T, F, Fut>(limit: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T

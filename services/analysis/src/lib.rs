@@ -18,6 +18,7 @@ use events::consumer::{Consumer, ConsumerSettings, CONSUMER_STOP_LIMIT};
 use service_kit::access_token::{RemoteKeysSettings, TokenRules, TokenVerifier};
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
+use service_kit::erased_users;
 use service_kit::housekeeping;
 use service_kit::http::AppContext;
 use service_kit::revoked_users::{self, RevokedUsers};
@@ -75,7 +76,7 @@ impl Service for AnalysisService {
             context.db.clone(),
             "analysis",
             context.config.housekeeping.interval,
-            vec![revoked_users::sweep(), storage::erased_users_sweep()],
+            vec![revoked_users::sweep(), erased_users::sweep()],
         );
         let events = Consumer::spawn(
             ConsumerSettings::for_service(

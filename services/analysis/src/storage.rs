@@ -3,7 +3,6 @@
 //! the same statements with `search_path` set to its fresh schema. The read statements are public so
 //! the EXPLAIN test checks the very plans the service runs.
 
-use service_kit::housekeeping::Sweep;
 use service_kit::sqlx::types::Json;
 use service_kit::sqlx::{self, PgConnection};
 use time::{Date, OffsetDateTime};
@@ -345,22 +344,10 @@ pub async fn note_as_of(conn: &mut PgConnection, owner: Uuid, as_of: &AsOf) -> s
     .map(drop)
 }
 
+/// Erases everything of `owner` (the tombstone is `service_kit::erased_users::erase`'s, taken
+/// first in the same transaction).
 #[tracing::instrument(skip_all)]
-pub async fn is_erased(conn: &mut PgConnection, user_hash: &[u8]) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM erased_users WHERE user_hash = $1)")
-        .bind(user_hash)
-        .fetch_one(conn)
-        .await
-}
-
-/// Erases everything of `owner` and remembers that it was erased.
-#[tracing::instrument(skip_all)]
-pub async fn erase_user(
-    conn: &mut PgConnection,
-    owner: Uuid,
-    user_hash: &[u8],
-    erased_at: OffsetDateTime,
-) -> sqlx::Result<u64> {
+pub async fn erase_user(conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<u64> {
     let mut erased = 0;
     for statement in [
         "DELETE FROM task_analysis WHERE owner_id = $1",
@@ -376,24 +363,7 @@ pub async fn erase_user(
             .await?
             .rows_affected();
     }
-    sqlx::query(
-        "INSERT INTO erased_users (user_hash, erased_at) VALUES ($1, $2) \
-         ON CONFLICT (user_hash) DO NOTHING",
-    )
-    .bind(user_hash)
-    .bind(erased_at)
-    .execute(conn)
-    .await?;
     Ok(erased)
-}
-
-/// Housekeeping: erased accounts are forgotten once no event of theirs can still be on a topic.
-pub fn erased_users_sweep() -> Sweep {
-    Sweep::new(
-        "erased_users",
-        "DELETE FROM erased_users WHERE user_hash IN ( \
-           SELECT user_hash FROM erased_users WHERE erased_at < now() - interval '8 days' LIMIT $1)",
-    )
 }
 
 #[cfg(test)]

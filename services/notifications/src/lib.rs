@@ -24,6 +24,7 @@ use events::outbox::Relay;
 use service_kit::access_token::{RemoteKeysSettings, TokenRules, TokenVerifier};
 use service_kit::actix_web::web;
 use service_kit::config::{ConfigError, Env};
+use service_kit::erased_users;
 use service_kit::housekeeping;
 use service_kit::http::AppContext;
 use service_kit::revoked_users::{self, RevokedUsers};
@@ -110,7 +111,7 @@ impl Service for NotificationsService {
         let verifier = Arc::new(
             TokenVerifier::remote(settings.keys, &settings.rules)?.refusing(revoked.clone()),
         );
-        let mut sweeps = vec![revoked_users::sweep()];
+        let mut sweeps = vec![revoked_users::sweep(), erased_users::sweep()];
         sweeps.extend(storage::sweeps(
             settings.live.feed_retention,
             settings.inbox_retention,

@@ -13,41 +13,13 @@ use reqwest::Method;
 use serde_json::json;
 use service_kit::sqlx::{self, PgPool};
 use test_support::kafka::read_topic;
-use test_support::{metric_sum, poll_until, Answer, TestStack};
+use test_support::{metric_sum, poll_until, rows_mentioning, Answer, TestStack};
 
 mod common;
 use common::{send, System};
 
 /// Tasks the deleted account holds.
 const TASKS: i64 = 10_000;
-
-/// Every table of the database at `url` holding a row in which `needle` appears (any column,
-/// JSON included), with how many.
-async fn rows_mentioning(url: &str, needle: &str) -> Vec<(String, i64)> {
-    let pool = PgPool::connect(url).await.unwrap();
-    let tables: Vec<String> = sqlx::query_scalar(
-        "SELECT quote_ident(table_name) FROM information_schema.tables \
-         WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let mut found = Vec::new();
-    for table in tables {
-        let count: i64 = sqlx::query_scalar(&format!(
-            "SELECT count(*) FROM {table} AS t WHERE t::text LIKE '%' || $1 || '%'"
-        ))
-        .bind(needle)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if count > 0 {
-            found.push((table, count));
-        }
-    }
-    pool.close().await;
-    found
-}
 
 /// Sends `request` every 20 ms until told to stop; every answer must be bob's 20 tasks.
 async fn read_until_stopped(
@@ -252,7 +224,7 @@ async fn deleting_an_account_erases_the_user_everywhere_and_nobody_else() {
         || async {
             let mut left = Vec::new();
             for (service, url) in &databases {
-                for (table, count) in rows_mentioning(url, &ada.user_id).await {
+                for (table, count) in rows_mentioning(url, &ada.user_id) {
                     left.push(format!("{service}.{table}: {count}"));
                 }
             }

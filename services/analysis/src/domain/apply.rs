@@ -19,6 +19,7 @@ use events::catalog::{
 };
 use events::consumer::{EventHandler, HandlerError, ReceivedEvent};
 use futures_util::future::BoxFuture;
+use service_kit::erased_users;
 use service_kit::revoked_users::{self, RevokedUsers};
 use service_kit::sqlx::PgConnection;
 use time::{Date, OffsetDateTime};
@@ -74,11 +75,14 @@ impl Pending {
         self.erased.insert(owner, true);
     }
 
+    /// Whether `owner` was erased; the first time per batch it also takes the owner's erasure
+    /// lock (shared, to the end of the transaction), so an erasure cannot slip in between this
+    /// check and what the batch writes for the owner.
     async fn is_erased(&mut self, conn: &mut PgConnection, owner: Uuid) -> sqlx::Result<bool> {
         if let Some(&erased) = self.erased.get(&owner) {
             return Ok(erased);
         }
-        let erased = storage::is_erased(conn, &revoked_users::user_hash(owner)).await?;
+        let erased = erased_users::guard(conn, owner).await?.is_erased();
         self.erased.insert(owner, erased);
         Ok(erased)
     }
@@ -163,6 +167,9 @@ pub async fn apply(
 }
 
 async fn erase_user(conn: &mut PgConnection, deleted: &UserDeleted) -> Result<(), HandlerError> {
+    // First: waits for the batches writing about this user to commit (so their rows are erased
+    // too) and turns away those that come later.
+    erased_users::erase(conn, deleted.user_id, deleted.deleted_at).await?;
     revoked_users::record(
         conn,
         deleted.user_id,
@@ -170,8 +177,7 @@ async fn erase_user(conn: &mut PgConnection, deleted: &UserDeleted) -> Result<()
         deleted.tokens_valid_until,
     )
     .await?;
-    let hash = revoked_users::user_hash(deleted.user_id);
-    let rows = storage::erase_user(conn, deleted.user_id, &hash, deleted.deleted_at).await?;
+    let rows = storage::erase_user(conn, deleted.user_id).await?;
     tracing::info!(rows, "erased a deleted account's read models");
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! instance is part of it, so instances hear of exactly the entries that were committed, when
 //! they were.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use events::catalog::{
@@ -11,8 +12,10 @@ use events::catalog::{
 };
 use events::consumer::{EventHandler, HandlerError, ReceivedEvent};
 use futures_util::future::BoxFuture;
+use service_kit::erased_users;
 use service_kit::revoked_users::{self, RevokedUsers};
 use service_kit::sqlx::PgConnection;
+use uuid::Uuid;
 
 use super::feed::{self, Broadcast, CloseOrder, NewChange};
 use super::reminders;
@@ -45,10 +48,26 @@ impl LiveFeedEvents {
         events: &[ReceivedEvent],
     ) -> Result<(), HandlerError> {
         let mut changes = Vec::new();
+        // Whether each owner met in the batch was erased: looked up (under the owner's erasure
+        // lock, held to the end of the transaction) once per owner, not per event.
+        let mut erased: HashMap<Uuid, bool> = HashMap::new();
         for event in events {
             if let Some((change, schedule)) = task_effects(event)? {
-                storage::reminders::schedule(conn, &schedule).await?;
-                changes.push(change);
+                let owner = change.user;
+                let owner_erased = match erased.get(&owner) {
+                    Some(&known) => known,
+                    None => {
+                        let known = erased_users::guard(conn, owner).await?.is_erased();
+                        erased.insert(owner, known);
+                        known
+                    }
+                };
+                // An account erased here: its tasks' late events (writes accepted just before
+                // its tokens were refused, a partition behind the deletion) leave nothing.
+                if !owner_erased {
+                    storage::reminders::schedule(conn, &schedule).await?;
+                    changes.push(change);
+                }
                 continue;
             }
             match event.envelope.event_type.as_str() {
@@ -57,6 +76,7 @@ impl LiveFeedEvents {
                     // Changes of this user earlier in the batch are erased with the rest.
                     changes.retain(|change| change.user != deleted.user_id);
                     self.erase(conn, &deleted).await?;
+                    erased.insert(deleted.user_id, true);
                 }
                 SessionRevoked::TYPE => {
                     let revoked: SessionRevoked = event.data()?;
@@ -86,6 +106,8 @@ impl LiveFeedEvents {
         conn: &mut PgConnection,
         deleted: &UserDeleted,
     ) -> Result<(), HandlerError> {
+        // First: waits for the writes about this user under way, and turns away later ones.
+        erased_users::erase(conn, deleted.user_id, deleted.deleted_at).await?;
         revoked_users::record(
             conn,
             deleted.user_id,

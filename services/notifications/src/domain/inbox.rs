@@ -2,11 +2,13 @@
 //! feed, on `notifications.notification.v1`, and queued for the user's devices), and what a
 //! user does with their notifications.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use events::catalog::NotificationCreated;
 use events::outbox;
+use futures_util::FutureExt;
 use service_kit::db::{Database, DbError};
+use service_kit::erased_users;
 use service_kit::sqlx::{self, PgConnection};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -28,6 +30,8 @@ const SOURCE: &str = "/taskstream/notifications";
 pub enum InboxError {
     #[error("no notification {0} in your inbox")]
     NotFound(Uuid),
+    #[error(transparent)]
+    AccountErased(#[from] erased_users::AccountErased),
     #[error(transparent)]
     Database(#[from] DbError),
 }
@@ -59,6 +63,14 @@ pub async fn fire(
     let mut users: Vec<Uuid> = due.iter().map(|reminder| reminder.user_id).collect();
     users.sort_unstable();
     users.dedup();
+    // Accounts erased (or being erased) fire nothing: their reminders are deleted with them.
+    let mut erased = HashSet::new();
+    for &user in &users {
+        if erased_users::try_guard(conn, user).await?.is_erased() {
+            erased.insert(user);
+        }
+    }
+    users.retain(|user| !erased.contains(user));
     let preferences: HashMap<Uuid, Preferences> = storage::inbox::preferences_of(conn, &users)
         .await?
         .into_iter()
@@ -73,6 +85,9 @@ pub async fn fire(
         let Some(kind) = Kind::parse(&reminder.kind) else {
             continue;
         };
+        if erased.contains(&reminder.user_id) {
+            continue;
+        }
         if kind == Kind::DueSoon && reminder.due_at <= now {
             continue;
         }
@@ -228,13 +243,21 @@ impl Inbox {
     /// Everything read: one write; answers the unread count after it (0 unless a notification
     /// arrived meanwhile).
     pub async fn mark_all_read(&self, user: Uuid) -> Result<i64, InboxError> {
-        Ok(self
+        let (unread, _) = self
             .db
-            .primary(|mut conn| async move {
-                storage::inbox::mark_all_read(&mut conn, user).await?;
-                storage::inbox::unread_count(&mut conn, user).await
+            .transaction(|tx| {
+                async move {
+                    // The watermark is a row of the user's: none may outlive an erasure.
+                    if erased_users::guard(tx, user).await?.is_erased() {
+                        return Err(erased_users::AccountErased.into());
+                    }
+                    storage::inbox::mark_all_read(tx, user).await?;
+                    Ok::<_, InboxError>(storage::inbox::unread_count(tx, user).await?)
+                }
+                .boxed()
             })
-            .await?)
+            .await?;
+        Ok(unread)
     }
 
     pub async fn delete(&self, user: Uuid, id: Uuid) -> Result<(), InboxError> {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use service_kit::db::{Database, DbError};
+use service_kit::erased_users;
 use service_kit::sqlx::Connection;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -256,6 +257,21 @@ fn from_civil(time: Time) -> Option<time::Time> {
     time::Time::from_hms(time.hour() as u8, time.minute() as u8, time.second() as u8).ok()
 }
 
+/// Why preferences were not saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error(transparent)]
+    AccountErased(#[from] erased_users::AccountErased),
+    #[error(transparent)]
+    Database(#[from] DbError),
+}
+
+impl From<service_kit::sqlx::Error> for SaveError {
+    fn from(err: service_kit::sqlx::Error) -> Self {
+        SaveError::Database(err.into())
+    }
+}
+
 /// Reading and saving preferences.
 pub struct PreferencesStore {
     db: Database,
@@ -276,10 +292,17 @@ impl PreferencesStore {
 
     /// Saves them and moves the user's pending "due soon" reminders to the new lead time, in one
     /// transaction.
-    pub async fn save(&self, user: Uuid, preferences: &Preferences) -> Result<(), DbError> {
+    pub async fn save(&self, user: Uuid, preferences: &Preferences) -> Result<(), SaveError> {
         let row = preferences.to_row();
         let mut conn = self.db.writer_connection().await?;
-        let mut tx = conn.begin().await?;
+        let mut tx = conn.begin().await.map_err(DbError::from)?;
+        if erased_users::guard(&mut tx, user)
+            .await
+            .map_err(DbError::from)?
+            .is_erased()
+        {
+            return Err(erased_users::AccountErased.into());
+        }
         storage::inbox::save_preferences(&mut tx, user, &row).await?;
         storage::reminders::apply_lead_time(&mut tx, user, row.reminder_lead_minutes).await?;
         tx.commit().await?;

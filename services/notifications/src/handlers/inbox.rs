@@ -3,7 +3,6 @@
 
 use service_kit::access_token::Authenticated;
 use service_kit::actix_web::{web, HttpResponse};
-use service_kit::db::DbError;
 use service_kit::error::{ApiError, ErrorBody, FieldIssue};
 use service_kit::input::{hyphenated_uuid, Json, Query, Text};
 use uuid::Uuid;
@@ -14,7 +13,7 @@ use crate::api::{
 };
 use crate::domain::inbox::{Inbox, InboxError};
 use crate::domain::preferences::{
-    format_time, Delivery, Preferences, PreferencesStore, QuietHours, LEAD_MINUTES_MAX,
+    format_time, Delivery, Preferences, PreferencesStore, QuietHours, SaveError, LEAD_MINUTES_MAX,
     LEAD_MINUTES_MIN,
 };
 
@@ -22,6 +21,7 @@ impl From<InboxError> for ApiError {
     fn from(err: InboxError) -> Self {
         match err {
             InboxError::NotFound(_) => ApiError::not_found(err.to_string()),
+            InboxError::AccountErased(erased) => erased.into(),
             InboxError::Database(db) => db.into(),
         }
     }
@@ -262,6 +262,9 @@ pub async fn put_preferences(
     store
         .save(caller.user_id, &preferences)
         .await
-        .map_err(|err: DbError| ApiError::from(err))?;
+        .map_err(|err| match err {
+            SaveError::AccountErased(erased) => ApiError::from(erased),
+            SaveError::Database(db) => ApiError::from(db),
+        })?;
     Ok(HttpResponse::Ok().json(preferences_body(&preferences)))
 }
