@@ -226,7 +226,8 @@ pub struct PreferencesBody {
 /// A Web Push subscription exactly as the browser's `PushSubscription.toJSON()` gives it.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct DeviceBody {
-    /// The push service's URL for this device (https).
+    /// The push service's URL for this device: https, a browser's push service (FCM, Mozilla,
+    /// Apple, Windows), the default port; nothing inside the network.
     #[schema(value_type = String, max_length = 2048)]
     pub endpoint: Text,
     #[serde(deserialize_with = "service_kit::input::object")]

@@ -184,9 +184,7 @@ impl Service for NotificationsService {
                 settings.push.max_devices_per_user,
                 server_key.is_some(),
             )),
-            device_rules: web::Data::new(DeviceRules {
-                allow_http_loopback: settings.push.allow_http_loopback,
-            }),
+            device_rules: web::Data::new(DeviceRules::new(&settings.push)),
             server_key: server_key.map(web::Data::from),
             events,
             listener,

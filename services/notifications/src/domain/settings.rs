@@ -5,6 +5,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use service_kit::config::{ConfigError, Env};
 
+use super::devices::{AllowedHosts, EndpointPolicy, BROWSER_PUSH_SERVICES};
+
 #[derive(Debug, Clone)]
 pub struct LiveSettings {
     /// `LIVE_ALLOWED_ORIGINS`: comma-separated origins browsers may connect from (e.g.
@@ -128,9 +130,21 @@ pub struct PushSettings {
     pub max_workers: usize,
     /// `PUSH_MAX_QUEUE`, default 128: claimed pushes waiting for a worker; the rest stay pending
     /// rows in the database, so a burst costs no memory. A claim must outlast its wait in the
-    /// queue: `(PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1) × PUSH_TIMEOUT_MS` must be below
-    /// `PUSH_CLAIM_LEASE_MS`, or the service refuses to start.
+    /// queue: `max(PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1, 2) × PUSH_TIMEOUT_MS` must be below
+    /// `PUSH_CLAIM_LEASE_MS`, or the service refuses to start (2: a push may wait for one round
+    /// of its own push service's requests, see `max_in_flight_per_origin`).
     pub max_queue: usize,
+    /// `PUSH_MAX_IN_FLIGHT_PER_ORIGIN`, default ¾ of `PUSH_MAX_WORKERS` (48): pushes in flight
+    /// to one push service (`scheme://host:port`) per instance; an instance holds at most twice
+    /// that for it, and claims no more of its rows meanwhile. So a push service that is slow or
+    /// never answers takes at most this many workers, and the others' pushes go on.
+    pub max_in_flight_per_origin: usize,
+    /// `PUSH_ORIGIN_FAILURE_THRESHOLD`, default 5: consecutive pushes to one push service that
+    /// got no answer (timeout, refused, reset) or a 5xx open its circuit: nothing more is sent
+    /// there for `PUSH_RETRY_BASE_MS`, doubling per failed probe up to `PUSH_RETRY_MAX_MS`; then
+    /// one push probes it, and any answer closes it. Its rows wait in the table meanwhile, not
+    /// counting attempts.
+    pub origin_failure_threshold: u32,
     /// `PUSH_POLL_INTERVAL_MS`, default 500 ms: how often an instance looks for due pushes
     /// (a notification fired on this instance wakes it at once).
     pub poll_interval: Duration,
@@ -140,9 +154,13 @@ pub struct PushSettings {
     /// offline device (the `TTL` header).
     pub ttl: Duration,
     /// `PUSH_RETRY_BASE_MS`, default 1 s, doubling per attempt up to `PUSH_RETRY_MAX_MS`
-    /// (default 5 min); a `Retry-After` from the push service is honoured when longer.
+    /// (default 5 min); a `Retry-After` from the push service is honoured when longer, up to
+    /// `PUSH_RETRY_AFTER_MAX_MS`.
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// `PUSH_RETRY_AFTER_MAX_MS`, default 1 hour: the longest `Retry-After` honoured; a longer
+    /// one (or a date years ahead) waits this long.
+    pub retry_after_max: Duration,
     /// `PUSH_MAX_ATTEMPTS`, default 12: then the delivery is `failed`.
     pub max_attempts: i32,
     /// `PUSH_CLAIM_LEASE_MS`, default 60 s: a claimed push not settled by then (the instance
@@ -150,9 +168,15 @@ pub struct PushSettings {
     pub claim_lease: Duration,
     /// `PUSH_MAX_DEVICES_PER_USER`, default 10.
     pub max_devices_per_user: i64,
-    /// `PUSH_ALLOW_HTTP_LOOPBACK`, default false: accept `http://127.0.0.1` endpoints (the local
-    /// push service of the stack and the tests); otherwise endpoints must be `https`.
+    /// `PUSH_ALLOW_HTTP_LOOPBACK`, default false: accept `http://127.0.0.1`, `http://[::1]` and
+    /// `http://localhost` endpoints and send to loopback (the local push service of the stack
+    /// and the tests). Otherwise nothing on loopback is ever pushed to.
     pub allow_http_loopback: bool,
+    /// `PUSH_ALLOWED_HOSTS`, default the browsers' push services
+    /// (`fcm.googleapis.com,updates.push.services.mozilla.com,*.push.apple.com,*.notify.windows.com`):
+    /// the hosts an endpoint may name, `*.` for any name below one; `*` for any public host.
+    /// Addresses inside the network are refused either way.
+    pub allowed_hosts: AllowedHosts,
 }
 
 impl std::fmt::Debug for PushSettings {
@@ -165,6 +189,8 @@ impl std::fmt::Debug for PushSettings {
             .field("vapid_subject", &self.vapid_subject)
             .field("max_workers", &self.max_workers)
             .field("max_queue", &self.max_queue)
+            .field("max_in_flight_per_origin", &self.max_in_flight_per_origin)
+            .field("allowed_hosts", &self.allowed_hosts)
             .finish_non_exhaustive()
     }
 }
@@ -198,34 +224,94 @@ impl PushSettings {
         let max_workers: usize = env.ranged("PUSH_MAX_WORKERS", 64, 1, 1024)?;
         let max_queue: usize = env.ranged("PUSH_MAX_QUEUE", 128, 1, 100_000)?;
         let request_timeout = env.millis("PUSH_TIMEOUT_MS", 10_000, 100, 120_000)?;
+        let max_in_flight_per_origin: usize = env.ranged(
+            "PUSH_MAX_IN_FLIGHT_PER_ORIGIN",
+            (max_workers * 3 / 4).max(1),
+            1,
+            max_workers,
+        )?;
         let claim_lease = env.millis("PUSH_CLAIM_LEASE_MS", 60_000, 1_000, 3_600_000)?;
-        // A claim queued behind every other one, then sent with the full timeout.
-        let longest_hold = request_timeout * (max_queue / max_workers + 1) as u32;
+        // A claim queued behind every other one, then sent with the full timeout; or queued
+        // behind a full round of its own push service's requests, then sent.
+        let rounds = (max_queue / max_workers + 1).max(2);
+        let longest_hold = request_timeout * rounds as u32;
         if longest_hold >= claim_lease {
             return Err(ConfigError::Invalid {
                 name: "PUSH_CLAIM_LEASE_MS",
                 value: claim_lease.as_millis().to_string(),
                 reason: format!(
-                    "must exceed (PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1) x PUSH_TIMEOUT_MS = {} ms, \
-                     or a claim can expire while it waits and be sent twice",
+                    "must exceed max(PUSH_MAX_QUEUE / PUSH_MAX_WORKERS + 1, 2) x PUSH_TIMEOUT_MS \
+                     = {} ms, or a claim can expire while it waits and be sent twice",
                     longest_hold.as_millis()
                 ),
             });
         }
+        let allowed_hosts = AllowedHosts::parse(
+            &env.raw("PUSH_ALLOWED_HOSTS")
+                .unwrap_or_else(|| BROWSER_PUSH_SERVICES.to_owned()),
+        )
+        .map_err(|reason| ConfigError::Invalid {
+            name: "PUSH_ALLOWED_HOSTS",
+            value: env.raw("PUSH_ALLOWED_HOSTS").unwrap_or_default(),
+            reason,
+        })?;
         Ok(Self {
             vapid_private_key,
             vapid_subject,
             max_workers,
             max_queue,
+            max_in_flight_per_origin,
+            origin_failure_threshold: env.ranged("PUSH_ORIGIN_FAILURE_THRESHOLD", 5, 1, 1000)?,
             poll_interval: env.millis("PUSH_POLL_INTERVAL_MS", 500, 10, 60_000)?,
             request_timeout,
             ttl: Duration::from_secs(env.ranged("PUSH_TTL_SECONDS", 86_400, 0, 2_419_200)?),
             retry_base: env.millis("PUSH_RETRY_BASE_MS", 1_000, 10, 600_000)?,
             retry_max: env.millis("PUSH_RETRY_MAX_MS", 300_000, 10, 86_400_000)?,
+            retry_after_max: env.millis("PUSH_RETRY_AFTER_MAX_MS", 3_600_000, 1_000, 86_400_000)?,
             max_attempts: env.ranged("PUSH_MAX_ATTEMPTS", 12, 1, 100)?,
             claim_lease,
             max_devices_per_user: env.ranged("PUSH_MAX_DEVICES_PER_USER", 10, 1, 100)?,
             allow_http_loopback: env.flag("PUSH_ALLOW_HTTP_LOOPBACK", false)?,
+            allowed_hosts,
         })
+    }
+
+    /// Where pushes may go, as registration and the push client check it.
+    pub fn endpoint_policy(&self) -> EndpointPolicy {
+        EndpointPolicy {
+            allowed_hosts: self.allowed_hosts.clone(),
+            allow_http_loopback: self.allow_http_loopback,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_defaults_keep_a_quarter_of_the_workers_from_any_one_push_service() {
+        let settings = PushSettings::from_env(&Env::from_pairs(&[])).unwrap();
+        assert_eq!(settings.max_in_flight_per_origin, 48);
+        assert_eq!(settings.retry_after_max, Duration::from_secs(3600));
+        assert!(
+            matches!(settings.allowed_hosts, AllowedHosts::Listed(ref hosts) if hosts.len() == 4)
+        );
+        let small = PushSettings::from_env(&Env::from_pairs(&[
+            ("PUSH_MAX_WORKERS", "2"),
+            ("PUSH_MAX_QUEUE", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(small.max_in_flight_per_origin, 1);
+        let any = PushSettings::from_env(&Env::from_pairs(&[("PUSH_ALLOWED_HOSTS", "*")])).unwrap();
+        assert_eq!(any.allowed_hosts, AllowedHosts::Any);
+        assert!(
+            PushSettings::from_env(&Env::from_pairs(&[("PUSH_ALLOWED_HOSTS", "kafka")])).is_err()
+        );
+        assert!(PushSettings::from_env(&Env::from_pairs(&[
+            ("PUSH_MAX_WORKERS", "8"),
+            ("PUSH_MAX_IN_FLIGHT_PER_ORIGIN", "9"),
+        ]))
+        .is_err());
     }
 }

@@ -8,8 +8,9 @@ use service_kit::input::Json;
 use uuid::Uuid;
 
 use crate::api::{DeviceBody, DeviceList, DeviceView, PushKey};
-use crate::domain::devices::{DeviceError, Devices, Subscription};
+use crate::domain::devices::{DeviceError, Devices, EndpointPolicy, Subscription};
 use crate::domain::push::ServerKey;
+use crate::domain::settings::PushSettings;
 
 impl From<DeviceError> for ApiError {
     fn from(err: DeviceError) -> Self {
@@ -20,6 +21,8 @@ impl From<DeviceError> for ApiError {
             DeviceError::PushDisabled => {
                 ApiError::new(StatusCode::NOT_IMPLEMENTED, "push_not_configured", message)
             }
+            DeviceError::EndpointInUse => ApiError::conflict("endpoint_in_use", message),
+            DeviceError::Contended => ApiError::unavailable(message),
             DeviceError::Database(db) => db.into(),
         }
     }
@@ -27,7 +30,15 @@ impl From<DeviceError> for ApiError {
 
 /// The devices' settings the handlers check against.
 pub struct DeviceRules {
-    pub allow_http_loopback: bool,
+    pub policy: EndpointPolicy,
+}
+
+impl DeviceRules {
+    pub fn new(settings: &PushSettings) -> Self {
+        Self {
+            policy: settings.endpoint_policy(),
+        }
+    }
 }
 
 #[utoipa::path(
@@ -35,16 +46,22 @@ pub struct DeviceRules {
     security(("bearer" = [])),
     request_body = DeviceBody,
     description = "Registers the browser's push subscription (`PushSubscription.toJSON()`, as is). \
+        The endpoint must be an https URL of a browser's push service (FCM, Mozilla, Apple, \
+        Windows) on the default port; addresses and names inside the network are refused. It is \
+        kept as parsed (spaces around it dropped, host in lower case), so one URL is one device. \
         Registering an endpoint again updates its keys; an endpoint another account registered \
-        moves to this one.",
+        moves to this one only with the same keys (the same browser hands out the same \
+        subscription), otherwise 409 `endpoint_in_use`.",
     responses(
         (status = 201, description = "A new device.", body = DeviceView),
         (status = 200, description = "Already registered; keys updated.", body = DeviceView),
         (status = 400, description = "A field breaks a rule; `details` names each.", body = ErrorBody),
         (status = 401, description = "Missing or invalid access token.", body = ErrorBody),
-        (status = 409, description = "The account has the most devices allowed.", body = ErrorBody),
+        (status = 409, description = "The account has the most devices allowed (`too_many_devices`), \
+            or another account has this endpoint with other keys (`endpoint_in_use`).", body = ErrorBody),
         (status = 501, description = "Push is not configured on this server.", body = ErrorBody),
-        (status = 503, description = "The database is unavailable; retry.", body = ErrorBody),
+        (status = 503, description = "The database is unavailable, or registrations of this \
+            endpoint raced; retry.", body = ErrorBody),
     )
 )]
 pub async fn register(
@@ -57,7 +74,7 @@ pub async fn register(
         &body.endpoint,
         &body.keys.p256dh,
         &body.keys.auth,
-        rules.allow_http_loopback,
+        &rules.policy,
     )
     .map_err(|problems| {
         ApiError::invalid_input(

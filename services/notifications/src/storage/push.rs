@@ -1,5 +1,6 @@
 //! Web Push's SQL: the devices' subscriptions and the durable deliveries to them.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use service_kit::sqlx::{self, PgConnection};
@@ -19,18 +20,26 @@ pub struct SubscriptionRow {
 /// What registering did.
 #[derive(Debug, Clone)]
 pub enum Registered {
-    /// A new device.
+    /// A new device (also one moved here from another account).
     Created(SubscriptionRow),
     /// The endpoint was this user's already; its keys are updated.
     Existing(SubscriptionRow),
     /// The user has `max` devices already.
     LimitReached,
+    /// Another account has the endpoint, with other keys.
+    InUse,
+    /// Registrations of the same endpoint kept racing this one; nothing changed.
+    Contended,
 }
 
 /// Registers a subscription for `user`, at most `max` per user. The user's registrations are
-/// serialised (an advisory lock on the user), so two at once cannot pass the limit together. An
-/// endpoint registered by another account moves to this one: the browser belongs to whoever
-/// subscribed last.
+/// serialised (an advisory lock on the user), so two at once cannot pass the limit together.
+///
+/// An endpoint another account registered moves to this one only with the same keys: the
+/// browser that subscribed, logged in to another account, hands out the same subscription; the
+/// endpoint URL alone (which logs and proxies see) is not proof of holding it. Moving deletes the
+/// old account's row, with its pushes pending and past (they were that account's notifications),
+/// and makes a new device.
 #[tracing::instrument(name = "push.register", skip_all)]
 pub async fn register(
     conn: &mut PgConnection,
@@ -44,48 +53,79 @@ pub async fn register(
         .bind(user)
         .execute(&mut *conn)
         .await?;
-    let existing: Option<(Uuid, Uuid)> =
-        sqlx::query_as("SELECT id, user_id FROM push_subscriptions WHERE endpoint = $1")
-            .bind(endpoint)
-            .fetch_optional(&mut *conn)
-            .await?;
-    if let Some((id, owner)) = existing {
-        if owner == user {
-            let row = sqlx::query_as(
-                "UPDATE push_subscriptions SET p256dh = $2, auth = $3 WHERE id = $1 \
-                 RETURNING id, endpoint, p256dh, auth, created_at",
-            )
-            .bind(id)
-            .bind(p256dh)
-            .bind(auth)
-            .fetch_one(&mut *conn)
-            .await?;
-            return Ok(Registered::Existing(row));
+    // Another account's first registration of this endpoint may commit between the look-up and
+    // the insert: then it is looked up again (a handful of times at most).
+    for _ in 0..3 {
+        let existing: Option<(Uuid, Uuid, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+            "SELECT id, user_id, p256dh, auth FROM push_subscriptions WHERE endpoint = $1 \
+             FOR UPDATE",
+        )
+        .bind(endpoint)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some((id, owner, ref known_p256dh, ref known_auth)) = existing {
+            if owner == user {
+                let row = sqlx::query_as(
+                    "UPDATE push_subscriptions SET p256dh = $2, auth = $3 WHERE id = $1 \
+                     RETURNING id, endpoint, p256dh, auth, created_at",
+                )
+                .bind(id)
+                .bind(p256dh)
+                .bind(auth)
+                .fetch_one(&mut *conn)
+                .await?;
+                return Ok(Registered::Existing(row));
+            }
+            // Both compared whole, whichever differs first.
+            let same_keys = same_secret(known_p256dh, p256dh) & same_secret(known_auth, auth);
+            if !same_keys {
+                return Ok(Registered::InUse);
+            }
+        }
+        if devices_of(&mut *conn, user).await? >= max {
+            return Ok(Registered::LimitReached);
+        }
+        if let Some((id, ..)) = existing {
+            sqlx::query("DELETE FROM push_subscriptions WHERE id = $1")
+                .bind(id)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let created: Option<SubscriptionRow> = sqlx::query_as(
+            "INSERT INTO push_subscriptions (id, user_id, endpoint, p256dh, auth) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (endpoint) DO NOTHING \
+             RETURNING id, endpoint, p256dh, auth, created_at",
+        )
+        .bind(Uuid::now_v7())
+        .bind(user)
+        .bind(endpoint)
+        .bind(p256dh)
+        .bind(auth)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if let Some(row) = created {
+            return Ok(Registered::Created(row));
         }
     }
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
-            .bind(user)
-            .fetch_one(&mut *conn)
-            .await?;
-    if count >= max {
-        return Ok(Registered::LimitReached);
-    }
-    let row = sqlx::query_as(
-        "INSERT INTO push_subscriptions (id, user_id, endpoint, p256dh, auth) \
-         VALUES ($1, $2, $3, $4, $5) \
-         ON CONFLICT (endpoint) DO UPDATE SET id = EXCLUDED.id, user_id = EXCLUDED.user_id, \
-           p256dh = EXCLUDED.p256dh, auth = EXCLUDED.auth, created_at = now() \
-         RETURNING id, endpoint, p256dh, auth, created_at",
-    )
-    .bind(Uuid::now_v7())
-    .bind(user)
-    .bind(endpoint)
-    .bind(p256dh)
-    .bind(auth)
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(Registered::Created(row))
+    Ok(Registered::Contended)
+}
+
+async fn devices_of(conn: &mut PgConnection, user: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT count(*) FROM push_subscriptions WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(conn)
+        .await
+}
+
+/// Equal bytes, compared in time that does not depend on where they differ (the auth secret is
+/// one).
+fn same_secret(known: &[u8], given: &[u8]) -> bool {
+    known.len() == given.len()
+        && known
+            .iter()
+            .zip(given)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
 }
 
 #[tracing::instrument(name = "push.subscriptions", skip_all)]
@@ -154,6 +194,9 @@ pub struct ClaimedDelivery {
     pub urgency: String,
     pub subscription_id: Uuid,
     pub endpoint: String,
+    /// `scheme://host[:port]` of the endpoint, as [`ORIGIN_OF_ENDPOINT`] cuts it: what the
+    /// dispatcher keeps pushes apart by, and names in `skip_origins`.
+    pub origin: String,
     pub p256dh: Vec<u8>,
     pub auth: Vec<u8>,
     pub notification_id: Uuid,
@@ -164,37 +207,53 @@ pub struct ClaimedDelivery {
     pub created_at: OffsetDateTime,
 }
 
+/// The push service's origin of `s.endpoint`, in SQL: everything before the path (endpoints
+/// are stored as the URL parser writes them, so one origin has one spelling).
+const ORIGIN_OF_ENDPOINT: &str =
+    "coalesce(substring(s.endpoint from '^[^/?#]*//[^/?#]*'), s.endpoint)";
+
 /// Claims up to `limit` due pending pushes nobody holds (or whose holder's claim expired), for
-/// `lease`, counting the attempt.
+/// `lease`, counting the attempt; none to the origins in `skip_origins` (push services this
+/// instance holds enough pushes for, or that stopped answering), so their backlog stays in the
+/// table instead of crowding out everyone else's pushes.
 #[tracing::instrument(name = "push.claim", skip_all)]
 pub async fn claim(
     conn: &mut PgConnection,
     limit: i64,
     lease: Duration,
+    skip_origins: &[String],
 ) -> sqlx::Result<Vec<ClaimedDelivery>> {
-    sqlx::query_as(
-        "WITH claimed AS ( \
-           UPDATE push_deliveries d \
-           SET claimed_until = now() + make_interval(secs => $2), attempts = d.attempts + 1 \
-           FROM (SELECT id FROM push_deliveries \
-                 WHERE state = 'pending' AND next_attempt_at <= now() \
-                   AND (claimed_until IS NULL OR claimed_until < now()) \
-                 ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED) AS due \
-           WHERE d.id = due.id \
-           RETURNING d.id, d.attempts, d.urgency, d.subscription_id, d.notification_id) \
-         SELECT c.id, c.attempts, c.urgency, c.subscription_id, s.endpoint, s.p256dh, s.auth, \
-                c.notification_id, n.kind, n.task_id, n.title, n.body, n.created_at \
-         FROM claimed c \
-         JOIN push_subscriptions s ON s.id = c.subscription_id \
-         JOIN notifications n ON n.id = c.notification_id",
-    )
-    .bind(limit)
-    .bind(lease.as_secs_f64())
-    .fetch_all(conn)
-    .await
+    static STATEMENT: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "WITH claimed AS ( \
+               UPDATE push_deliveries d \
+               SET claimed_until = now() + make_interval(secs => $2), attempts = d.attempts + 1 \
+               FROM (SELECT p.id FROM push_deliveries p \
+                     JOIN push_subscriptions s ON s.id = p.subscription_id \
+                     WHERE p.state = 'pending' AND p.next_attempt_at <= now() \
+                       AND (p.claimed_until IS NULL OR p.claimed_until < now()) \
+                       AND {ORIGIN_OF_ENDPOINT} <> ALL($3) \
+                     ORDER BY p.next_attempt_at LIMIT $1 FOR UPDATE OF p SKIP LOCKED) AS due \
+               WHERE d.id = due.id \
+               RETURNING d.id, d.attempts, d.urgency, d.subscription_id, d.notification_id) \
+             SELECT c.id, c.attempts, c.urgency, c.subscription_id, s.endpoint, \
+                    {ORIGIN_OF_ENDPOINT} AS origin, s.p256dh, s.auth, \
+                    c.notification_id, n.kind, n.task_id, n.title, n.body, n.created_at \
+             FROM claimed c \
+             JOIN push_subscriptions s ON s.id = c.subscription_id \
+             JOIN notifications n ON n.id = c.notification_id"
+        )
+    });
+    sqlx::query_as(STATEMENT.as_str())
+        .bind(limit)
+        .bind(lease.as_secs_f64())
+        .bind(skip_origins)
+        .fetch_all(conn)
+        .await
 }
 
-/// Gives up claims that were queued but not sent (the instance is stopping).
+/// Gives up claims that were queued but not sent (the instance is stopping, or their push
+/// service stopped answering): not an attempt, and due again at once for whoever may send.
 #[tracing::instrument(name = "push.release", skip_all)]
 pub async fn release(conn: &mut PgConnection, ids: &[Uuid]) -> sqlx::Result<()> {
     sqlx::query(
@@ -221,7 +280,9 @@ pub async fn mark_sent(conn: &mut PgConnection, id: Uuid, status: u16) -> sqlx::
     .map(drop)
 }
 
-/// Try again `delay` from now (the database's clock, the one claims are made by).
+/// Try again `delay` from now (the database's clock, the one claims are made by); `delay` is
+/// bounded by the caller (an interval beyond PostgreSQL's range would fail the statement, and the
+/// push would be sent again when its claim expired).
 #[tracing::instrument(name = "push.retry_later", skip_all)]
 pub async fn retry_later(
     conn: &mut PgConnection,
@@ -283,4 +344,17 @@ pub async fn pending(conn: &mut PgConnection, cap: i64) -> sqlx::Result<i64> {
     .bind(cap)
     .fetch_one(conn)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_equal_only_when_every_byte_is() {
+        assert!(same_secret(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_secret(b"0123456789abcdef", b"0123456789abcdeF"));
+        assert!(!same_secret(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(same_secret(b"", b""));
+    }
 }
