@@ -644,7 +644,7 @@ pub(crate) mod fake_postgres {
     pub fn database() -> Database {
         let url = test_support::fake_postgres::url();
         Database::connect_lazy(&DatabaseConfig {
-            writer_url: url,
+            writer_url: url.into(),
             reader_url: None,
             max_connections: 2,
             acquire_timeout: Duration::from_secs(2),

@@ -4,6 +4,7 @@
 //! value stops the process before it binds a port, with one line naming the variable and what
 //! is wrong with it, so a bad deploy fails fast and says why.
 
+use std::fmt;
 use std::net::IpAddr;
 
 pub use ipnet::IpNet;
@@ -60,9 +61,9 @@ pub struct HttpConfig {
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     /// `DATABASE_WRITER_URL` (required): the primary, for writes and read-your-writes reads.
-    pub writer_url: String,
+    pub writer_url: DatabaseUrl,
     /// `DATABASE_READER_URL` (optional): a replica (or a `-ro` service); without it reads use the writer.
-    pub reader_url: Option<String>,
+    pub reader_url: Option<DatabaseUrl>,
     /// `DATABASE_MAX_CONNECTIONS`, default 10, per pool.
     pub max_connections: u32,
     /// `DATABASE_ACQUIRE_TIMEOUT_MS`, default 3 s: waiting longer for a pooled connection is an error.
@@ -74,6 +75,63 @@ pub struct DatabaseConfig {
     pub replica_max_lag: Duration,
     /// `DATABASE_REPLICA_CHECK_INTERVAL_MS`, default 250 ms: how often the replica is probed.
     pub replica_check_interval: Duration,
+}
+
+/// A PostgreSQL URL, which may carry a password: `Debug` (what a log line or a panic message of
+/// a config shows) hides the password; [`DatabaseUrl::expose`] gives the URL to connect with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL itself, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DatabaseUrl({:?})", redact_password(&self.0))
+    }
+}
+
+/// `scheme://user:secret@host/db?password=secret` → `scheme://user:***@host/db?password=***`.
+fn redact_password(url: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let mut shown = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((credentials, host)) => match credentials.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_owned(),
+            },
+            None => base.to_owned(),
+        },
+        None => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&parameters.join("&"));
+    }
+    shown
 }
 
 #[derive(Debug, Clone)]
@@ -309,10 +367,10 @@ impl Env {
             .map(Duration::from_millis)
     }
 
-    pub fn postgres_url(&self, name: &'static str) -> Result<String, ConfigError> {
+    pub fn postgres_url(&self, name: &'static str) -> Result<DatabaseUrl, ConfigError> {
         let value = self.required(name)?;
         if value.starts_with("postgres://") || value.starts_with("postgresql://") {
-            Ok(value)
+            Ok(DatabaseUrl(value))
         } else {
             Err(ConfigError::Invalid {
                 name,
@@ -408,6 +466,33 @@ mod tests {
         assert_eq!(
             err,
             "DATABASE_MAX_CONNECTIONS=\"0\" is invalid: must be between 1 and 1000"
+        );
+    }
+
+    #[test]
+    fn passwords_in_database_urls_are_never_shown() {
+        let config = load(&[
+            (
+                "DATABASE_WRITER_URL",
+                "postgres://tasks:s3cret@db-rw:5432/tasks",
+            ),
+            (
+                "DATABASE_READER_URL",
+                "postgresql://tasks@db-ro/tasks?sslmode=require&password=s3cret",
+            ),
+            ("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://tasks:***@db-rw:5432/tasks"),
+            "{shown}"
+        );
+        assert!(shown.contains("sslmode=require&password=***"), "{shown}");
+        assert_eq!(
+            config.database.writer_url.expose(),
+            "postgres://tasks:s3cret@db-rw:5432/tasks"
         );
     }
 

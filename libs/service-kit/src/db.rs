@@ -271,14 +271,20 @@ impl Database {
             .test_before_acquire(false);
         let writer = pool_options.clone().connect_lazy_with(parse_url(
             "DATABASE_WRITER_URL",
-            &config.writer_url,
+            config.writer_url.expose(),
             config.statement_timeout,
         )?);
         let replica = match &config.reader_url {
             None => None,
             Some(url) => {
-                let connect_options =
-                    parse_url("DATABASE_READER_URL", url, config.statement_timeout)?;
+                // Read-only sessions: a write routed here by mistake fails (25006) instead of
+                // landing on whatever the reader address points at (a primary, after a switch).
+                let connect_options = parse_url(
+                    "DATABASE_READER_URL",
+                    url.expose(),
+                    config.statement_timeout,
+                )?
+                .options([("default_transaction_read_only", "on")]);
                 Some(Replica {
                     pool: ArcSwap::from_pointee(
                         pool_options
@@ -948,8 +954,8 @@ mod tests {
 
     fn database(writer_url: String, reader_url: Option<String>) -> Database {
         Database::connect_lazy(&DatabaseConfig {
-            writer_url,
-            reader_url,
+            writer_url: writer_url.into(),
+            reader_url: reader_url.map(Into::into),
             max_connections: 2,
             acquire_timeout: Duration::from_millis(300),
             statement_timeout: Duration::from_secs(1),

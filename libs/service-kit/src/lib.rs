@@ -300,9 +300,11 @@ fn migrate<S: Service>() -> ExitCode {
             tracing::info!("{} has no migrations", S::NAME);
             return Ok(());
         };
-        let mut conn = sqlx::PgConnection::connect(&url).await.map_err(|err| {
-            CommandError::Failed(format!("cannot connect to DATABASE_WRITER_URL: {err}"))
-        })?;
+        let mut conn = sqlx::PgConnection::connect(url.expose())
+            .await
+            .map_err(|err| {
+                CommandError::Failed(format!("cannot connect to DATABASE_WRITER_URL: {err}"))
+            })?;
         migrator
             .run(&mut conn)
             .await

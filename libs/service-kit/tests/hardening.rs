@@ -442,3 +442,48 @@ async fn a_consistency_token_from_the_future_cannot_pin_reads_to_the_primary() {
         "only {on_replica} of 20 reads with a future token were served by the replica"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_pool_refuses_writes_whatever_its_address_points_at() {
+    // A reader address that reaches a writable server (a `-ro` service pointed at the wrong
+    // pods, a replica promoted after a failover): a write routed to the reader by mistake must
+    // fail there, not land.
+    let stack = TestStack::from_env();
+    create_probe_rows(&stack);
+    let primary = local_postgres::database_url(stack.primary_port, "postgres");
+    let db = service_kit::db::Database::connect_lazy(&service_kit::config::DatabaseConfig {
+        writer_url: primary.clone().into(),
+        reader_url: Some(primary.into()),
+        max_connections: 2,
+        acquire_timeout: Duration::from_secs(2),
+        statement_timeout: Duration::from_secs(2),
+        replica_max_lag: Duration::from_secs(5),
+        replica_check_interval: Duration::from_millis(250),
+    })
+    .unwrap();
+    let id = uuid::Uuid::new_v4().to_string();
+    let written = db
+        .replica_or_primary(|mut conn| {
+            let id = id.clone();
+            async move {
+                service_kit::sqlx::query("INSERT INTO probe_rows (id) VALUES ($1::uuid)")
+                    .bind(id)
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+            }
+        })
+        .await;
+    let err = written.expect_err("a write on the reader pool was applied");
+    assert!(err.to_string().contains("read-only"), "{err}");
+    // Reads there work as ever.
+    let read = db
+        .replica_or_primary(|mut conn| async move {
+            service_kit::sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+        })
+        .await
+        .unwrap();
+    assert_eq!(read, 1);
+}

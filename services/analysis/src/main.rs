@@ -17,7 +17,7 @@ fn rebuild() -> ExitCode {
     service_kit::run_command("analysis", "rebuild", |env| async move {
         let url = env.postgres_url("DATABASE_WRITER_URL")?;
         let broker = env.required("KAFKA_BOOTSTRAP_SERVERS")?;
-        let report = analysis::domain::rebuild::rebuild(&url, &broker)
+        let report = analysis::domain::rebuild::rebuild(url.expose(), &broker)
             .await
             .map_err(|err| CommandError::Failed(err.to_string()))?;
         tracing::info!(
