@@ -42,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
 use opentelemetry::trace::Status;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -116,6 +117,10 @@ const FALLBACK_REASONS: [&str; 4] = [
     "read_failed",
     "missing_on_replica",
 ];
+
+/// The shortest time between two readings of the primary's position for consistency tokens
+/// beyond what this process has seen: what a flood of forged tokens can cost the primary.
+const POSITION_READ_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Bad probes in a row after which the replica in use is given up.
 const BAD_PROBES_TO_GIVE_UP: u32 = 2;
@@ -239,16 +244,34 @@ struct Inner {
     /// The furthest WAL position this process has seen on the primary (its commits, the
     /// monitor's samples): what consistency tokens are clamped to.
     seen: AtomicU64,
-    /// The primary's insert position as last read for a token beyond `seen` (when the reading
-    /// began, and the position); held while reading, so a burst of such tokens shares queries.
-    seen_refresh: tokio::sync::Mutex<Option<(Instant, u64)>>,
+    /// Readings of the primary's position for tokens beyond `seen`, shared by every request
+    /// that waits for one and at most one per [`POSITION_READ_INTERVAL`].
+    position_reads: std::sync::Mutex<PositionReads>,
+    /// Misses on the replica confirmed on the primary at once, at most: a flood of lookups for
+    /// ids that do not exist cannot move the reads onto the primary.
+    miss_confirmations: tokio::sync::Semaphore,
 }
+
+/// The primary's position as read for tokens beyond what this process has seen.
+#[derive(Default)]
+struct PositionReads {
+    /// The newest reading: when it began, and the position (`None`: it failed).
+    last: Option<(Instant, Option<u64>)>,
+    /// The reading under way, if any: every request that needs it awaits the same one.
+    under_way: Option<PositionReading>,
+}
+
+/// A reading of the primary's position: when it began, and the position (`None`: it failed).
+type PositionReading = futures_util::future::Shared<BoxFuture<'static, (Instant, Option<u64>)>>;
 
 struct Replica {
     pool: ArcSwap<PgPool>,
     connect_options: PgConnectOptions,
     pool_options: PgPoolOptions,
     in_use: AtomicBool,
+    /// Whether the last probe found the replica behind by a check interval or more: then a
+    /// miss on it may be an artefact of lag.
+    behind: AtomicBool,
     /// Bad probes in a row while in use (only the monitor task touches it).
     bad_probes: AtomicU32,
     /// The primary's flushed position over the last `max_lag` and a little more, oldest first
@@ -295,6 +318,7 @@ impl Database {
                     pool_options,
                     // Optimistic until the first probe says otherwise; a failed read falls back anyway.
                     in_use: AtomicBool::new(true),
+                    behind: AtomicBool::new(false),
                     bad_probes: AtomicU32::new(0),
                     primary_positions: Default::default(),
                     max_lag: config.replica_max_lag,
@@ -315,7 +339,10 @@ impl Database {
                 writer,
                 replica,
                 seen: AtomicU64::new(0),
-                seen_refresh: tokio::sync::Mutex::new(None),
+                position_reads: Default::default(),
+                miss_confirmations: tokio::sync::Semaphore::new(
+                    (config.max_connections as usize / 4).max(1),
+                ),
             }),
         })
     }
@@ -370,10 +397,13 @@ impl Database {
         self.route_read(token, &op).await.map(|(value, _)| value)
     }
 
-    /// Like [`Self::replica_or_primary_after`] for a lookup that may find nothing: a miss on the
-    /// replica is confirmed on the primary, since the row may just not be replayed yet (created a
-    /// moment ago, perhaps from another device, without a consistency token). Misses are rare, so
-    /// this costs little, and "not found" is never an artefact of replication lag.
+    /// Like [`Self::replica_or_primary_after`] for a lookup that may find nothing. A miss on the
+    /// replica is confirmed on the primary only when that can change the answer: while the
+    /// replica is measurably behind (it had not replayed, at its last probe, what the primary had
+    /// flushed a check interval before), and then a few at a time. A replica that keeps up
+    /// answers misses itself, so lookups of made-up ids cannot move reads onto the primary; a
+    /// client that needs its own write sends its consistency token, which the replica is checked
+    /// against first.
     pub async fn find_on_replica_or_primary<T, F, Fut>(
         &self,
         token: Option<Lsn>,
@@ -384,7 +414,12 @@ impl Database {
         Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
     {
         match self.route_read(token, &op).await? {
-            (None, ReadTarget::Replica) => {
+            (None, ReadTarget::Replica) if self.replica_behind() => {
+                // Confirm only a few at a time; the others' miss stands (the replica is at most
+                // the lag bound behind, as every plain read may be).
+                let Ok(_permit) = self.inner.miss_confirmations.try_acquire() else {
+                    return Ok(None);
+                };
                 metrics::counter!(names::DB_REPLICA_FALLBACK, "reason" => "missing_on_replica")
                     .increment(1);
                 self.primary(op).await
@@ -483,33 +518,87 @@ impl Database {
     /// `token` if a write can have produced it: one beyond the primary's current position (from
     /// the future, forged, or another service's) stands for no write, so it asks for nothing
     /// and the read is a plain one (`None`). Tokens up to the furthest position this process
-    /// has seen cost nothing; beyond it, one query to the primary, shared by every request that
-    /// arrived before it started.
+    /// has seen cost nothing; beyond it, the request waits for a reading of the primary's
+    /// position begun after it arrived. Readings are shared by every request waiting at the
+    /// time and begin at most every [`POSITION_READ_INTERVAL`], so a flood of forged tokens costs
+    /// the primary at most that many small queries a second and its requests wait side by side,
+    /// never in a queue behind each other.
     async fn clamp(&self, token: Lsn) -> Option<Lsn> {
         if token.0 <= self.inner.seen.load(Ordering::Acquire) {
             return Some(token);
         }
         let arrived = Instant::now();
-        let mut last = self.inner.seen_refresh.lock().await;
-        let current = match *last {
-            // A reading begun after this token was sent covers any write it stands for.
-            Some((started, position)) if started >= arrived => position,
-            _ => {
-                let started = Instant::now();
-                let current = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
-                    .fetch_one(&self.inner.writer)
-                    .await;
-                match current {
-                    Ok(current) => {
-                        *last = Some((started, current as u64));
-                        current as u64
+        loop {
+            let reading = {
+                let Ok(mut reads) = self.inner.position_reads.lock() else {
+                    return Some(token);
+                };
+                match reads.last {
+                    // A reading begun after this token was sent covers any write it stands for.
+                    Some((started, position)) if started >= arrived => {
+                        // Cannot tell: the token stands; the read goes where it says.
+                        return position
+                            .is_none_or(|current| token.0 <= current)
+                            .then_some(token);
                     }
-                    // Cannot tell: the token stands; the read goes where it says.
-                    Err(_) => return Some(token),
+                    _ => {}
+                }
+                match &reads.under_way {
+                    Some(reading) => reading.clone(),
+                    None => {
+                        let not_before = reads
+                            .last
+                            .map(|(started, _)| started + POSITION_READ_INTERVAL);
+                        let reading = self.read_position(not_before).boxed().shared();
+                        reads.under_way = Some(reading.clone());
+                        reading
+                    }
+                }
+            };
+            let finished = reading.clone().await;
+            if let Ok(mut reads) = self.inner.position_reads.lock() {
+                if reads.last.is_none_or(|(started, _)| started < finished.0) {
+                    reads.last = Some(finished);
+                }
+                // Only this reading: a newer one may be under way already.
+                if reads
+                    .under_way
+                    .as_ref()
+                    .is_some_and(|under_way| under_way.ptr_eq(&reading))
+                {
+                    reads.under_way = None;
                 }
             }
-        };
-        (token.0 <= current).then_some(token)
+        }
+    }
+
+    /// Reads the primary's insert position, not before `not_before`; returns when the reading
+    /// began and the position (`None` if it failed).
+    fn read_position(
+        &self,
+        not_before: Option<Instant>,
+    ) -> impl Future<Output = (Instant, Option<u64>)> + Send + 'static {
+        let writer = self.inner.writer.clone();
+        async move {
+            if let Some(not_before) = not_before {
+                tokio::time::sleep_until(not_before.into()).await;
+            }
+            let started = Instant::now();
+            let current = sqlx::query_scalar::<_, i64>(INSERT_LSN_SQL)
+                .fetch_one(&writer)
+                .await
+                .ok()
+                .map(|position| position as u64);
+            (started, current)
+        }
+    }
+
+    /// Whether the replica in use was measurably behind at its last probe.
+    fn replica_behind(&self) -> bool {
+        self.inner
+            .replica
+            .as_ref()
+            .is_some_and(|replica| replica.behind.load(Ordering::Relaxed))
     }
 
     /// Notes a position the primary reached.
@@ -764,6 +853,8 @@ impl Replica {
             Ok(Ok(replayed)) => {
                 let (required, lag) = self.judge(replayed as u64, Instant::now());
                 metrics::gauge!(names::DB_REPLICA_LAG).set(lag.as_secs_f64());
+                self.behind
+                    .store(lag >= self.check_interval, Ordering::Relaxed);
                 match required {
                     Some(required) if (replayed as u64) < required => Err(format!(
                         "replayed {} but the primary had flushed {} {:?} ago",
