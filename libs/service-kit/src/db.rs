@@ -88,6 +88,24 @@ tokio::task_local! {
     static AFTER_COMMIT: std::cell::RefCell<Vec<CommitHook>>;
 }
 
+tokio::task_local! {
+    /// Set by the HTTP layer around each request (see [`watch_writes`]): raised once a write of
+    /// the request may have reached the database for good (an autocommit statement sent, or a
+    /// COMMIT), after which cancelling the request could not undo it.
+    static WRITE_SENT: Arc<AtomicBool>;
+}
+
+/// Runs `request`, raising `write_sent` once a write of it may have been applied: then a
+/// timeout must let it finish rather than answer "nothing was done".
+pub async fn watch_writes<T>(write_sent: Arc<AtomicBool>, request: impl Future<Output = T>) -> T {
+    WRITE_SENT.scope(write_sent, request).await
+}
+
+/// Notes, for the request being served (if any), that a write may now reach the database.
+fn note_write_sent() {
+    let _ = WRITE_SENT.try_with(|sent| sent.store(true, Ordering::Release));
+}
+
 /// Runs `write`, collecting the hooks it registers with [`after_commit`].
 async fn with_commit_hooks<T>(write: impl Future<Output = T>) -> (T, Vec<CommitHook>) {
     AFTER_COMMIT
@@ -367,6 +385,8 @@ impl Database {
         F: FnOnce(PoolConnection<Postgres>) -> Fut,
         Fut: Future<Output = Result<T, sqlx::Error>>,
     {
+        // Its statements commit one by one (autocommit): any may be a write.
+        note_write_sent();
         run_timed(&self.inner.writer, "writer", op)
             .await
             .map_err(|err| to_db_error(err, "writer"))
@@ -627,6 +647,8 @@ impl Database {
                 .await
                 .map_err(|err| failed(&span, err, "writer"))?;
             let value = op(&mut tx).await?;
+            // Until here, cancelling rolls back; from here on the write may be applied.
+            note_write_sent();
             tx.commit()
                 .instrument(commit.clone())
                 .await
@@ -653,6 +675,7 @@ impl Database {
         let mut conn = self.writer_connection().await?;
         let span = stage_span(|| tracing::info_span!("db.write", pool = "writer"));
         let running = Instant::now();
+        note_write_sent();
         let (written, hooks) = with_commit_hooks(op(&mut conn))
             .instrument(span.clone())
             .await;

@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,7 @@ pub struct AppContext {
 }
 
 /// A route path and its handlers by method: `resource("/v1/tasks").get(list).post(create)`.
-/// Other methods get a JSON 405 naming the method with `Allow` listing these (RFC 9110), like
+/// A GET route answers HEAD too. Other methods get a JSON 405 naming the method with `Allow` listing these (RFC 9110), like
 /// every other error, instead of actix's empty one; a handler that panics gets a logged 500
 /// (see `catch_panics`) instead of a dropped connection.
 pub fn resource(path: &str) -> Routes {
@@ -88,10 +89,19 @@ impl Routes {
         Args: FromRequest + 'static,
         F::Output: actix_web::Responder + 'static,
     {
+        let head = (method == Method::GET).then(|| handler.clone());
         self.resource = self
             .resource
             .route(web::route().method(method.clone()).to(handler));
         self.allowed.push(method);
+        if let Some(handler) = head {
+            // HEAD is GET without the body (RFC 9110 9.3.2): the same handler, and the HTTP
+            // layer sends the head only, Content-Length included.
+            self.resource = self
+                .resource
+                .route(web::route().method(Method::HEAD).to(handler));
+            self.allowed.push(Method::HEAD);
+        }
         self
     }
 
@@ -629,29 +639,75 @@ async fn catch_panics(
     }
 }
 
-/// Answers 503 with `Retry-After` when a handler runs past `HTTP_REQUEST_TIMEOUT_MS`.
+/// Bounds a handler's time by `HTTP_REQUEST_TIMEOUT_MS`, so that the answer never lies about a
+/// write:
+/// - a request still running at the limit, none of whose writes can have reached the database
+///   (a read, or a write not yet sent or committed), is cut: 503 `timeout` with `Retry-After`,
+///   and nothing was done;
+/// - one whose write may already be applied (an autocommit statement sent, a COMMIT under way)
+///   is let finish, for up to `DATABASE_STATEMENT_TIMEOUT_MS` more, and answered as it ends: a
+///   client told "retry" would apply a change twice;
+/// - if even that runs out, 503 `outcome_unknown`: the change may or may not have been applied;
+///   read it back, or retry with the same `Idempotency-Key`, which applies it at most once.
 async fn enforce_timeout(
     request: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let limit = request
-        .app_data::<web::Data<AppContext>>()
-        .map_or(Duration::from_secs(15), |context| {
-            context.config.http.request_timeout
-        });
-    let http_request = request.request().clone();
-    match tokio::time::timeout(limit, next.call(request)).await {
-        Ok(result) => result.map(ServiceResponse::map_into_left_body),
-        Err(_) => {
-            let answer = ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "timeout",
-                format!("the request took longer than {} ms", limit.as_millis()),
+    let (limit, grace) = request.app_data::<web::Data<AppContext>>().map_or(
+        (Duration::from_secs(15), Duration::from_secs(10)),
+        |context| {
+            let config = &context.config;
+            let statement = config.database.statement_timeout;
+            (
+                config.http.request_timeout,
+                if statement.is_zero() {
+                    config.http.request_timeout
+                } else {
+                    statement
+                },
             )
-            .retry_after(1);
-            Ok(ServiceResponse::new(http_request, answer.error_response()).map_into_right_body())
-        }
-    }
+        },
+    );
+    let http_request = request.request().clone();
+    // GET, HEAD and OPTIONS change nothing, whatever they read on the primary.
+    let safe = matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    let write_sent = Arc::new(AtomicBool::new(false));
+    let mut handling = std::pin::pin!(crate::db::watch_writes(
+        write_sent.clone(),
+        next.call(request)
+    ));
+    let answer = match tokio::time::timeout(limit, handling.as_mut()).await {
+        Ok(result) => return result.map(ServiceResponse::map_into_left_body),
+        Err(_) if safe || !write_sent.load(Ordering::Acquire) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!(
+                "the request took longer than {} ms and was stopped before it changed anything; \
+                 try again",
+                limit.as_millis()
+            ),
+        ),
+        Err(_) => match tokio::time::timeout(grace, handling).await {
+            Ok(result) => return result.map(ServiceResponse::map_into_left_body),
+            Err(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                format!(
+                    "the request took longer than {} ms while its change was being written: it \
+                     may or may not have been applied; read it back, or retry with the same \
+                     Idempotency-Key",
+                    (limit + grace).as_millis()
+                ),
+            ),
+        },
+    };
+    Ok(
+        ServiceResponse::new(http_request, answer.retry_after(1).error_response())
+            .map_into_right_body(),
+    )
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ mod common;
 use common::{send, task_id, token, System};
 use reqwest::Method;
 use serde_json::json;
+use service_kit::sqlx::Connection;
 
 #[tokio::test]
 async fn nul_bytes_are_refused_naming_the_field_and_nothing_is_written() {
@@ -139,12 +140,114 @@ async fn a_field_that_cannot_be_cleared_refuses_null_and_unknown_methods_say_wha
     assert_eq!(array.status, 400, "{}", array.body);
 
     for (method, path, allow) in [
-        (Method::PUT, "/v1/tasks".to_owned(), "POST, GET"),
-        (Method::POST, path.clone(), "GET, PATCH, DELETE"),
+        (Method::PUT, "/v1/tasks".to_owned(), "POST, GET, HEAD"),
+        (Method::POST, path.clone(), "GET, HEAD, PATCH, DELETE"),
     ] {
         let answer = send(system.request(&ada, method.clone(), &path)).await;
         assert_eq!(answer.status, 405, "{method} {path}: {}", answer.body);
         assert_eq!(answer.header("allow"), Some(allow), "{method} {path}");
         assert_eq!(answer.code(), "method_not_allowed");
+    }
+
+    // HEAD is GET without the body: the same status and headers, nothing after them.
+    for path in [path.as_str(), "/v1/tasks", "/v1/tasks/openapi.json"] {
+        let got = send(
+            system
+                .request(&ada, Method::GET, path)
+                .header("x-consistency-token", token(&task)),
+        )
+        .await;
+        let head = system
+            .client
+            .head(system.edge.url(path))
+            .header("authorization", &ada.access_token)
+            .header("x-consistency-token", token(&task))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(head.status(), got.status, "HEAD {path}");
+        assert_eq!(
+            head.headers()
+                .get("content-type")
+                .map(|v| v.to_str().unwrap()),
+            got.header("content-type"),
+            "HEAD {path}"
+        );
+        assert_eq!(
+            head.bytes().await.unwrap().len(),
+            0,
+            "HEAD {path} has no body"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_reached_the_database_is_never_answered_retry() {
+    let stack = test_support::TestStack::from_env();
+    let system = System::start_with(
+        "tasks-late-commit",
+        None,
+        &[("HTTP_REQUEST_TIMEOUT_MS", "1000")],
+    )
+    .await;
+    let ada = system.user("late").await;
+    let task = system.create(&ada, json!({ "title": "contended" })).await;
+    let id = task_id(&task);
+
+    // Another session holds the task's row, so tasks' UPDATE waits on it past the request
+    // timeout; it lets go half a second later, and the UPDATE commits then.
+    let url = local_postgres::database_url(stack.primary_port, "tasks");
+    let mut holder = service_kit::sqlx::PgConnection::connect(&url)
+        .await
+        .unwrap();
+    service_kit::sqlx::query("BEGIN")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    service_kit::sqlx::query("SELECT 1 FROM tasks WHERE id = $1::uuid FOR UPDATE")
+        .bind(&id)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        service_kit::sqlx::query("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        holder
+    });
+    let patched = send(
+        system
+            .request(&ada, Method::PATCH, &format!("/v1/tasks/{id}"))
+            .header("if-match", "\"1\"")
+            .json(&json!({ "title": "renamed" })),
+    )
+    .await;
+    let mut holder = release.await.unwrap();
+    // What the primary holds once the UPDATE, if it went on, has finished.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let version: i64 =
+        service_kit::sqlx::query_scalar("SELECT version FROM tasks WHERE id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+    let applied = version == 2;
+    println!(
+        "PATCH held past the 1 s request timeout: answered {} {}; applied: {applied}",
+        patched.status, patched.body
+    );
+    // Whatever the answer, it must not say "nothing happened, retry" about a write that
+    // happened: either the write's own answer, or one that says the outcome is unknown.
+    if applied {
+        assert_eq!(
+            patched.status, 200,
+            "the write was applied: {}",
+            patched.body
+        );
+        assert_eq!(patched.body["version"], 2);
+    } else {
+        assert_ne!(patched.code(), "timeout", "{}", patched.body);
     }
 }

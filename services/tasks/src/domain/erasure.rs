@@ -36,8 +36,9 @@ use crate::storage;
 /// tables (the EXPLAIN test checks it): 10,000 tasks take 50 short transactions.
 pub const TASKS_PER_BATCH: i64 = 200;
 /// How long after the request an erasure goes on sweeping: the longest a request may run
-/// (`HTTP_REQUEST_TIMEOUT_MS`, 15 s by default) plus the refusal list's reload.
-pub const GRACE: Duration = Duration::from_secs(20);
+/// (`HTTP_REQUEST_TIMEOUT_MS`, 15 s by default, and a write already sent to the database may
+/// finish for `DATABASE_STATEMENT_TIMEOUT_MS` more, 10 s) plus the refusal list's reload.
+pub const GRACE: Duration = Duration::from_secs(30);
 /// How often an idle eraser looks for work it was not woken for (another instance's event).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
