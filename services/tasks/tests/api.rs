@@ -560,10 +560,16 @@ async fn reads_see_the_callers_writes_while_the_replica_is_held_back() {
         let plain_list = system.get(&ada, "/v1/tasks").await;
         assert_eq!(plain_list.body["items"].as_array().unwrap().len(), 1);
     }
-    // A task the replica has never seen is not reported missing: the primary confirms it.
-    let unseen = system
-        .get(&ada, &format!("/v1/tasks/{}", task_id(&fresh_task)))
-        .await;
+    // A task the replica has never seen is not reported missing once the replica is known to
+    // be behind (its probe, every 250 ms, finds it a check interval or more behind): the
+    // primary confirms the miss.
+    let unseen_path = format!("/v1/tasks/{}", task_id(&fresh_task));
+    let unseen = test_support::poll_until(
+        std::time::Duration::from_secs(3),
+        || system.get(&ada, &unseen_path),
+        |answer| answer.status == 200,
+    )
+    .await;
     assert_eq!(unseen.status, 200, "{}", unseen.body);
 
     let metrics = metric_sum(
