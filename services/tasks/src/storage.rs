@@ -28,8 +28,10 @@ pub const FIND_SQL: &str = concat!(
     task_columns!(),
     " FROM tasks t WHERE t.id = $1 AND t.owner_id = $2"
 );
+/// The revisions after `$3`, and the first (version 1, the creation) whatever `$3`: it proves
+/// the task is the owner's, so a page past the end is empty only for the owner.
 pub const REVISIONS_SQL: &str = "SELECT version, kind, actor_id, changed_at, changes \
-     FROM task_revisions WHERE task_id = $1 AND owner_id = $2 AND version > $3 \
+     FROM task_revisions WHERE task_id = $1 AND owner_id = $2 AND (version > $3 OR version = 1) \
      ORDER BY version LIMIT $4";
 
 /// Erasure: the account to erase next, claimed so instances share the work (`FOR UPDATE SKIP
@@ -221,7 +223,7 @@ pub async fn delete_if_current(
 
 #[derive(sqlx::FromRow)]
 pub struct RevisionRow {
-    version: i64,
+    pub version: i64,
     kind: String,
     actor_id: Uuid,
     changed_at: OffsetDateTime,
@@ -243,7 +245,9 @@ impl TryFrom<RevisionRow> for Revision {
     }
 }
 
-/// Up to `limit` revisions after `after_version`, oldest first.
+/// Up to `limit` revisions after `after_version`, oldest first, preceded by version 1 when
+/// `after_version` is past it (see [`REVISIONS_SQL`]): none at all means no such task of
+/// `owner`'s.
 #[tracing::instrument(skip_all)]
 pub async fn revisions(
     conn: &mut PgConnection,

@@ -261,6 +261,9 @@ async fn users_only_ever_see_their_own_tasks() {
         (Method::PATCH, ""),
         (Method::DELETE, ""),
         (Method::GET, "/revisions"),
+        // A cursor (here: after version 1) must not turn "not yours" into an empty page.
+        (Method::GET, "/revisions?cursor=AAAAAAAAAAE"),
+        (Method::GET, "/revisions?cursor=AAAAAAAAAAA"),
     ] {
         let answer = send(
             system

@@ -319,19 +319,28 @@ impl Tasks {
         limit: u32,
         read_after: Option<Lsn>,
     ) -> Result<RevisionPage, TaskError> {
+        // One more for "is there a next page", and one for the creation, which comes along
+        // past the first page as the proof of ownership.
+        let proof = i64::from(after_version > 0);
         let rows = self
             .db
             .find_on_replica_or_primary(read_after, |mut conn| async move {
-                let rows =
-                    storage::revisions(&mut conn, owner, id, after_version, i64::from(limit) + 1)
-                        .await?;
-                // Nothing at all, from the start: treat as "maybe not replicated yet".
-                Ok((!rows.is_empty() || after_version > 0).then_some(rows))
+                let rows = storage::revisions(
+                    &mut conn,
+                    owner,
+                    id,
+                    after_version,
+                    i64::from(limit) + 1 + proof,
+                )
+                .await?;
+                // Nothing at all: not this user's task (or not replicated yet).
+                Ok((!rows.is_empty()).then_some(rows))
             })
             .await?
             .ok_or(TaskError::NotFound(id))?;
         let revisions = rows
             .into_iter()
+            .filter(|row| row.version > after_version)
             .map(Revision::try_from)
             .collect::<Result<Vec<_>, _>>()?;
         let (items, more) = split_page(revisions, limit as usize);
