@@ -1,8 +1,8 @@
 //! Deleting an account while its own writes are still under way, on a broker and databases of the
 //! test's own with all four services: each account has a backlog of tasks due already (so
 //! reminders fire into its inbox), four writers keep creating and changing its tasks straight at
-//! tasks, and writing its preferences and inbox straight at notifications, with the still-valid
-//! token, and the account is deleted in the middle. Events of the
+//! tasks, and writing its preferences, inbox and devices straight at notifications, with the
+//! still-valid token, and the account is deleted in the middle. Events of the
 //! account then reach notifications and analysis before, beside and after `user.deleted` (other
 //! topics, other partitions, writes accepted in the second before tokens were refused), and
 //! reminders fire meanwhile. Whatever the order, nothing of the account may be left in any table
@@ -28,6 +28,8 @@ const WRITERS: usize = 4;
 struct Services {
     /// The test's own broker, stopped when the test ends.
     _broker: test_support::LocalBroker,
+    /// The push service the account's devices subscribe at.
+    push: local_push::LocalPush,
     auth: AuthServer,
     tasks: ServiceProcess,
     notifications: ServiceProcess,
@@ -65,9 +67,21 @@ async fn start(stack: &TestStack, label: &str) -> Services {
         .collect();
     let auth = AuthServer::start(stack, &format!("{label}-auth"), &auth_settings).await;
     let jwks = ("AUTH_JWKS_URL".to_owned(), auth.url("/v1/auth/jwks"));
+    let push = local_push::LocalPush::start().await;
+    let vapid = web_push_native::jwt_simple::algorithms::ES256KeyPair::generate();
+    let push_env = [
+        (
+            "PUSH_VAPID_PRIVATE_KEY".to_owned(),
+            base64_url(&vapid.to_bytes()),
+        ),
+        ("PUSH_ALLOW_HTTP_LOOPBACK".to_owned(), "true".to_owned()),
+    ];
     let mut spawn = |service: &'static str| {
         let mut env = env_of(service);
         env.push(jwks.clone());
+        if service == "notifications" {
+            env.extend(push_env.clone());
+        }
         ServiceProcess::spawn(workspace_binary(service), &env, &log_dir)
     };
     let (mut tasks, mut notifications, mut analysis) =
@@ -77,12 +91,18 @@ async fn start(stack: &TestStack, label: &str) -> Services {
     }
     Services {
         _broker: broker,
+        push,
         auth,
         tasks,
         notifications,
         analysis,
         databases,
     }
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn at(offset: time::Duration) -> String {
@@ -113,8 +133,8 @@ async fn create_overdue(
     }
 }
 
-/// Creates and changes `user`'s tasks, and writes its notification preferences and inbox
-/// watermark, until the token is refused (or 20 s have passed).
+/// Creates and changes `user`'s tasks, and writes its notification preferences, inbox
+/// watermark and devices, until the token is refused (or 20 s have passed).
 async fn write_until_refused(services: &Services, user: &Session, writer: usize) -> usize {
     let client = http1_client();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -148,10 +168,15 @@ async fn write_until_refused(services: &Services, user: &Session, writer: usize)
                 ),
             client.post(services.notifications.url("/v1/notifications/read-all")),
         ];
-        for request in notifications {
+        // And a device (after the tenth, the account's limit answers 409).
+        let device = client
+            .post(services.notifications.url("/v1/notifications/devices"))
+            .json(&services.push.subscribe().json());
+        for request in notifications.into_iter().chain([device]) {
             let answer = request.bearer_auth(&user.access_token).send().await;
             match answer.map(|answer| answer.status()) {
-                Ok(StatusCode::OK) => accepted += 1,
+                Ok(StatusCode::OK | StatusCode::CREATED) => accepted += 1,
+                Ok(StatusCode::CONFLICT) => {}
                 Ok(StatusCode::UNAUTHORIZED) => return accepted,
                 other => panic!("a notifications write answered {other:?}"),
             }

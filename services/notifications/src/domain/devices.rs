@@ -15,8 +15,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use base64::Engine as _;
+use futures_util::FutureExt;
 use service_kit::db::{Database, DbError};
-use service_kit::sqlx::Connection;
+use service_kit::erased_users;
 use uuid::Uuid;
 use web_push_native::p256;
 
@@ -376,6 +377,8 @@ pub enum DeviceError {
     #[error("registrations of this endpoint are racing; retry")]
     Contended,
     #[error(transparent)]
+    AccountErased(erased_users::AccountErased),
+    #[error(transparent)]
     Database(#[from] DbError),
 }
 
@@ -410,18 +413,29 @@ impl Devices {
         if !self.push_enabled {
             return Err(DeviceError::PushDisabled);
         }
-        let mut conn = self.db.writer_connection().await?;
-        let mut tx = conn.begin().await?;
-        let registered = storage::push::register(
-            &mut tx,
-            user,
-            &subscription.endpoint,
-            &subscription.p256dh,
-            &subscription.auth,
-            self.max_per_user,
-        )
-        .await?;
-        tx.commit().await?;
+        let max_per_user = self.max_per_user;
+        let subscription = subscription.clone();
+        let (registered, _) = self
+            .db
+            .transaction(|tx| {
+                async move {
+                    // A device is a row of the user's: none may outlive an erasure.
+                    if erased_users::guard(tx, user).await?.is_erased() {
+                        return Err(DeviceError::AccountErased(erased_users::AccountErased));
+                    }
+                    Ok(storage::push::register(
+                        tx,
+                        user,
+                        &subscription.endpoint,
+                        &subscription.p256dh,
+                        &subscription.auth,
+                        max_per_user,
+                    )
+                    .await?)
+                }
+                .boxed()
+            })
+            .await?;
         match registered {
             Registered::Created(device) => Ok((device, true)),
             Registered::Existing(device) => Ok((device, false)),

@@ -23,6 +23,7 @@ impl From<DeviceError> for ApiError {
             }
             DeviceError::EndpointInUse => ApiError::conflict("endpoint_in_use", message),
             DeviceError::Contended => ApiError::unavailable(message),
+            DeviceError::AccountErased(erased) => erased.into(),
             DeviceError::Database(db) => db.into(),
         }
     }
