@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use jiff::civil::Time;
 use jiff::tz::TimeZone;
 use service_kit::db::{Database, DbError};
 use service_kit::erased_users;
-use service_kit::sqlx::Connection;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -294,18 +294,21 @@ impl PreferencesStore {
     /// transaction.
     pub async fn save(&self, user: Uuid, preferences: &Preferences) -> Result<(), SaveError> {
         let row = preferences.to_row();
-        let mut conn = self.db.writer_connection().await?;
-        let mut tx = conn.begin().await.map_err(DbError::from)?;
-        if erased_users::guard(&mut tx, user)
-            .await
-            .map_err(DbError::from)?
-            .is_erased()
-        {
-            return Err(erased_users::AccountErased.into());
-        }
-        storage::inbox::save_preferences(&mut tx, user, &row).await?;
-        storage::reminders::apply_lead_time(&mut tx, user, row.reminder_lead_minutes).await?;
-        tx.commit().await?;
+        self.db
+            .transaction(|tx| {
+                async move {
+                    // Preferences are a row of the user's: none may outlive an erasure.
+                    if erased_users::guard(tx, user).await?.is_erased() {
+                        return Err(erased_users::AccountErased.into());
+                    }
+                    storage::inbox::save_preferences(tx, user, &row).await?;
+                    storage::reminders::apply_lead_time(tx, user, row.reminder_lead_minutes)
+                        .await?;
+                    Ok::<_, SaveError>(())
+                }
+                .boxed()
+            })
+            .await?;
         Ok(())
     }
 }
