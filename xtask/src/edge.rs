@@ -5,37 +5,43 @@
 //! Request bodies are buffered (bounded); response bodies stream through. Upstream calls use
 //! HTTP/1.1 keep-alive, like ingress controllers do.
 //!
+//! Like the ingress, the edge bounds what a client may hold without sending anything: a connection
+//! that sends no bytes within [`FIRST_BYTES_TIMEOUT`] is closed, and a request head must be
+//! complete within [`CLIENT_REQUEST_TIMEOUT`] (408 after), as the services do themselves.
+//!
 //! WebSockets (`GET` + `Upgrade: websocket` over HTTP/1.1) are proxied frame by frame, like the
 //! Gateway's WebSocket HTTPRoute: the edge opens the service's socket first, so a refusal (401,
 //! 403, 429, …) reaches the client as that HTTP answer, then completes the client's handshake with
-//! the subprotocol the service chose and pumps frames both ways, close codes included. Each
+//! the subprotocol the service chose and pumps frames both ways, close codes included. Pings and
+//! pongs pass through as any other frame and the edge answers none itself, so the service's
+//! heartbeat measures the client behind the edge: one that stops answering is closed as idle, as
+//! it would be connected directly (or through the Gateway, which tunnels the connection). Each
 //! direction sends a frame before it reads the next one, so a slow reader slows its writer instead
 //! of filling the edge's memory. WebSockets over HTTP/2 (extended CONNECT, RFC 8441) are not
 //! supported: an h2 request never carries `Upgrade` and takes the plain HTTP path.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
-use actix_web::dev::Extensions;
+use actix_http::error::DispatchError;
+use actix_http::ws::{OpCode, Parser};
+use actix_http::{HttpService, KeepAlive, Protocol};
+use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
+use actix_web::dev::{AppConfig, Extensions};
 use actix_web::http::{Method, StatusCode, Version};
-use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse, HttpServer};
+use actix_web::web::{Bytes, BytesMut};
+use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, CloseReason, Item, MessageStream, ProtocolError, Session};
 use anyhow::{Context, Result};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::FutureExt;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{self, HeaderName, HeaderValue};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::{
-    CloseCode as UpstreamCloseCode, Data, OpCode,
-};
-use tokio_tungstenite::tungstenite::protocol::frame::Frame;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::http::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Path prefixes and the service that owns them (see charts/ for the cluster's version).
 pub const ROUTES: [(&str, &str); 7] = [
@@ -55,9 +61,9 @@ const MAX_REQUEST_BODY: usize = 8 << 20;
 /// Largest frame a WebSocket client may send; the services' frames are small.
 const MAX_CLIENT_FRAME: usize = 64 << 10;
 
-/// Largest message the edge takes from a service: bounded, but roomier than the client's limit
-/// because the services are ours.
-const MAX_UPSTREAM_MESSAGE: usize = 1 << 20;
+/// Largest frame the edge takes from a service: bounded, but roomier than the client's limit
+/// because the services are ours. (Frames pass one by one, so a message is never held whole.)
+const MAX_UPSTREAM_FRAME: usize = 1 << 20;
 
 /// Send buffer of an upgraded client socket. The kernel's autotuned buffer can hold megabytes, so
 /// a client that stopped reading would look healthy for a long time; a small one makes the edge's
@@ -73,6 +79,34 @@ const UPSTREAM_RECEIVE_BUFFER: u32 = 64 << 10;
 
 /// How long the service gets to accept or refuse a WebSocket.
 const UPSTREAM_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest answer head the edge reads from a service's WebSocket handshake.
+const MAX_UPSTREAM_HEAD: usize = 16 << 10;
+
+/// Largest refusal body (the services' JSON errors) the edge passes on.
+const MAX_UPSTREAM_REFUSAL: usize = 64 << 10;
+
+/// How long a new connection may stay silent before the edge closes it. The combined HTTP/1.1 +
+/// h2c listener must see the first bytes to know the protocol, and actix-web's own waits for
+/// them without a bound: connections that never sent anything stayed open for good.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a client has to send a whole request head once it started (408 after), as actix's
+/// default.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a closing connection gets to shut down cleanly, as actix's default.
+const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Pending connections the kernel holds for the listener, as actix's default.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// How long a drain waits for requests in flight (and WebSockets) before the edge stops.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 25;
+
+/// HTTP/2 with prior knowledge starts with this (a subset of RFC 9113's preface, as actix checks
+/// it); anything else is taken for HTTP/1.1.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 
 /// After one side sent a close frame, how long the other gets to answer with its own.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -131,14 +165,48 @@ impl ClientSocket {
     }
 }
 
-/// `HttpServer::on_connect` hook: remembers each accepted socket (h1 and h2c alike).
-fn remember_socket(connection: &dyn Any, data: &mut Extensions) {
-    if let Some(stream) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        data.insert(ClientSocket(stream.as_raw_fd()));
+/// `on_connect_ext` hook: remembers each accepted socket (h1 and h2c alike).
+fn remember_socket(stream: &TcpStream, data: &mut Extensions) {
+    data.insert(ClientSocket(stream.as_raw_fd()));
+}
+
+/// Which protocol a new connection speaks, from its first bytes, or an error when it sends none
+/// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
+async fn detect_protocol(
+    io: TcpStream,
+) -> std::result::Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+    let mut first = [0; 12];
+    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
+        Err(_) => return Err(DispatchError::SlowRequestTimeout),
+        Ok(peeked) => {
+            peeked?;
+        }
     }
+    let protocol = if first == H2_PREFACE {
+        Protocol::Http2
+    } else {
+        Protocol::Http1
+    };
+    let peer = io.peer_addr().ok();
+    Ok((io, protocol, peer))
+}
+
+/// A listening socket like actix-web's: address reuse (a restart need not wait for old
+/// connections' TIME_WAIT) and its backlog.
+fn listen(port: u16) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Serves on 127.0.0.1:`port` until SIGTERM/SIGINT. `upstreams` maps service → base URL.
+///
+/// This is what actix-web's `HttpServer::bind_auto_h2c` does, except that the first bytes of a
+/// connection (which tell HTTP/1.1 from h2c) are awaited for [`FIRST_BYTES_TIMEOUT`] only.
 pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
     let client = reqwest::Client::builder()
         .http1_only()
@@ -147,24 +215,44 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
         .pool_max_idle_per_host(256)
         .build()?;
     let edge = web::Data::new(Edge { upstreams, client });
-    HttpServer::new(move || {
-        App::new()
-            .app_data(edge.clone())
-            .app_data(web::PayloadConfig::new(MAX_REQUEST_BODY))
-            .route(
-                "/healthz",
-                web::get().to(|| async { HttpResponse::Ok().json(json!({"status": "ok"})) }),
-            )
-            .default_service(web::to(route))
-    })
-    .on_connect(remember_socket)
-    // Head and streamed body go out as separate writes: no Nagle delay between them.
-    .tcp_nodelay(true)
-    .shutdown_timeout(25)
-    .bind_auto_h2c(("127.0.0.1", port))
-    .with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?
-    .run()
-    .await?;
+    let listener = listen(port).with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?;
+    let local_addr = listener.local_addr()?;
+    let builder = actix_web::dev::Server::build().shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
+    let shutting_down = builder.graceful_shutdown_signal();
+    builder
+        .listen("edge", listener, move || {
+            let app = App::new()
+                .app_data(edge.clone())
+                .app_data(web::PayloadConfig::new(MAX_REQUEST_BODY))
+                .route(
+                    "/healthz",
+                    web::get().to(|| async { HttpResponse::Ok().json(json!({"status": "ok"})) }),
+                )
+                .default_service(web::to(route));
+            let shutting_down = shutting_down.clone();
+            let http_service = HttpService::build()
+                // Idle keep-alive connections close at once when the drain starts.
+                .graceful_shutdown_signal(move || {
+                    let signal = shutting_down.clone();
+                    async move { signal.notified().await }
+                })
+                .keep_alive(KeepAlive::default())
+                .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+                // Head and streamed body go out as separate writes: no Nagle delay between them.
+                .tcp_nodelay(true)
+                .local_addr(local_addr)
+                .on_connect_ext(remember_socket)
+                .finish(map_config(
+                    app.into_factory()
+                        .map_err(|err: actix_web::Error| err.error_response()),
+                    |_| AppConfig::default(),
+                ));
+            fn_service(detect_protocol).and_then(http_service)
+        })
+        .with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?
+        .run()
+        .await?;
     Ok(())
 }
 
@@ -306,8 +394,6 @@ async fn forward(
     }
 }
 
-type Upstream = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-
 /// Proxies one WebSocket: service handshake first, then the client's, then the frame pump.
 async fn websocket(
     request: &HttpRequest,
@@ -323,27 +409,14 @@ async fn websocket(
         Ok(upstream_request) => upstream_request,
         Err(message) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", message),
     };
-    let config = WebSocketConfig::default()
-        .max_frame_size(Some(MAX_UPSTREAM_MESSAGE))
-        .max_message_size(Some(MAX_UPSTREAM_MESSAGE));
-    let connecting = async {
-        let stream = connect_upstream(upstream_request.uri())
+    let upstream =
+        match tokio::time::timeout(UPSTREAM_HANDSHAKE_TIMEOUT, open_upstream(upstream_request))
             .await
-            .map_err(WsError::Io)?;
-        tokio_tungstenite::client_async_with_config(upstream_request, stream, Some(config)).await
-    };
-    let (upstream, handshake) =
-        match tokio::time::timeout(UPSTREAM_HANDSHAKE_TIMEOUT, connecting).await {
-            Ok(Ok(connected)) => connected,
+        {
+            Ok(Ok(Handshake::Accepted(upstream))) => upstream,
             // The service answered the handshake with an error: the client gets that answer.
-            Ok(Err(WsError::Http(refusal))) => return refused(*refusal),
-            Ok(Err(err)) => {
-                return error(
-                    StatusCode::BAD_GATEWAY,
-                    "bad_gateway",
-                    format!("upstream unavailable: {err}"),
-                )
-            }
+            Ok(Ok(Handshake::Refused(refusal))) => return refusal,
+            Ok(Err(message)) => return error(StatusCode::BAD_GATEWAY, "bad_gateway", message),
             Err(_) => {
                 return error(
                     StatusCode::BAD_GATEWAY,
@@ -352,12 +425,8 @@ async fn websocket(
                 )
             }
         };
-    // Exactly the service's choice: tungstenite has checked that the client offered it.
-    let protocol = handshake
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|value| value.to_str().ok());
-    let protocols: Vec<&str> = protocol.into_iter().collect();
+    // Exactly the service's choice, which [`open_upstream`] checked the client offered.
+    let protocols: Vec<&str> = upstream.protocol.as_deref().into_iter().collect();
     let (reply, session, messages) =
         match actix_ws::handle_with_protocols(request, payload, &protocols) {
             Ok(accepted) => accepted,
@@ -378,7 +447,7 @@ async fn websocket(
 
 /// A TCP connection to the WebSocket service at `uri`, with its receive buffer fixed at
 /// [`UPSTREAM_RECEIVE_BUFFER`] (set before connecting, so the window it advertises agrees).
-async fn connect_upstream(uri: &http::Uri) -> std::io::Result<MaybeTlsStream<TcpStream>> {
+async fn connect_upstream(uri: &http::Uri) -> std::io::Result<TcpStream> {
     let host = uri.host().unwrap_or("127.0.0.1");
     let port = uri.port_u16().unwrap_or(80);
     let mut last_error = std::io::Error::other(format!("{host}:{port} resolves to nothing"));
@@ -392,7 +461,7 @@ async fn connect_upstream(uri: &http::Uri) -> std::io::Result<MaybeTlsStream<Tcp
         // Nagle would hold back the small frames live updates are made of.
         socket.set_nodelay(true)?;
         match socket.connect(address).await {
-            Ok(stream) => return Ok(MaybeTlsStream::Plain(stream)),
+            Ok(stream) => return Ok(stream),
             Err(err) => last_error = err,
         }
     }
@@ -451,18 +520,161 @@ fn upstream_request(
     Ok(upstream)
 }
 
+/// The service's WebSocket once it accepted the handshake: the connection, the bytes read past
+/// the answer's head (the first frames may come in the same packet), and the subprotocol it chose.
+struct UpstreamSocket {
+    stream: TcpStream,
+    buffered: BytesMut,
+    protocol: Option<String>,
+}
+
+/// How the service answered a WebSocket handshake.
+enum Handshake {
+    Accepted(UpstreamSocket),
+    /// Its refusal, as the client's answer.
+    Refused(HttpResponse),
+}
+
+/// The service's side of a WebSocket: the handshake written and read here, then frames read and
+/// written as they are (see [`pump`]). Not a WebSocket client library: they answer pings
+/// themselves, so the service would hear a pong from the edge whether the client answers or not.
+async fn open_upstream(request: http::Request<()>) -> std::result::Result<Handshake, String> {
+    let unavailable = |err: std::io::Error| format!("upstream unavailable: {err}");
+    let mut stream = connect_upstream(request.uri()).await.map_err(unavailable)?;
+    stream
+        .write_all(&request_head(&request))
+        .await
+        .map_err(unavailable)?;
+    let mut buffered = BytesMut::with_capacity(4 << 10);
+    let head_length = loop {
+        if let Some(end) = buffered.windows(4).position(|window| window == b"\r\n\r\n") {
+            break end + 4;
+        }
+        if buffered.len() > MAX_UPSTREAM_HEAD {
+            return Err("upstream's handshake answer has an oversized head".into());
+        }
+        if stream.read_buf(&mut buffered).await.map_err(unavailable)? == 0 {
+            return Err("upstream closed the connection during the WebSocket handshake".into());
+        }
+    };
+    let head = buffered.split_to(head_length);
+    let (status, headers) = parse_head(&head)?;
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        let body = refusal_body(&mut stream, buffered, &headers)
+            .await
+            .map_err(unavailable)?;
+        return Ok(Handshake::Refused(refused(status, &headers, body)));
+    }
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let key = request
+        .headers()
+        .get("sec-websocket-key")
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let upgraded = header("upgrade").is_some_and(|value| value.eq_ignore_ascii_case("websocket"));
+    if !upgraded || header("sec-websocket-accept") != Some(derive_accept_key(key).as_str()) {
+        return Err("upstream's WebSocket handshake answer is not valid".into());
+    }
+    let protocol = header("sec-websocket-protocol").map(str::to_owned);
+    if let Some(chosen) = &protocol {
+        let offered = request
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|offered| offered.trim() == chosen);
+        if !offered {
+            return Err(format!(
+                "upstream chose the subprotocol {chosen:?}, never offered"
+            ));
+        }
+    }
+    Ok(Handshake::Accepted(UpstreamSocket {
+        stream,
+        buffered,
+        protocol,
+    }))
+}
+
+/// The body of a refusal, after its head: `Content-Length` bytes (as the services' JSON errors
+/// have), or up to the end of the connection when the answer has neither a length nor chunks;
+/// a chunked body is not passed on. At most [`MAX_UPSTREAM_REFUSAL`] bytes.
+async fn refusal_body(
+    stream: &mut TcpStream,
+    mut buffered: BytesMut,
+    headers: &HeaderMap,
+) -> std::io::Result<Bytes> {
+    let header = |name| headers.get(name).and_then(|value| value.to_str().ok());
+    let length = match header(http::header::CONTENT_LENGTH) {
+        Some(length) => length.trim().parse().unwrap_or(0),
+        None if header(http::header::TRANSFER_ENCODING).is_some() => 0,
+        None => MAX_UPSTREAM_REFUSAL,
+    };
+    let length = length.min(MAX_UPSTREAM_REFUSAL);
+    while buffered.len() < length {
+        if stream.read_buf(&mut buffered).await? == 0 {
+            break;
+        }
+    }
+    buffered.truncate(length);
+    Ok(buffered.freeze())
+}
+
+/// `request` as HTTP/1.1 bytes: its request line and headers (header values cannot hold line
+/// breaks, so they go as they are).
+fn request_head(request: &http::Request<()>) -> Vec<u8> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |target| target.as_str());
+    let mut head = format!("GET {target} HTTP/1.1\r\n").into_bytes();
+    for (name, value) in request.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// The status and headers of an HTTP/1.1 answer's head (`head` ends with the empty line).
+fn parse_head(head: &[u8]) -> std::result::Result<(StatusCode, HeaderMap), String> {
+    let malformed = || "upstream's handshake answer is not HTTP/1.1".to_owned();
+    let mut lines = head
+        .split(|byte| *byte == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line));
+    let status_line = lines.next().ok_or_else(malformed)?;
+    let status = status_line
+        .strip_prefix(b"HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| StatusCode::from_bytes(code).ok())
+        .ok_or_else(malformed)?;
+    let mut headers = HeaderMap::new();
+    for line in lines.filter(|line| !line.is_empty()) {
+        let colon = line
+            .iter()
+            .position(|byte| *byte == b':')
+            .ok_or_else(malformed)?;
+        let name = HeaderName::from_bytes(line[..colon].trim_ascii()).map_err(|_| malformed())?;
+        let value =
+            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()).map_err(|_| malformed())?;
+        headers.append(name, value);
+    }
+    Ok((status, headers))
+}
+
 /// The service's refusal of a handshake, as the client's answer: status, content type and body
-/// (the services' JSON errors), and `Retry-After` for a 429.
-fn refused(refusal: http::Response<Option<Vec<u8>>>) -> HttpResponse {
-    let (parts, body) = refusal.into_parts();
-    let status = StatusCode::from_u16(parts.status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+/// (the services' JSON errors), and `Retry-After` for a 429 or 503.
+fn refused(status: StatusCode, headers: &HeaderMap, body: Bytes) -> HttpResponse {
     let mut reply = HttpResponse::build(status);
     for name in ["content-type", "retry-after"] {
-        for value in parts.headers.get_all(name) {
+        for value in headers.get_all(name) {
             reply.append_header((name, value.as_bytes()));
         }
     }
-    reply.body(body.unwrap_or_default())
+    reply.body(body)
 }
 
 /// How one direction of the pump ended.
@@ -476,9 +688,68 @@ enum End {
     Upstream,
 }
 
+/// Frames as the service sends them.
+struct UpstreamReader {
+    stream: OwnedReadHalf,
+    buffered: BytesMut,
+}
+
+impl UpstreamReader {
+    /// The next frame (whether it ends its message, its opcode, its payload), or `None` once the
+    /// service closed the connection.
+    async fn next(&mut self) -> std::result::Result<Option<(bool, OpCode, Bytes)>, ProtocolError> {
+        loop {
+            // A service's frames are not masked; a masked one is a protocol error.
+            let parsed = Parser::parse(&mut self.buffered, false, MAX_UPSTREAM_FRAME)?;
+            if let Some((last, opcode, payload)) = parsed {
+                return Ok(Some((last, opcode, payload.unwrap_or_default().freeze())));
+            }
+            self.buffered.reserve(8 << 10);
+            if self.stream.read_buf(&mut self.buffered).await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Frames to the service, masked as a client's must be.
+struct UpstreamWriter {
+    stream: OwnedWriteHalf,
+    buffer: BytesMut,
+    /// Whether a close frame went out: nothing may follow it.
+    closed: bool,
+}
+
+impl UpstreamWriter {
+    async fn send(&mut self, payload: &[u8], opcode: OpCode, last: bool) -> std::io::Result<()> {
+        self.buffer.clear();
+        Parser::write_message(&mut self.buffer, payload, opcode, last, true);
+        self.stream.write_all(&self.buffer).await
+    }
+
+    /// Sends a close frame, the first time only.
+    async fn close(&mut self, reason: Option<CloseReason>) -> std::io::Result<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        self.buffer.clear();
+        Parser::write_close(&mut self.buffer, reason, true);
+        self.stream.write_all(&self.buffer).await
+    }
+}
+
 /// Moves frames both ways until either side ends, then closes the other.
-async fn pump(client: Session, mut from_client: MessageStream, upstream: Upstream) {
-    let (mut to_upstream, mut from_upstream) = upstream.split();
+async fn pump(client: Session, mut from_client: MessageStream, upstream: UpstreamSocket) {
+    let (read, write) = upstream.stream.into_split();
+    let mut from_upstream = UpstreamReader {
+        stream: read,
+        buffered: upstream.buffered,
+    };
+    let mut to_upstream = UpstreamWriter {
+        stream: write,
+        buffer: BytesMut::new(),
+        closed: false,
+    };
     let end = {
         let up = client_to_upstream(&mut from_client, &mut to_upstream);
         let down = upstream_to_client(&mut from_upstream, client.clone());
@@ -500,13 +771,14 @@ async fn pump(client: Session, mut from_client: MessageStream, upstream: Upstrea
         end
     };
     let (client_close, upstream_close) = match end {
-        End::Closed => (None, None),
+        // A close passed; the other side's answer did too, or did not come in time.
+        End::Closed => (None, Some(None)),
         End::Client(code) => (
             Some(code.into()),
-            Some(CloseFrame {
-                code: UpstreamCloseCode::Away,
-                reason: Utf8Bytes::from_static("client went away"),
-            }),
+            Some(Some(CloseReason {
+                code: CloseCode::Away,
+                description: Some("client went away".into()),
+            })),
         ),
         End::Upstream => (
             Some(CloseReason {
@@ -517,31 +789,35 @@ async fn pump(client: Session, mut from_client: MessageStream, upstream: Upstrea
             None,
         ),
     };
-    // Where a close already passed, these do nothing but flush tungstenite's pending reply.
-    let _ = to_upstream.send(Message::Close(upstream_close)).await;
-    let _ = to_upstream.close().await;
+    // Where a close already went that way, these send nothing.
+    if let Some(reason) = upstream_close {
+        let _ = to_upstream.close(reason).await;
+    }
+    let _ = to_upstream.stream.shutdown().await;
     let _ = client.close(client_close).await;
 }
 
-async fn client_to_upstream(
-    client: &mut MessageStream,
-    upstream: &mut SplitSink<Upstream, Message>,
-) -> End {
+async fn client_to_upstream(client: &mut MessageStream, upstream: &mut UpstreamWriter) -> End {
     while let Some(frame) = client.recv().await {
-        let message = match frame {
-            Ok(actix_ws::Message::Text(text)) => match Utf8Bytes::try_from(text.into_bytes()) {
-                Ok(text) => Message::Text(text),
-                Err(_) => return End::Client(CloseCode::Invalid),
-            },
-            Ok(actix_ws::Message::Binary(data)) => Message::Binary(data),
-            Ok(actix_ws::Message::Ping(data)) => Message::Ping(data),
-            Ok(actix_ws::Message::Pong(data)) => Message::Pong(data),
+        let sent = match frame {
+            Ok(actix_ws::Message::Text(text)) => {
+                upstream.send(text.as_bytes(), OpCode::Text, true).await
+            }
+            Ok(actix_ws::Message::Binary(data)) => upstream.send(&data, OpCode::Binary, true).await,
+            Ok(actix_ws::Message::Ping(data)) => upstream.send(&data, OpCode::Ping, true).await,
+            Ok(actix_ws::Message::Pong(data)) => upstream.send(&data, OpCode::Pong, true).await,
             // Fragments pass as they came: reassembling them would buffer whole messages.
-            Ok(actix_ws::Message::Continuation(item)) => Message::Frame(fragment(item)),
+            Ok(actix_ws::Message::Continuation(item)) => {
+                let (opcode, last, data) = match item {
+                    Item::FirstText(data) => (OpCode::Text, false, data),
+                    Item::FirstBinary(data) => (OpCode::Binary, false, data),
+                    Item::Continue(data) => (OpCode::Continue, false, data),
+                    Item::Last(data) => (OpCode::Continue, true, data),
+                };
+                upstream.send(&data, opcode, last).await
+            }
             Ok(actix_ws::Message::Close(reason)) => {
-                let _ = upstream
-                    .send(Message::Close(reason.map(upstream_close_frame)))
-                    .await;
+                let _ = upstream.close(reason).await;
                 return End::Closed;
             }
             Ok(actix_ws::Message::Nop) => continue,
@@ -549,56 +825,43 @@ async fn client_to_upstream(
             Err(ProtocolError::Io(_)) => return End::Client(CloseCode::Away),
             Err(_) => return End::Client(CloseCode::Protocol),
         };
-        if upstream.send(message).await.is_err() {
+        if sent.is_err() {
             return End::Upstream;
         }
     }
     End::Client(CloseCode::Away)
 }
 
-async fn upstream_to_client(upstream: &mut SplitStream<Upstream>, mut client: Session) -> End {
-    while let Some(message) = upstream.next().await {
-        let sent = match message {
-            Ok(Message::Text(text)) => client.text(text.as_str()).await,
-            Ok(Message::Binary(data)) => client.binary(data).await,
-            Ok(Message::Ping(data)) => client.ping(&data).await,
-            Ok(Message::Pong(data)) => client.pong(&data).await,
-            Ok(Message::Close(frame)) => {
-                let _ = client.close(frame.map(client_close_reason)).await;
+async fn upstream_to_client(upstream: &mut UpstreamReader, mut client: Session) -> End {
+    loop {
+        let (last, opcode, data) = match upstream.next().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) | Err(_) => return End::Upstream,
+        };
+        let sent = match (opcode, last) {
+            (OpCode::Text, true) => match String::from_utf8(data.to_vec()) {
+                Ok(text) => client.text(text).await,
+                Err(_) => return End::Upstream,
+            },
+            (OpCode::Binary, true) => client.binary(data).await,
+            (OpCode::Text, false) => client.continuation(Item::FirstText(data)).await,
+            (OpCode::Binary, false) => client.continuation(Item::FirstBinary(data)).await,
+            (OpCode::Continue, false) => client.continuation(Item::Continue(data)).await,
+            (OpCode::Continue, true) => client.continuation(Item::Last(data)).await,
+            (OpCode::Ping, _) => client.ping(&data).await,
+            (OpCode::Pong, _) => client.pong(&data).await,
+            (OpCode::Close, _) => {
+                let Ok(reason) = Parser::try_parse_close_payload(&data) else {
+                    return End::Upstream;
+                };
+                let _ = client.close(reason).await;
                 return End::Closed;
             }
-            // Reads never yield raw frames.
-            Ok(Message::Frame(_)) => Ok(()),
-            Err(_) => return End::Upstream,
+            (OpCode::Bad, _) => return End::Upstream,
         };
         if sent.is_err() {
             return End::Client(CloseCode::Away);
         }
-    }
-    End::Upstream
-}
-
-fn fragment(item: Item) -> Frame {
-    let (data, kind, last) = match item {
-        Item::FirstText(data) => (data, Data::Text, false),
-        Item::FirstBinary(data) => (data, Data::Binary, false),
-        Item::Continue(data) => (data, Data::Continue, false),
-        Item::Last(data) => (data, Data::Continue, true),
-    };
-    Frame::message(data, OpCode::Data(kind), last)
-}
-
-fn upstream_close_frame(reason: CloseReason) -> CloseFrame {
-    CloseFrame {
-        code: u16::from(reason.code).into(),
-        reason: reason.description.unwrap_or_default().into(),
-    }
-}
-
-fn client_close_reason(frame: CloseFrame) -> CloseReason {
-    CloseReason {
-        code: u16::from(frame.code).into(),
-        description: (!frame.reason.is_empty()).then(|| frame.reason.to_string()),
     }
 }
 
@@ -668,6 +931,8 @@ mod websocket_tests {
     use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
     const LIMIT: Duration = Duration::from_secs(5);
+    /// What the echo service pings with.
+    const PING: &[u8] = b"are you there?";
 
     /// What the echo service saw.
     #[derive(Debug)]
@@ -678,10 +943,12 @@ mod websocket_tests {
             protocol: Option<String>,
         },
         Close(Option<u16>),
+        Pong(Vec<u8>),
     }
 
     /// Selects `taskstream.v1` when offered, refuses with 401 + JSON when no subprotocol is
-    /// offered, echoes text and binary, and answers the text `close-4008` by closing with 4008.
+    /// offered, echoes text and binary, answers the text `close-4008` by closing with 4008 and
+    /// the text `ping-me` with a ping, and reports the pongs it gets.
     async fn echo_service(seen: mpsc::UnboundedSender<Seen>) -> u16 {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -739,6 +1006,12 @@ mod websocket_tests {
                                     reason: "token expired".into(),
                                 };
                                 let _ = socket.send(Message::Close(Some(close))).await;
+                            }
+                            Message::Text(text) if text.as_str() == "ping-me" => {
+                                let _ = socket.send(Message::Ping(PING.to_vec().into())).await;
+                            }
+                            Message::Pong(data) => {
+                                let _ = seen.send(Seen::Pong(data.to_vec()));
                             }
                             Message::Text(_) | Message::Binary(_) => {
                                 // A failed send shows up as the next read's end.
@@ -889,6 +1162,46 @@ mod websocket_tests {
                 assert_eq!(body["error"]["code"], "unauthorized");
             }
             other => panic!("expected an HTTP 401, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pings_and_pongs_pass_through_the_edge_end_to_end() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let upstream = echo_service(seen_tx).await;
+        let edge = timeout(LIMIT, start_edge(upstream)).await.unwrap();
+        let request = live_request(edge, Some("taskstream.v1"));
+        let (mut socket, _) = timeout(LIMIT, tokio_tungstenite::connect_async(request))
+            .await
+            .unwrap()
+            .unwrap();
+        let _handshake = timeout(LIMIT, seen.recv()).await.unwrap();
+
+        // The service pings; the client reads nothing, so nothing may answer.
+        socket.send(Message::text("ping-me")).await.unwrap();
+        if let Ok(answer) = timeout(Duration::from_secs(1), seen.recv()).await {
+            panic!("the service got {answer:?} while its client read nothing: the edge answered");
+        }
+        // The client reads the ping; its pong (tungstenite's, sent on the next flush) is the
+        // one the service gets.
+        match timeout(LIMIT, socket.next()).await.unwrap() {
+            Some(Ok(Message::Ping(data))) => assert_eq!(&data[..], PING),
+            other => panic!("expected the service's ping, got {other:?}"),
+        }
+        socket.flush().await.unwrap();
+        match timeout(LIMIT, seen.recv()).await.unwrap().unwrap() {
+            Seen::Pong(data) => assert_eq!(data, PING),
+            other => panic!("expected the client's pong, got {other:?}"),
+        }
+
+        // The client's ping reaches the service, and the service's pong the client.
+        socket
+            .send(Message::Ping(b"and you?".to_vec().into()))
+            .await
+            .unwrap();
+        match timeout(LIMIT, socket.next()).await.unwrap() {
+            Some(Ok(Message::Pong(data))) => assert_eq!(&data[..], b"and you?"),
+            other => panic!("expected the service's pong, got {other:?}"),
         }
     }
 }

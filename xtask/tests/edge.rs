@@ -230,3 +230,76 @@ async fn paths_are_normalised_before_routing_so_dot_segments_reach_no_internal_e
         assert!(body.contains("invalid_path"), "{path}: {body}");
     }
 }
+
+/// How long the edge gives a new connection to send its first bytes, and a request its head.
+const SILENT_CONNECTION_LIMIT: Duration = Duration::from_secs(5);
+
+#[actix_web::test]
+async fn silent_connections_and_stalled_request_heads_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SILENT: usize = 300;
+
+    let (upstream_port, _upstream) = start_upstream();
+    let (_edge, port) = start_edge(&[format!("tasks=http://127.0.0.1:{upstream_port}")]).await;
+    let mut silent = Vec::new();
+    for _ in 0..SILENT {
+        silent.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+    }
+    // Half a request head, then nothing (a slow-loris client).
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"GET /v1/tasks HTTP/1.1\r\nhost: edge\r\n")
+        .await
+        .unwrap();
+
+    // Each connection: whether the edge closed it before the deadline (reading what it said).
+    let deadline = tokio::time::Instant::now() + SILENT_CONNECTION_LIMIT + Duration::from_secs(3);
+    let closed_by = |mut socket: tokio::net::TcpStream| async move {
+        let mut said = Vec::new();
+        let mut buffer = [0u8; 512];
+        loop {
+            match tokio::time::timeout_at(deadline, socket.read(&mut buffer)).await {
+                Err(_) => return (false, said),
+                Ok(Ok(0)) | Ok(Err(_)) => return (true, said),
+                Ok(Ok(read)) => said.extend_from_slice(&buffer[..read]),
+            }
+        }
+    };
+    let started = Instant::now();
+    let (silent_closed, stalled_closed) = tokio::join!(
+        futures_util::future::join_all(silent.into_iter().map(closed_by)),
+        closed_by(stalled),
+    );
+    let closed = silent_closed.iter().filter(|(closed, _)| *closed).count();
+    println!(
+        "the edge closed {closed} of {SILENT} silent connections and the stalled head ({}) \
+         within {:?}",
+        stalled_closed.0,
+        started.elapsed()
+    );
+    assert_eq!(closed, SILENT, "silent connections closed by the edge");
+    assert!(
+        silent_closed.iter().all(|(_, said)| said.is_empty()),
+        "a silent connection is closed without an answer"
+    );
+    assert!(stalled_closed.0, "the stalled request head was not cut");
+    let said = String::from_utf8_lossy(&stalled_closed.1);
+    assert!(
+        said.is_empty() || said.starts_with("HTTP/1.1 408"),
+        "{said}"
+    );
+
+    // The edge still serves.
+    let answer = http1_client()
+        .get(format!("http://127.0.0.1:{port}/v1/tasks/1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 201);
+}

@@ -125,9 +125,8 @@ async fn idle_clients_are_pinged_and_closed_when_they_stop_answering() {
     reading.quiet_for(Duration::from_secs(2)).await;
     let id = system.create_task(&alice, "still open").await;
     assert_eq!(reading.next().await["id"], id.as_str());
-    // One that is not read sends no pongs: 4002 once it reads again. Straight to the instance:
-    // the local edge relays frames with a WebSocket client of its own, which answers the
-    // service's pings itself (the cluster's Gateway tunnels the client's pongs instead).
+    // One that is not read sends no pongs: 4002 once it reads again. Straight to the instance
+    // (live_limits.rs has the same through the edge, which passes pings and pongs through).
     let idle = Device::connect(&system.direct_live_url(0), Some(&alice.access_token))
         .await
         .unwrap();
