@@ -72,6 +72,9 @@ pub enum CloseReason {
     Protocol,
     /// 1011: the service could not read the feed; reconnect with `since`.
     Internal,
+    /// 1013: this instance holds the most sockets still waiting for their `auth` frame; connect
+    /// again shortly (a token in the handshake does not wait).
+    TryAgainLater,
     /// 4001: no valid token in time, or the token expired without a refresh.
     Unauthorized,
     /// 4002: nothing heard from the client (not even a pong) within the idle timeout.
@@ -85,6 +88,8 @@ pub enum CloseReason {
     Resync,
     /// 4029: the user already has the most sockets allowed on this instance.
     TooManyConnections,
+    /// 4030: the client sent more frames (or `refresh` frames) than a socket may.
+    TooManyFrames,
 }
 
 impl CloseReason {
@@ -95,12 +100,14 @@ impl CloseReason {
             CloseReason::Unsupported => 1003,
             CloseReason::Protocol => 1002,
             CloseReason::Internal => 1011,
+            CloseReason::TryAgainLater => 1013,
             CloseReason::Unauthorized => 4001,
             CloseReason::Idle => 4002,
             CloseReason::SessionEnded => 4003,
             CloseReason::SlowClient => 4008,
             CloseReason::Resync => 4011,
             CloseReason::TooManyConnections => 4029,
+            CloseReason::TooManyFrames => 4030,
         }
     }
 
@@ -112,12 +119,14 @@ impl CloseReason {
             CloseReason::Unsupported => "unsupported",
             CloseReason::Protocol => "protocol",
             CloseReason::Internal => "internal",
+            CloseReason::TryAgainLater => "try_again_later",
             CloseReason::Unauthorized => "unauthorized",
             CloseReason::Idle => "idle",
             CloseReason::SessionEnded => "session_ended",
             CloseReason::SlowClient => "slow_client",
             CloseReason::Resync => "resync",
             CloseReason::TooManyConnections => "too_many_connections",
+            CloseReason::TooManyFrames => "too_many_frames",
         }
     }
 }

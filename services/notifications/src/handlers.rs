@@ -49,15 +49,22 @@ impl From<Refusal> for ApiError {
         for every change to the user's tasks. Offer the subprotocol `taskstream.v1` in \
         `Sec-WebSocket-Protocol`, and beside it `bearer.<access token>` to authenticate in the \
         handshake; without that, the first frame must be `{\"type\":\"auth\",\"token\":\"…\"}` \
-        within 5 s. Tokens never go in the URL. The server first sends `{\"type\":\"ready\",\
-        \"seq\",\"recovered\",\"token_expires_at\"}`, then frames `{\"seq\",\"type\",\"id\",\
-        \"version\",\"at\"}` (`type` is `task.created`, `task.updated`, `task.deleted`, or \
+        within 5 s (an instance holds at most `LIVE_MAX_UNAUTHENTICATED_SOCKETS` such sockets \
+        at a time and closes one more at once with 1013). Tokens never go in the URL. The \
+        server first sends `{\"type\":\"ready\",\"seq\",\"recovered\",\
+        \"token_expires_at\"}`, then frames `{\"seq\",\"type\",\"id\",\"version\",\"at\"}` \
+        (`type` is `task.created`, `task.updated`, `task.deleted`, or \
         `notification.created` with the notification's `id`; `seq` counts per user without \
         gaps). Before `token_expires_at` send `{\"type\":\"refresh\",\"token\":\"…\"}`; \
-        the answer is `{\"type\":\"refreshed\",\"token_expires_at\"}`. Close codes: \
-        1012 restart (reconnect with `since`), 1009 frame too large, 1003 unsupported frame, \
+        the answer is `{\"type\":\"refreshed\",\"token_expires_at\"}`. A socket may send \
+        5 `refresh` frames at once and then one a minute, and 30 frames of any kind at once and \
+        then 10 a second (pongs answering the server's pings are free); beyond that it is \
+        closed with 4030. Close codes: \
+        1012 restart (reconnect with `since`), 1013 try again later (too many sockets waiting \
+        for `auth` on this instance), 1009 frame too large, 1003 unsupported frame, \
         1002 protocol error, 1011 internal, 4001 unauthorized or token expired, 4002 idle, \
-        4003 session ended, 4008 slow client, 4011 resync, 4029 too many sockets.",
+        4003 session ended, 4008 slow client, 4011 resync, 4029 too many sockets, \
+        4030 too many frames.",
     responses(
         (status = 101, description = "Switched to the WebSocket protocol"),
         (status = 400, description = "Not a valid WebSocket handshake, or `taskstream.v1` not offered", body = ErrorBody),

@@ -1,6 +1,10 @@
 //! One socket's life: authentication, recovery of what the client missed, then live frames,
 //! in-band token refresh, heartbeats and the close.
 //!
+//! What a client can make a socket do is bounded: sockets still waiting for their `auth` frame
+//! are capped per instance (1013 beyond), and each socket may send only so many frames, and
+//! fewer `refresh` frames (each checks the session on the primary), before it is closed (4030).
+//!
 //! The socket joins the hub *before* it reads the feed, so a change committed meanwhile is either
 //! in what it reads or queued for it (or both: frames at or below the last sequence sent are
 //! skipped). A live frame that skips ahead (a lost notification) is filled from the feed first,
@@ -32,6 +36,8 @@ pub const CLOSES: &str = "live_closes_total";
 const FEED_PAGE: i64 = 500;
 /// How long a close frame may wait behind unsent frames before the connection is dropped.
 const CLOSE_FLUSH_LIMIT: Duration = Duration::from_secs(5);
+/// Pongs a client may owe (unanswered pings): those answers cost it nothing from its allowance.
+const MAX_OWED_PONGS: u32 = 3;
 
 /// What every socket shares.
 pub struct Live {
@@ -64,7 +70,11 @@ pub async fn run(
     let mut stream = stream.max_frame_size(live.settings.max_frame_bytes);
     let end = match claims {
         Some(claims) => Ok(claims),
-        None => first_frame_auth(&live, &mut stream).await,
+        // Refused at once beyond the cap, so sockets that never authenticate cannot pile up.
+        None => match live.hub.await_auth(live.settings.max_unauthenticated) {
+            None => Err(CloseReason::TryAgainLater.into()),
+            Some(_waiting) => first_frame_auth(&live, &mut stream).await,
+        },
     };
     let end = match end {
         Err(end) => end,
@@ -72,12 +82,25 @@ pub async fn run(
             Err(JoinError::TooMany) => CloseReason::TooManyConnections.into(),
             Err(JoinError::Draining) => CloseReason::Restart.into(),
             Ok((link, outbound)) => {
+                let now = Instant::now();
+                let settings = &live.settings;
                 let mut socket = Socket {
                     live: &live,
                     session: &mut session,
                     link: &link,
                     claims,
                     last_sent: 0,
+                    frames: Allowance::new(
+                        settings.client_frame_burst,
+                        Duration::from_secs(1) / settings.client_frames_per_second,
+                        now,
+                    ),
+                    refreshes: Allowance::new(
+                        settings.refresh_burst,
+                        settings.refresh_interval,
+                        now,
+                    ),
+                    owed_pongs: 0,
                 };
                 let end = socket.serve(&mut stream, outbound, since).await;
                 live.hub.leave(&link);
@@ -162,6 +185,35 @@ fn protocol_end(message: Result<Message, ProtocolError>) -> End {
     }
 }
 
+/// At most `burst` at once, then one more per `every` (a token bucket, kept as the time at
+/// which it is full again).
+#[derive(Debug, Clone, Copy)]
+struct Allowance {
+    burst: u32,
+    every: Duration,
+    full_at: Instant,
+}
+
+impl Allowance {
+    fn new(burst: u32, every: Duration, now: Instant) -> Self {
+        Self {
+            burst,
+            every,
+            full_at: now,
+        }
+    }
+
+    /// Takes one, if one is left.
+    fn take(&mut self, now: Instant) -> bool {
+        let full_at = self.full_at.max(now) + self.every;
+        if full_at > now + self.every * self.burst {
+            return false;
+        }
+        self.full_at = full_at;
+        true
+    }
+}
+
 struct Socket<'a> {
     live: &'a Live,
     session: &'a mut Session,
@@ -169,6 +221,11 @@ struct Socket<'a> {
     claims: AccessClaims,
     /// The last sequence number the client was sent (or, without recovery, the head it was told).
     last_sent: i64,
+    /// Frames of any kind the client may still send, and `refresh` frames.
+    frames: Allowance,
+    refreshes: Allowance,
+    /// Pings sent and not answered yet (at most [`MAX_OWED_PONGS`]).
+    owed_pongs: u32,
 }
 
 impl Socket<'_> {
@@ -194,6 +251,13 @@ impl Socket<'_> {
                     last_heard = Instant::now();
                     match message {
                         None | Some(Ok(Message::Close(_))) => return End::Gone,
+                        Some(Ok(Message::Nop)) => {}
+                        // The answer to a ping of ours: what keeps the socket open, never
+                        // counted against the client.
+                        Some(Ok(Message::Pong(_))) if self.owed_pongs > 0 => self.owed_pongs -= 1,
+                        Some(Ok(_)) if !self.frames.take(last_heard) => {
+                            return CloseReason::TooManyFrames.into();
+                        }
                         Some(Ok(Message::Text(text))) => {
                             if let Err(end) = Box::pin(self.client_frame(&text)).await {
                                 return end;
@@ -204,7 +268,7 @@ impl Socket<'_> {
                                 return End::Gone;
                             }
                         }
-                        Some(Ok(Message::Pong(_))) | Some(Ok(Message::Nop)) => {}
+                        Some(Ok(Message::Pong(_))) => {}
                         Some(other) => return protocol_end(other),
                     }
                 }
@@ -225,6 +289,7 @@ impl Socket<'_> {
                     if self.session.ping(b"").await.is_err() {
                         return End::Gone;
                     }
+                    self.owed_pongs = (self.owed_pongs + 1).min(MAX_OWED_PONGS);
                 }
                 _ = tokio::time::sleep_until(token_deadline.into()) => {
                     return CloseReason::Unauthorized.into();
@@ -340,6 +405,9 @@ impl Socket<'_> {
         let Ok(ClientFrame::Refresh { token }) = serde_json::from_str::<ClientFrame>(text) else {
             return Err(CloseReason::Protocol.into());
         };
+        if !self.refreshes.take(Instant::now()) {
+            return Err(CloseReason::TooManyFrames.into());
+        }
         let claims = admit(self.live, &token).await?;
         if claims.sub != self.claims.sub {
             return Err(CloseReason::SessionEnded.into());
@@ -381,4 +449,25 @@ fn is_run_from(page: &[Change], since: i64) -> bool {
     page.iter()
         .zip(since + 1..)
         .all(|(change, expected)| change.seq == expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allowance_gives_its_burst_then_one_per_interval() {
+        let start = Instant::now();
+        let every = Duration::from_secs(60);
+        let mut allowance = Allowance::new(3, every, start);
+        assert!((0..3).all(|_| allowance.take(start)));
+        assert!(!allowance.take(start));
+        assert!(!allowance.take(start + every / 2));
+        assert!(allowance.take(start + every));
+        assert!(!allowance.take(start + every));
+        // Unused time refills it, up to the burst only.
+        let later = start + every * 100;
+        assert!((0..3).all(|_| allowance.take(later)));
+        assert!(!allowance.take(later));
+    }
 }

@@ -20,6 +20,7 @@ use crate::api::{to_text, ChangeFrame, CloseReason};
 
 pub const OPEN_CONNECTIONS: &str = "live_connections";
 pub const SLOW_CLIENT_CLOSES: &str = "live_slow_client_closes_total";
+pub const UNAUTHENTICATED: &str = "live_unauthenticated_connections";
 
 /// A change as every socket of its user sends it.
 #[derive(Debug)]
@@ -135,6 +136,20 @@ pub struct Hub {
     draining: AtomicBool,
     budget: usize,
     max_per_user: usize,
+    /// Sockets upgraded without a token that have not sent their `auth` frame yet.
+    unauthenticated: AtomicUsize,
+}
+
+/// A socket's place among those waiting for their `auth` frame, given back when dropped.
+pub struct AwaitingAuth<'a> {
+    hub: &'a Hub,
+}
+
+impl Drop for AwaitingAuth<'_> {
+    fn drop(&mut self) {
+        let waiting = self.hub.unauthenticated.fetch_sub(1, Ordering::Relaxed) - 1;
+        metrics::gauge!(UNAUTHENTICATED).set(waiting as f64);
+    }
 }
 
 impl Hub {
@@ -147,7 +162,20 @@ impl Hub {
             draining: AtomicBool::new(false),
             budget,
             max_per_user,
+            unauthenticated: AtomicUsize::new(0),
         })
+    }
+
+    /// A place for a socket that has yet to send its token, unless `limit` sockets wait already.
+    pub fn await_auth(&self, limit: usize) -> Option<AwaitingAuth<'_>> {
+        let before = self
+            .unauthenticated
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |waiting| {
+                (waiting < limit).then_some(waiting + 1)
+            })
+            .ok()?;
+        metrics::gauge!(UNAUTHENTICATED).set((before + 1) as f64);
+        Some(AwaitingAuth { hub: self })
     }
 
     pub fn is_draining(&self) -> bool {
@@ -343,6 +371,16 @@ mod tests {
             hub.join(Uuid::new_v4(), None).unwrap_err(),
             JoinError::Draining
         );
+    }
+
+    #[test]
+    fn bounds_sockets_awaiting_auth_and_frees_a_place_when_one_is_done() {
+        let hub = Hub::new(1 << 20, 10);
+        let first = hub.await_auth(2).unwrap();
+        let _second = hub.await_auth(2).unwrap();
+        assert!(hub.await_auth(2).is_none());
+        drop(first);
+        assert!(hub.await_auth(2).is_some());
     }
 
     #[test]

@@ -28,6 +28,20 @@ pub struct LiveSettings {
     pub idle_timeout: Duration,
     /// `LIVE_AUTH_TIMEOUT_MS`, default 5 s: for the first frame when the handshake had no token.
     pub auth_timeout: Duration,
+    /// `LIVE_MAX_UNAUTHENTICATED_SOCKETS`, default 1,000 (per instance): sockets still waiting
+    /// for their `auth` frame; one more is closed at once (1013). A client authenticates within
+    /// a round trip, so only a burst of connections or someone holding sockets open fills this.
+    pub max_unauthenticated: usize,
+    /// `LIVE_CLIENT_FRAME_BURST`, default 30, and `LIVE_CLIENT_FRAMES_PER_SECOND`, default 10:
+    /// frames of any kind (text, ping, unasked pong) a socket may send at once, and then per
+    /// second; beyond that it is closed (4030). Pongs that answer the server's pings are free.
+    pub client_frame_burst: u32,
+    pub client_frames_per_second: u32,
+    /// `LIVE_REFRESH_BURST`, default 5, and `LIVE_REFRESH_INTERVAL_MS`, default 60 s: `refresh`
+    /// frames (each checks the session on the primary) a socket may send at once, and then one
+    /// per interval; beyond that it is closed (4030). A client refreshes once per token lifetime.
+    pub refresh_burst: u32,
+    pub refresh_interval: Duration,
     /// `LIVE_TOKEN_GRACE_MS`, default 10 s: how long after its token's `exp` a socket may stay
     /// without a refresh (4001 after).
     pub token_grace: Duration,
@@ -65,6 +79,21 @@ impl LiveSettings {
             ping_interval: env.millis("LIVE_PING_INTERVAL_MS", 20_000, 100, 600_000)?,
             idle_timeout: env.millis("LIVE_IDLE_TIMEOUT_MS", 60_000, 300, 3_600_000)?,
             auth_timeout: env.millis("LIVE_AUTH_TIMEOUT_MS", 5_000, 100, 60_000)?,
+            max_unauthenticated: env.ranged(
+                "LIVE_MAX_UNAUTHENTICATED_SOCKETS",
+                1_000,
+                1,
+                1_000_000,
+            )?,
+            client_frame_burst: env.ranged("LIVE_CLIENT_FRAME_BURST", 30, 1, 100_000)?,
+            client_frames_per_second: env.ranged(
+                "LIVE_CLIENT_FRAMES_PER_SECOND",
+                10,
+                1,
+                100_000,
+            )?,
+            refresh_burst: env.ranged("LIVE_REFRESH_BURST", 5, 1, 1_000)?,
+            refresh_interval: env.millis("LIVE_REFRESH_INTERVAL_MS", 60_000, 10, 86_400_000)?,
             token_grace: env.millis("LIVE_TOKEN_GRACE_MS", 10_000, 0, 600_000)?,
             feed_max_entries: env.ranged("LIVE_FEED_MAX_ENTRIES", 10_000, 10, 1_000_000)?,
             feed_retention: Duration::from_secs(
