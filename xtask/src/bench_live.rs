@@ -127,6 +127,8 @@ pub async fn run(smoke: bool) -> Result<()> {
     let build = Build::for_measurement(smoke);
     let mut settings = LOAD_SETTINGS.to_vec();
     settings.push(("LIVE_MAX_CONNECTIONS_PER_USER", "1000"));
+    // A user's 1,000 sockets open at once: all within the handshake burst.
+    settings.push(("LIVE_HANDSHAKE_BURST", "1000"));
     let up = RunningUp::start(build, &settings).await?;
     let (stop, stopped) = watch::channel(false);
     let shared = Arc::new(Shared::default());

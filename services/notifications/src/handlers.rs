@@ -31,6 +31,12 @@ impl From<Refusal> for ApiError {
         match refusal {
             Refusal::Token(err) => err.into(),
             Refusal::SessionEnded => ApiError::unauthorized("session_ended", refusal.to_string()),
+            Refusal::TooManyHandshakes(wait) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_handshakes",
+                refusal.to_string(),
+            )
+            .retry_after(wait.as_secs().max(1)),
             Refusal::Unavailable(err) => {
                 tracing::warn!(error = %err, "cannot check whether a session ended");
                 ApiError::unavailable("sessions cannot be checked right now; try again")
@@ -50,7 +56,9 @@ impl From<Refusal> for ApiError {
         `Sec-WebSocket-Protocol`, and beside it `bearer.<access token>` to authenticate in the \
         handshake; without that, the first frame must be `{\"type\":\"auth\",\"token\":\"…\"}` \
         within 5 s (an instance holds at most `LIVE_MAX_UNAUTHENTICATED_SOCKETS` such sockets \
-        at a time and closes one more at once with 1013). Tokens never go in the URL. The \
+        at a time and closes one more at once with 1013). A user may open 20 sockets on one \
+        instance at once and then one a second; beyond that the handshake is 429 with \
+        `Retry-After` (an in-band `auth`: close 4029). Tokens never go in the URL. The \
         server first sends `{\"type\":\"ready\",\"seq\",\"recovered\",\
         \"token_expires_at\"}`, then frames `{\"seq\",\"type\",\"id\",\"version\",\"at\"}` \
         (`type` is `task.created`, `task.updated`, `task.deleted`, or \
@@ -71,7 +79,7 @@ impl From<Refusal> for ApiError {
         (status = 401, description = "The handshake's token is invalid, expired or of an ended session", body = ErrorBody),
         (status = 403, description = "The page's `Origin` is not allowed", body = ErrorBody),
         (status = 426, description = "Not an upgrade request", body = ErrorBody),
-        (status = 429, description = "The user holds the most sockets allowed on this instance", body = ErrorBody),
+        (status = 429, description = "The user holds the most sockets allowed on this instance, or opened them faster than allowed (`Retry-After`)", body = ErrorBody),
         (status = 503, description = "The instance is restarting; connect again", body = ErrorBody),
     )
 )]

@@ -33,7 +33,7 @@ use service_kit::workers::StoppableTask;
 use service_kit::Service;
 
 use crate::domain::apply::LiveFeedEvents;
-use crate::domain::connection::Live;
+use crate::domain::connection::{HandshakeLimit, Live};
 use crate::domain::devices::Devices;
 use crate::domain::hub::Hub;
 use crate::domain::inbox::Inbox;
@@ -54,6 +54,8 @@ const SCHEDULER_STOP_LIMIT: Duration = Duration::from_secs(2);
 /// In-flight pushes get this long to finish; queued ones are sent again after their lease.
 const PUSH_STOP_LIMIT: Duration = Duration::from_secs(3);
 const RELAY_STOP_LIMIT: Duration = Duration::from_secs(3);
+/// How often users whose handshake allowance is full again are forgotten.
+const IDLE_KEYS: Duration = Duration::from_secs(60);
 
 static MIGRATIONS: Migrator = sqlx::migrate!();
 
@@ -169,14 +171,25 @@ impl Service for NotificationsService {
             ),
         };
         let relay = Relay::for_service(context)?;
+        let live = web::Data::new(Live {
+            hub,
+            verifier: verifier.clone(),
+            db: context.db.clone(),
+            handshakes: HandshakeLimit::new(&settings.live),
+            settings: settings.live,
+        });
+        let handshakes = live.clone();
+        service_kit::workers::spawn_periodic(
+            "forget idle handshake limits",
+            IDLE_KEYS,
+            move || {
+                handshakes.handshakes.forget_idle();
+                async { Ok(()) }
+            },
+        );
         Ok(Self {
-            verifier: web::Data::from(verifier.clone()),
-            live: web::Data::new(Live {
-                hub,
-                verifier,
-                db: context.db.clone(),
-                settings: settings.live,
-            }),
+            verifier: web::Data::from(verifier),
+            live,
             inbox: web::Data::new(Inbox::new(context.db.clone())),
             preferences: web::Data::new(PreferencesStore::new(context.db.clone())),
             devices: web::Data::new(Devices::new(

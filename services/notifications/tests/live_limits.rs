@@ -25,6 +25,8 @@ struct Flood {
     answered: u64,
     /// The close codes it was given, in order.
     closes: Vec<u16>,
+    /// Handshakes refused with 429 for opening sockets too fast.
+    refused: u32,
 }
 
 /// Sends `frame` over a socket to `url` as fast as the socket takes it, for `window`, reading
@@ -41,6 +43,12 @@ async fn flood(
     while Instant::now() < deadline {
         let mut device = match Device::connect(&url, Some(&token)).await {
             Ok(device) => device,
+            // Opening sockets too fast (an attacker does not wait for Retry-After).
+            Err((429, body)) if body.contains("too_many_handshakes") => {
+                seen.refused += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
             // The user's sockets are capped; a closed one may not have left yet.
             Err((429, _)) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -134,6 +142,7 @@ async fn a_refresh_flood_is_closed_with_4030_and_spares_another_users_inbox() {
     let refresh =
         Message::text(json!({ "type": "refresh", "token": alice.access_token }).to_string());
     // Alice's other device, which refreshes as a client should, keeps working throughout.
+    let first_handshake = Instant::now();
     let mut phone = system.connect(0, &alice, None).await;
     phone.ready().await;
 
@@ -160,12 +169,13 @@ async fn a_refresh_flood_is_closed_with_4030_and_spares_another_users_inbox() {
     let reconnecting = attack.await.expect("the reconnecting flood");
     let figures = format!(
         "Bob's inbox: baseline {}; during one socket's refresh flood {}; during a flood that \
-         reconnects {}.\none socket: {one_socket:?}\nreconnecting: sockets {}, sent {}, \
-         answered {}, closes {:?}",
+         reconnects {}.\none socket: {one_socket:?}\nreconnecting: sockets {}, handshakes \
+         refused {}, sent {}, answered {}, closes {:?}",
         percentiles(&baseline),
         percentiles(&during),
         percentiles(&during_reconnecting),
         reconnecting.sockets,
+        reconnecting.refused,
         reconnecting.sent,
         reconnecting.answered,
         reconnecting.closes.iter().fold(
@@ -185,6 +195,16 @@ async fn a_refresh_flood_is_closed_with_4030_and_spares_another_users_inbox() {
         reconnecting.closes.iter().all(|code| *code == 4030),
         "{figures}"
     );
+    // Reconnecting after each close does not get around it: the user's handshakes are bounded
+    // too (20 at once, then one a second since the phone's), and the refused ones cost no
+    // query.
+    // The phone's socket is one of them.
+    let allowed = 20 + first_handshake.elapsed().as_secs() as u32;
+    assert!(
+        reconnecting.sockets + one_socket.sockets <= allowed,
+        "more than {allowed} sockets opened: {figures}"
+    );
+    assert!(reconnecting.refused > 0, "{figures}");
     // A refresh on the well-behaved device is answered as before.
     phone
         .send(json!({ "type": "refresh", "token": alice.access_token }))

@@ -10,16 +10,20 @@
 //! skipped). A live frame that skips ahead (a lost notification) is filled from the feed first,
 //! so the client sees every sequence number once, in order, or is told to resync.
 
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_ws::{Message, MessageStream, ProtocolError, Session};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use service_kit::access_token::{AccessClaims, TokenError, TokenVerifier};
 use service_kit::db::{Database, DbError};
 use service_kit::sqlx::pool::PoolConnection;
 use service_kit::sqlx::Postgres;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 use super::feed::{can_recover, Change};
 use super::hub::{Frame, Hub, JoinError, Link, Outbound};
@@ -45,6 +49,38 @@ pub struct Live {
     pub verifier: Arc<TokenVerifier>,
     pub db: Database,
     pub settings: LiveSettings,
+    pub handshakes: HandshakeLimit,
+}
+
+/// Sockets each user may open on this instance: a burst, then a steady rate (GCRA, keyed by
+/// user). Idle users are forgotten by [`HandshakeLimit::forget_idle`].
+pub struct HandshakeLimit {
+    limiter: DefaultKeyedRateLimiter<Uuid>,
+    clock: DefaultClock,
+}
+
+impl HandshakeLimit {
+    pub fn new(settings: &LiveSettings) -> Self {
+        let per_minute = NonZeroU32::new(settings.handshakes_per_minute).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(settings.handshake_burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            limiter: RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst)),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Counts a handshake of `user`; `Err` holds how long to wait.
+    fn check(&self, user: Uuid) -> Result<(), Duration> {
+        self.limiter
+            .check_key(&user)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Drops users whose allowance is full again.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
 }
 
 /// Why a socket ends: the reason to send, or nothing when the client is already gone.
@@ -143,6 +179,9 @@ pub enum Refusal {
     Token(#[from] TokenError),
     #[error("the session of this access token has ended")]
     SessionEnded,
+    /// The user opened sockets faster than [`HandshakeLimit`] allows; wait this long.
+    #[error("too many live sockets opened; wait {} s", .0.as_secs().max(1))]
+    TooManyHandshakes(Duration),
     #[error("cannot check the session right now: {0}")]
     Unavailable(DbError),
 }
@@ -155,13 +194,31 @@ impl From<Refusal> for End {
             }
             Refusal::Token(_) => CloseReason::Unauthorized,
             Refusal::SessionEnded => CloseReason::SessionEnded,
+            Refusal::TooManyHandshakes(_) => CloseReason::TooManyConnections,
         })
     }
 }
 
-/// A token that may hold a socket: valid, and of a session that has not ended.
+/// A token that may open a socket (in the handshake or its first frame): valid, of a session
+/// that has not ended, and of a user who has not opened sockets faster than allowed here.
 pub async fn admit(live: &Live, token: &str) -> Result<AccessClaims, Refusal> {
     let claims = live.verifier.verify(token).await?;
+    // Before the primary is asked anything: a client that reconnects after every close (4030,
+    // say) gets 429s that cost nothing.
+    live.handshakes
+        .check(claims.sub)
+        .map_err(Refusal::TooManyHandshakes)?;
+    session_open(live, claims).await
+}
+
+/// A token that may go on holding a socket (an in-band refresh, bounded per socket): valid, and
+/// of a session that has not ended.
+async fn still_admitted(live: &Live, token: &str) -> Result<AccessClaims, Refusal> {
+    let claims = live.verifier.verify(token).await?;
+    session_open(live, claims).await
+}
+
+async fn session_open(live: &Live, claims: AccessClaims) -> Result<AccessClaims, Refusal> {
     if let Some(session) = claims.sid {
         let revoked = live
             .db
@@ -408,7 +465,7 @@ impl Socket<'_> {
         if !self.refreshes.take(Instant::now()) {
             return Err(CloseReason::TooManyFrames.into());
         }
-        let claims = admit(self.live, &token).await?;
+        let claims = still_admitted(self.live, &token).await?;
         if claims.sub != self.claims.sub {
             return Err(CloseReason::SessionEnded.into());
         }

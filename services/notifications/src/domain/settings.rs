@@ -42,6 +42,12 @@ pub struct LiveSettings {
     /// per interval; beyond that it is closed (4030). A client refreshes once per token lifetime.
     pub refresh_burst: u32,
     pub refresh_interval: Duration,
+    /// `LIVE_HANDSHAKE_BURST`, default 20, and `LIVE_HANDSHAKES_PER_MINUTE`, default 60: sockets
+    /// a user may open (or authenticate in-band) on one instance at once, and then per minute;
+    /// beyond that 429 with `Retry-After` (4029 for an in-band `auth`). Each checks the session
+    /// on the primary, so a client reconnecting after every close is bounded like its frames.
+    pub handshake_burst: u32,
+    pub handshakes_per_minute: u32,
     /// `LIVE_TOKEN_GRACE_MS`, default 10 s: how long after its token's `exp` a socket may stay
     /// without a refresh (4001 after).
     pub token_grace: Duration,
@@ -94,6 +100,8 @@ impl LiveSettings {
             )?,
             refresh_burst: env.ranged("LIVE_REFRESH_BURST", 5, 1, 1_000)?,
             refresh_interval: env.millis("LIVE_REFRESH_INTERVAL_MS", 60_000, 10, 86_400_000)?,
+            handshake_burst: env.ranged("LIVE_HANDSHAKE_BURST", 20, 1, 100_000)?,
+            handshakes_per_minute: env.ranged("LIVE_HANDSHAKES_PER_MINUTE", 60, 1, 1_000_000)?,
             token_grace: env.millis("LIVE_TOKEN_GRACE_MS", 10_000, 0, 600_000)?,
             feed_max_entries: env.ranged("LIVE_FEED_MAX_ENTRIES", 10_000, 10, 1_000_000)?,
             feed_retention: Duration::from_secs(
