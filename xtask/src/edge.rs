@@ -42,6 +42,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::{self, HeaderMap, HeaderName, HeaderValue};
+use unreadable_requests::UnreadableRequests;
 
 /// Path prefixes and the service that owns them (see charts/ for the cluster's version).
 pub const ROUTES: [(&str, &str); 7] = [
@@ -166,7 +167,7 @@ impl ClientSocket {
 }
 
 /// `on_connect_ext` hook: remembers each accepted socket (h1 and h2c alike).
-fn remember_socket(stream: &TcpStream, data: &mut Extensions) {
+fn remember_socket(stream: &UnreadableRequests<TcpStream>, data: &mut Extensions) {
     data.insert(ClientSocket(stream.as_raw_fd()));
 }
 
@@ -174,7 +175,14 @@ fn remember_socket(stream: &TcpStream, data: &mut Extensions) {
 /// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
 async fn detect_protocol(
     io: TcpStream,
-) -> std::result::Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+) -> std::result::Result<
+    (
+        UnreadableRequests<TcpStream>,
+        Protocol,
+        Option<std::net::SocketAddr>,
+    ),
+    DispatchError,
+> {
     let mut first = [0; 12];
     match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
         Err(_) => return Err(DispatchError::SlowRequestTimeout),
@@ -188,6 +196,8 @@ async fn detect_protocol(
         Protocol::Http1
     };
     let peer = io.peer_addr().ok();
+    // A request the HTTP layer cannot read gets a JSON answer, as from the services.
+    let io = UnreadableRequests::new(io, protocol == Protocol::Http1);
     Ok((io, protocol, peer))
 }
 

@@ -45,6 +45,9 @@ pub struct HttpConfig {
     pub workers: usize,
     /// `HTTP_MAX_BODY_BYTES`, default 1 MiB: larger bodies get 413.
     pub max_body_bytes: usize,
+    /// `HTTP_MAX_URI_BYTES`, default 8192: a longer request target (path and query) gets 414.
+    /// Up to 65,000: beyond ~64 KiB the HTTP layer cannot hold a URI at all.
+    pub max_uri_bytes: usize,
     /// `HTTP_REQUEST_TIMEOUT_MS`, default 15 s: a handler that takes longer gets 503.
     pub request_timeout: Duration,
     /// `HTTP_SHUTDOWN_TIMEOUT_SECS`, default 25 s: how long SIGTERM waits for in-flight requests
@@ -175,6 +178,7 @@ impl ServiceConfig {
                 port: env.ranged("HTTP_PORT", default_port, 1, u16::MAX)?,
                 workers: env.ranged("HTTP_WORKERS", cores, 1, 256)?,
                 max_body_bytes: env.ranged("HTTP_MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)?,
+                max_uri_bytes: env.ranged("HTTP_MAX_URI_BYTES", 8192, 256, 65_000)?,
                 request_timeout: env.millis("HTTP_REQUEST_TIMEOUT_MS", 15_000, 10, 600_000)?,
                 shutdown_timeout: Duration::from_secs(env.ranged(
                     "HTTP_SHUTDOWN_TIMEOUT_SECS",

@@ -27,6 +27,7 @@ use futures_util::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tracing_actix_web::TracingLogger;
+use unreadable_requests::UnreadableRequests;
 
 use crate::broker::BrokerProbe;
 use crate::config::ServiceConfig;
@@ -312,6 +313,7 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
                 }))
                 // Last wrapped runs first: tracing span → metrics → (each resource's timeout
                 // and panic guard, see `Routes`) → handler.
+                .wrap(from_fn(refuse_long_uris))
                 .wrap(from_fn(record_metrics))
                 .wrap(TracingLogger::default())
                 .route("/healthz", web::get().to(healthz))
@@ -380,7 +382,14 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 /// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
 async fn detect_protocol(
     io: TcpStream,
-) -> Result<(TcpStream, Protocol, Option<std::net::SocketAddr>), DispatchError> {
+) -> Result<
+    (
+        UnreadableRequests<TcpStream>,
+        Protocol,
+        Option<std::net::SocketAddr>,
+    ),
+    DispatchError,
+> {
     let mut first = [0; 12];
     match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
         Err(_) => {
@@ -397,6 +406,7 @@ async fn detect_protocol(
         Protocol::Http1
     };
     let peer = io.peer_addr().ok();
+    let io = UnreadableRequests::new(io, protocol == Protocol::Http1);
     Ok((io, protocol, peer))
 }
 
@@ -417,7 +427,10 @@ async fn shutdown_signal() -> std::io::Result<()> {
 #[derive(Debug, Clone, Copy)]
 struct ConnectionSocket(RawFd);
 
-fn remember_socket(socket: &TcpStream, extensions: &mut actix_web::dev::Extensions) {
+fn remember_socket(
+    socket: &UnreadableRequests<TcpStream>,
+    extensions: &mut actix_web::dev::Extensions,
+) {
     extensions.insert(ConnectionSocket(socket.as_raw_fd()));
 }
 
@@ -612,6 +625,35 @@ fn method_label(method: &Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
+}
+
+/// A request target longer than `HTTP_MAX_URI_BYTES` gets a JSON 414 before routing: no route
+/// of the API needs one, and it would otherwise reach handlers (and logs) whole.
+async fn refuse_long_uris(
+    request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let limit = request
+        .app_data::<web::Data<AppContext>>()
+        .map_or(8192, |context| context.config.http.max_uri_bytes);
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |target| target.as_str().len());
+    if length <= limit {
+        return next
+            .call(request)
+            .await
+            .map(ServiceResponse::map_into_left_body);
+    }
+    let answer = ApiError::new(
+        StatusCode::URI_TOO_LONG,
+        "uri_too_long",
+        format!("the request target is {length} bytes; at most {limit} are accepted"),
+    );
+    Ok(request
+        .into_response(answer.error_response())
+        .map_into_right_body())
 }
 
 /// A panic in a handler (or an extractor) becomes a logged 500 with the usual JSON body, counted

@@ -181,6 +181,101 @@ async fn a_field_that_cannot_be_cleared_refuses_null_and_unknown_methods_say_wha
     }
 }
 
+/// A URI of `length` bytes on tasks' list route (a long query string).
+fn uri_of(length: usize) -> String {
+    let base = "/v1/tasks?label=";
+    format!("{base}{}", "a".repeat(length - base.len()))
+}
+
+/// A GET of `target` on `base` (`http://127.0.0.1:port`) written on a socket of its own: HTTP
+/// clients refuse URIs over 64 KiB, attackers do not. Returns the status and the body, or what
+/// went wrong reading them.
+async fn raw_get(base: &str, target: &str, token: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|err| err.to_string())?;
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {address}\r\nAuthorization: {token}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    // The server may answer and close before it has read everything: write what it takes.
+    let _ = socket.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        socket.read_to_end(&mut answer),
+    )
+    .await;
+    match read {
+        Err(_) => return Err("no answer within 10 s".to_owned()),
+        Ok(Err(err)) if answer.is_empty() => return Err(err.to_string()),
+        Ok(_) => {}
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {text:?}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    if !head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        return Ok((status, body.to_owned()));
+    }
+    // Chunked (the edge streams bodies): size in hex, CRLF, data, CRLF; a 0 size ends it.
+    let (mut rest, mut whole) = (body, String::new());
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).map_err(|err| err.to_string())?;
+        if size == 0 || after.len() < size {
+            break;
+        }
+        whole.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    Ok((status, whole))
+}
+
+#[tokio::test]
+async fn a_uri_too_long_gets_a_json_error_however_long_it_is() {
+    let system = System::start("tasks-long-uri").await;
+    let ada = system.user("uri").await;
+    // Straight at tasks and through the edge (the gateway's stand-in).
+    for base in [system.tasks.url(""), system.edge.url("")] {
+        for kib in [9, 16, 60, 74, 79, 185, 300] {
+            let answer = raw_get(&base, &uri_of(kib * 1024), &ada.access_token).await;
+            let (status, body) = answer.unwrap_or_else(|err| panic!("{base}, {kib} KiB: {err}"));
+            let body: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|_| panic!("{base}, {kib} KiB: {status} with {body:?}"));
+            assert!(
+                [414, 431].contains(&status),
+                "{base}, {kib} KiB: {status} {body}"
+            );
+            assert!(
+                ["uri_too_long", "request_head_too_large"]
+                    .contains(&body["error"]["code"].as_str().unwrap_or_default()),
+                "{base}, {kib} KiB: {status} {body}"
+            );
+        }
+    }
+    // The limit leaves room for every URI the API makes (cursors, labels, ids).
+    let fine = test_support::Answer::send(
+        test_support::http1_client()
+            .get(system.tasks.url(&uri_of(4 * 1024)))
+            .header("authorization", &ada.access_token),
+    )
+    .await;
+    assert_eq!(
+        fine.status, 400,
+        "a label too long, not a URI: {}",
+        fine.body
+    );
+    assert_eq!(fine.code(), "invalid_input");
+}
+
 #[tokio::test]
 async fn a_write_that_reached_the_database_is_never_answered_retry() {
     let stack = test_support::TestStack::from_env();
