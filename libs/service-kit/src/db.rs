@@ -140,6 +140,9 @@ const FALLBACK_REASONS: [&str; 4] = [
 /// beyond what this process has seen: what a flood of forged tokens can cost the primary.
 const POSITION_READ_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Misses on a replica that keeps up confirmed on the primary per second (and at once), at most.
+const MISS_CONFIRMATIONS_PER_SECOND: f64 = 50.0;
+
 /// Bad probes in a row after which the replica in use is given up.
 const BAD_PROBES_TO_GIVE_UP: u32 = 2;
 
@@ -268,6 +271,39 @@ struct Inner {
     /// Misses on the replica confirmed on the primary at once, at most: a flood of lookups for
     /// ids that do not exist cannot move the reads onto the primary.
     miss_confirmations: tokio::sync::Semaphore,
+    /// Misses confirmed on the primary while the replica keeps up: a few a second.
+    miss_budget: std::sync::Mutex<Allowance>,
+}
+
+/// At most `burst` at once and `per_second` after (a token bucket).
+struct Allowance {
+    tokens: f64,
+    burst: f64,
+    per_second: f64,
+    refilled: Instant,
+}
+
+impl Allowance {
+    fn new(per_second: f64) -> Self {
+        Self {
+            tokens: per_second,
+            burst: per_second,
+            per_second,
+            refilled: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.refilled = now;
+        let taken = self.tokens >= 1.0;
+        if taken {
+            self.tokens -= 1.0;
+        }
+        taken
+    }
 }
 
 /// The primary's position as read for tokens beyond what this process has seen.
@@ -361,6 +397,7 @@ impl Database {
                 miss_confirmations: tokio::sync::Semaphore::new(
                     (config.max_connections as usize / 4).max(1),
                 ),
+                miss_budget: std::sync::Mutex::new(Allowance::new(MISS_CONFIRMATIONS_PER_SECOND)),
             }),
         })
     }
@@ -418,12 +455,13 @@ impl Database {
     }
 
     /// Like [`Self::replica_or_primary_after`] for a lookup that may find nothing. A miss on the
-    /// replica is confirmed on the primary only when that can change the answer: while the
-    /// replica is measurably behind (it had not replayed, at its last probe, what the primary had
-    /// flushed a check interval before), and then a few at a time. A replica that keeps up
-    /// answers misses itself, so lookups of made-up ids cannot move reads onto the primary; a
-    /// client that needs its own write sends its consistency token, which the replica is checked
-    /// against first.
+    /// replica is confirmed on the primary, since the row may just not be replayed yet (an
+    /// account read right after its signup, a task made a moment ago on another device, without
+    /// a consistency token), but within bounds: at will while the replica is measurably behind
+    /// (it had not replayed, at its last probe, what the primary had flushed a check interval
+    /// before), otherwise [`MISS_CONFIRMATIONS_PER_SECOND`]; and a quarter of the pool at a
+    /// time. Genuine misses are rare and fit; a flood of lookups for made-up ids gets its
+    /// misses from the replica and cannot move the reads onto the primary.
     pub async fn find_on_replica_or_primary<T, F, Fut>(
         &self,
         token: Option<Lsn>,
@@ -434,9 +472,12 @@ impl Database {
         Fut: Future<Output = Result<Option<T>, sqlx::Error>>,
     {
         match self.route_read(token, &op).await? {
-            (None, ReadTarget::Replica) if self.replica_behind() => {
-                // Confirm only a few at a time; the others' miss stands (the replica is at most
-                // the lag bound behind, as every plain read may be).
+            (None, ReadTarget::Replica) => {
+                // Past the bounds the miss stands (the replica is at most the lag bound behind,
+                // as every plain read may be).
+                if !(self.replica_behind() || self.take_miss_budget()) {
+                    return Ok(None);
+                }
                 let Ok(_permit) = self.inner.miss_confirmations.try_acquire() else {
                     return Ok(None);
                 };
@@ -611,6 +652,14 @@ impl Database {
                 .map(|position| position as u64);
             (started, current)
         }
+    }
+
+    /// Whether a miss may be confirmed on the primary while the replica keeps up.
+    fn take_miss_budget(&self) -> bool {
+        self.inner
+            .miss_budget
+            .lock()
+            .is_ok_and(|mut budget| budget.take())
     }
 
     /// Whether the replica in use was measurably behind at its last probe.

@@ -116,15 +116,17 @@ async fn lookups_of_ids_that_do_not_exist_are_answered_by_the_replica() {
         "{requests} lookups of made-up ids in {FLOOD:?} (p50 {p50:?}, p99 {p99:?}): \
          {confirmed} confirmed on the primary, {on_primary} primary transactions"
     );
-    // Background work (the replica monitor's samples, the revoked-users reload, housekeeping)
-    // commits a few transactions a second; the lookups must add next to nothing.
+    // At most 50 misses a second are confirmed while the replica keeps up (and 50 at once);
+    // background work (the replica monitor's samples, the revoked-users reload, housekeeping)
+    // commits a few transactions a second.
+    let confirmable = 50.0 + 50.0 * FLOOD.as_secs_f64() * 1.2;
     assert!(
-        on_primary * 10 < requests as i64,
-        "{on_primary} primary transactions for {requests} lookups of ids that do not exist"
+        confirmed <= confirmable,
+        "{confirmed} misses confirmed in {FLOOD:?}"
     );
     assert!(
-        confirmed * 100.0 < requests as f64,
-        "{confirmed} misses confirmed"
+        on_primary as f64 <= confirmable + 100.0,
+        "{on_primary} primary transactions for {requests} lookups of ids that do not exist"
     );
 
     // A task of ada's is found, on the replica, with or without its token.
@@ -179,9 +181,10 @@ async fn forged_consistency_tokens_cost_the_primary_a_bounded_trickle() {
          {on_primary} primary transactions ({per_second:.0}/s)"
     );
     // At most one reading of the primary's position per 10 ms (100 a second), plus background
-    // work (the replica monitor's samples, the revoked-users reload: a few a second).
+    // work (the replica monitor's samples, the revoked-users reload, housekeeping: about 5 a
+    // second, more in bursts).
     assert!(
-        per_second < 110.0,
+        per_second < 125.0,
         "{per_second:.0} primary transactions a second for {requests} forged tokens"
     );
     // A real token still gets its write, at once.
