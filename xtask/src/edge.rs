@@ -6,8 +6,9 @@
 //! HTTP/1.1 keep-alive, like ingress controllers do.
 //!
 //! Like the ingress, the edge bounds what a client may hold without sending anything: a connection
-//! that sends no bytes within [`FIRST_BYTES_TIMEOUT`] is closed, and a request head must be
-//! complete within [`CLIENT_REQUEST_TIMEOUT`] (408 after), as the services do themselves.
+//! that sends no bytes within [`http_listener::FIRST_BYTES_TIMEOUT`] is closed, and a request head
+//! must be complete within [`http_listener::CLIENT_REQUEST_TIMEOUT`] (408 after), as the services
+//! do themselves: they listen the same way.
 //!
 //! WebSockets (`GET` + `Upgrade: websocket` over HTTP/1.1) are proxied frame by frame, like the
 //! Gateway's WebSocket HTTPRoute: the edge opens the service's socket first, so a refusal (401,
@@ -21,14 +22,12 @@
 //! supported: an h2 request never carries `Upgrade` and takes the plain HTTP path.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
-use actix_http::error::DispatchError;
 use actix_http::ws::{OpCode, Parser};
-use actix_http::{HttpService, KeepAlive, Protocol};
+use actix_http::HttpService;
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
-use actix_web::dev::{AppConfig, Extensions};
+use actix_web::dev::AppConfig;
 use actix_web::http::{Method, StatusCode, Version};
 use actix_web::web::{Bytes, BytesMut};
 use actix_web::{web, App, FromRequest, HttpRequest, HttpResponse};
@@ -42,7 +41,6 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::http::{self, HeaderMap, HeaderName, HeaderValue};
-use unreadable_requests::UnreadableRequests;
 
 /// Path prefixes and the service that owns them (see charts/ for the cluster's version).
 pub const ROUTES: [(&str, &str); 7] = [
@@ -87,27 +85,8 @@ const MAX_UPSTREAM_HEAD: usize = 16 << 10;
 /// Largest refusal body (the services' JSON errors) the edge passes on.
 const MAX_UPSTREAM_REFUSAL: usize = 64 << 10;
 
-/// How long a new connection may stay silent before the edge closes it. The combined HTTP/1.1 +
-/// h2c listener must see the first bytes to know the protocol, and actix-web's own waits for
-/// them without a bound: connections that never sent anything stayed open for good.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a client has to send a whole request head once it started (408 after), as actix's
-/// default.
-const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// How long a closing connection gets to shut down cleanly, as actix's default.
-const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Pending connections the kernel holds for the listener, as actix's default.
-const LISTEN_BACKLOG: i32 = 1024;
-
 /// How long a drain waits for requests in flight (and WebSockets) before the edge stops.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 25;
-
-/// HTTP/2 with prior knowledge starts with this (a subset of RFC 9113's preface, as actix checks
-/// it); anything else is taken for HTTP/1.1.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 
 /// After one side sent a close frame, how long the other gets to answer with its own.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -151,72 +130,10 @@ struct Edge {
     client: reqwest::Client,
 }
 
-/// The accepted client socket of a connection, kept in its connection data so a WebSocket
-/// upgrade can shrink its send buffer (actix-web exposes the socket only at accept time).
-#[derive(Clone, Copy)]
-struct ClientSocket(RawFd);
-
-impl ClientSocket {
-    fn set_send_buffer_size(self, size: usize) -> std::io::Result<()> {
-        // SAFETY: the descriptor belongs to the connection the current request arrived on; actix
-        // keeps that socket open while the request is being handled, and the borrow ends before
-        // this function returns.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.0) };
-        socket2::SockRef::from(&fd).set_send_buffer_size(size)
-    }
-}
-
-/// `on_connect_ext` hook: remembers each accepted socket (h1 and h2c alike).
-fn remember_socket(stream: &UnreadableRequests<TcpStream>, data: &mut Extensions) {
-    data.insert(ClientSocket(stream.as_raw_fd()));
-}
-
-/// Which protocol a new connection speaks, from its first bytes, or an error when it sends none
-/// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
-async fn detect_protocol(
-    io: TcpStream,
-) -> std::result::Result<
-    (
-        UnreadableRequests<TcpStream>,
-        Protocol,
-        Option<std::net::SocketAddr>,
-    ),
-    DispatchError,
-> {
-    let mut first = [0; 12];
-    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
-        Err(_) => return Err(DispatchError::SlowRequestTimeout),
-        Ok(peeked) => {
-            peeked?;
-        }
-    }
-    let protocol = if first == H2_PREFACE {
-        Protocol::Http2
-    } else {
-        Protocol::Http1
-    };
-    let peer = io.peer_addr().ok();
-    // A request the HTTP layer cannot read gets a JSON answer, as from the services.
-    let io = UnreadableRequests::new(io, protocol == Protocol::Http1);
-    Ok((io, protocol, peer))
-}
-
-/// A listening socket like actix-web's: address reuse (a restart need not wait for old
-/// connections' TIME_WAIT) and its backlog.
-fn listen(port: u16) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&address.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
 /// Serves on 127.0.0.1:`port` until SIGTERM/SIGINT. `upstreams` maps service → base URL.
 ///
-/// This is what actix-web's `HttpServer::bind_auto_h2c` does, except that the first bytes of a
-/// connection (which tell HTTP/1.1 from h2c) are awaited for [`FIRST_BYTES_TIMEOUT`] only.
+/// The listener is `http_listener`'s, as the services': silent connections closed, unreadable
+/// requests answered with JSON.
 pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
     let client = reqwest::Client::builder()
         .http1_only()
@@ -225,7 +142,8 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
         .pool_max_idle_per_host(256)
         .build()?;
     let edge = web::Data::new(Edge { upstreams, client });
-    let listener = listen(port).with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?;
+    let listener = http_listener::listen(([127, 0, 0, 1], port).into())
+        .with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?;
     let local_addr = listener.local_addr()?;
     let builder = actix_web::dev::Server::build().shutdown_timeout(SHUTDOWN_TIMEOUT_SECS);
     let shutting_down = builder.graceful_shutdown_signal();
@@ -239,26 +157,14 @@ pub async fn run(port: u16, upstreams: HashMap<String, String>) -> Result<()> {
                     web::get().to(|| async { HttpResponse::Ok().json(json!({"status": "ok"})) }),
                 )
                 .default_service(web::to(route));
-            let shutting_down = shutting_down.clone();
-            let http_service = HttpService::build()
-                // Idle keep-alive connections close at once when the drain starts.
-                .graceful_shutdown_signal(move || {
-                    let signal = shutting_down.clone();
-                    async move { signal.notified().await }
-                })
-                .keep_alive(KeepAlive::default())
-                .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
-                // Head and streamed body go out as separate writes: no Nagle delay between them.
-                .tcp_nodelay(true)
-                .local_addr(local_addr)
-                .on_connect_ext(remember_socket)
-                .finish(map_config(
-                    app.into_factory()
-                        .map_err(|err: actix_web::Error| err.error_response()),
-                    |_| AppConfig::default(),
-                ));
-            fn_service(detect_protocol).and_then(http_service)
+            let http_service =
+                http_listener::configure(HttpService::build(), local_addr, shutting_down.clone())
+                    .finish(map_config(
+                        app.into_factory()
+                            .map_err(|err: actix_web::Error| err.error_response()),
+                        |_| AppConfig::default(),
+                    ));
+            fn_service(http_listener::detect_protocol).and_then(http_service)
         })
         .with_context(|| format!("binding the edge to 127.0.0.1:{port}"))?
         .run()
@@ -443,10 +349,8 @@ async fn websocket(
             // Verified above, so not expected; dropping `upstream` ends the service's side.
             Err(err) => return HttpResponse::from_error(err),
         };
-    if let Some(socket) = request.conn_data::<ClientSocket>() {
-        // Best effort: without it a slow client is only noticed later.
-        let _ = socket.set_send_buffer_size(CLIENT_SEND_BUFFER);
-    }
+    // Best effort: without it a slow client is only noticed later.
+    let _ = http_listener::set_send_buffer(request, CLIENT_SEND_BUFFER);
     actix_web::rt::spawn(pump(
         session,
         messages.max_frame_size(MAX_CLIENT_FRAME),

@@ -9,13 +9,12 @@
 //! `HTTP_SHUTDOWN_TIMEOUT_SECS`) and returns.
 
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_http::error::DispatchError;
-use actix_http::{HttpService, KeepAlive, Protocol};
+use actix_http::{HttpService, Protocol};
 use actix_service::{fn_service, map_config, IntoServiceFactory, ServiceFactoryExt};
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{AppConfig, ServiceRequest, ServiceResponse};
@@ -27,7 +26,8 @@ use futures_util::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tracing_actix_web::TracingLogger;
-use unreadable_requests::UnreadableRequests;
+
+pub use http_listener::set_send_buffer;
 
 use crate::broker::BrokerProbe;
 use crate::config::ServiceConfig;
@@ -267,22 +267,11 @@ impl FromRequest for ReadAfter {
     }
 }
 
-/// How long a new connection may stay silent before it is closed. The combined HTTP/1.1 + h2c
-/// listener must see the first bytes to know the protocol; without a bound, sockets that never
-/// send anything would hold file descriptors forever.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a client has to send a request head once it started (408 after), as actix's default.
-const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a closing connection gets to shut down cleanly, as actix's default.
-const CLIENT_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Pending connections the kernel holds for the listener, as actix's default.
-const LISTEN_BACKLOG: i32 = 1024;
-
 /// Serves the service's routes plus the standard endpoints until SIGTERM/SIGINT, then drains
 /// and returns.
 ///
-/// This is what actix-web's `HttpServer::bind_auto_h2c` does, except that the first bytes of a
-/// connection (which tell HTTP/1.1 from h2c) are awaited for [`FIRST_BYTES_TIMEOUT`] only.
+/// The listener is `http_listener`'s, shared with the local edge: silent connections closed,
+/// unreadable requests answered with JSON.
 pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io::Result<()> {
     let http = context.config.http.clone();
     let context = web::Data::new(context);
@@ -290,7 +279,7 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
     // At 0 from the start: a counter that first appears at 1 has no increase() to alert on.
     metrics::counter!(names::HTTP_PANICS).increment(0);
     metrics::counter!(names::HTTP_SILENT_CONNECTIONS_CLOSED).increment(0);
-    let listener = listen((http.host, http.port).into())?;
+    let listener = http_listener::listen((http.host, http.port).into())?;
     let local_addr = listener.local_addr()?;
     let builder = actix_server::Server::build()
         .workers(http.workers)
@@ -323,27 +312,14 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
                 .app_data(web::Data::from(routes.clone()))
                 .configure(|config| routes.routes(config))
                 .default_service(web::to(not_found));
-            let shutting_down = shutting_down.clone();
-            let http_service = HttpService::build()
-                // Idle keep-alive connections close at once when the drain starts.
-                .graceful_shutdown_signal(move || {
-                    let signal = shutting_down.clone();
-                    async move { signal.notified().await }
-                })
-                .keep_alive(KeepAlive::default())
-                .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-                .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
-                // Answers are written as head and body: without this, Nagle's algorithm holds
-                // the body back until the client's delayed ACK (~40 ms) on keep-alive connections.
-                .tcp_nodelay(true)
-                .local_addr(local_addr)
-                .on_connect_ext(remember_socket)
-                .finish(map_config(
-                    app.into_factory()
-                        .map_err(|err: actix_web::Error| err.error_response()),
-                    // Only requests without a Host header (HTTP/1.0) see this host name.
-                    |_| AppConfig::default(),
-                ));
+            let http_service =
+                http_listener::configure(HttpService::build(), local_addr, shutting_down.clone())
+                    .finish(map_config(
+                        app.into_factory()
+                            .map_err(|err: actix_web::Error| err.error_response()),
+                        // Only requests without a Host header (HTTP/1.0) see this host name.
+                        |_| AppConfig::default(),
+                    ));
             fn_service(detect_protocol).and_then(http_service)
         })?
         .run();
@@ -359,55 +335,22 @@ pub async fn serve<S: Service>(context: AppContext, service: Arc<S>) -> std::io:
     server.await
 }
 
-/// A listening socket like actix-web's: address reuse (a restart need not wait for old
-/// connections' TIME_WAIT) and its backlog.
-fn listen(address: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&address.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
-/// HTTP/2 with prior knowledge starts with this (a subset of RFC 9113's preface, as actix
-/// checks it); anything else is taken for HTTP/1.1.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
-
-/// Which protocol a new connection speaks, from its first bytes, or an error when it sends none
-/// within [`FIRST_BYTES_TIMEOUT`] (the connection is then closed).
+/// [`http_listener::detect_protocol`], counting the connections closed for sending nothing.
 async fn detect_protocol(
     io: TcpStream,
 ) -> Result<
     (
-        UnreadableRequests<TcpStream>,
+        http_listener::Connection,
         Protocol,
         Option<std::net::SocketAddr>,
     ),
     DispatchError,
 > {
-    let mut first = [0; 12];
-    match tokio::time::timeout(FIRST_BYTES_TIMEOUT, io.peek(&mut first)).await {
-        Err(_) => {
-            metrics::counter!(names::HTTP_SILENT_CONNECTIONS_CLOSED).increment(1);
-            return Err(DispatchError::SlowRequestTimeout);
-        }
-        Ok(peeked) => {
-            peeked?;
-        }
+    let detected = http_listener::detect_protocol(io).await;
+    if matches!(detected, Err(DispatchError::SlowRequestTimeout)) {
+        metrics::counter!(names::HTTP_SILENT_CONNECTIONS_CLOSED).increment(1);
     }
-    let protocol = if first == H2_PREFACE {
-        Protocol::Http2
-    } else {
-        Protocol::Http1
-    };
-    let peer = io.peer_addr().ok();
-    let io = UnreadableRequests::new(io, protocol == Protocol::Http1);
-    Ok((io, protocol, peer))
+    detected
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -420,44 +363,6 @@ async fn shutdown_signal() -> std::io::Result<()> {
         _ = interrupt.recv() => {}
     }
     Ok(())
-}
-
-/// The accepted socket of a request's connection, for what only the socket can be told (see
-/// [`set_send_buffer`]).
-#[derive(Debug, Clone, Copy)]
-struct ConnectionSocket(RawFd);
-
-fn remember_socket(
-    socket: &UnreadableRequests<TcpStream>,
-    extensions: &mut actix_web::dev::Extensions,
-) {
-    extensions.insert(ConnectionSocket(socket.as_raw_fd()));
-}
-
-/// Caps the kernel's send buffer of `request`'s connection at `bytes`. For long-lived streams
-/// (WebSockets) whose sender counts what a slow reader has not taken: a large, auto-tuned kernel
-/// buffer would hide megabytes of backlog from that count.
-pub fn set_send_buffer(request: &HttpRequest, bytes: usize) -> std::io::Result<()> {
-    let Some(ConnectionSocket(fd)) = request.conn_data::<ConnectionSocket>().copied() else {
-        return Ok(());
-    };
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `fd` is the socket of the connection `request` arrived on, open while the request
-    // is handled; `value` lives across the call and its size is passed with it.
-    let answer = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            std::ptr::addr_of!(value).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if answer == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 async fn healthz() -> HttpResponse {
