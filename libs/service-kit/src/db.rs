@@ -50,6 +50,7 @@ use sqlx::{Connection, PgConnection, Postgres};
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use crate::allowance::Allowance;
 use crate::config::DatabaseConfig;
 use crate::error::ApiError;
 use crate::metrics as names;
@@ -141,7 +142,7 @@ const FALLBACK_REASONS: [&str; 4] = [
 const POSITION_READ_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Misses on a replica that keeps up confirmed on the primary per second (and at once), at most.
-const MISS_CONFIRMATIONS_PER_SECOND: f64 = 50.0;
+const MISS_CONFIRMATIONS_PER_SECOND: u32 = 50;
 
 /// Bad probes in a row after which the replica in use is given up.
 const BAD_PROBES_TO_GIVE_UP: u32 = 2;
@@ -275,37 +276,6 @@ struct Inner {
     miss_budget: std::sync::Mutex<Allowance>,
 }
 
-/// At most `burst` at once and `per_second` after (a token bucket).
-struct Allowance {
-    tokens: f64,
-    burst: f64,
-    per_second: f64,
-    refilled: Instant,
-}
-
-impl Allowance {
-    fn new(per_second: f64) -> Self {
-        Self {
-            tokens: per_second,
-            burst: per_second,
-            per_second,
-            refilled: Instant::now(),
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
-        self.tokens = (self.tokens + earned).min(self.burst);
-        self.refilled = now;
-        let taken = self.tokens >= 1.0;
-        if taken {
-            self.tokens -= 1.0;
-        }
-        taken
-    }
-}
-
 /// The primary's position as read for tokens beyond what this process has seen.
 #[derive(Default)]
 struct PositionReads {
@@ -397,7 +367,11 @@ impl Database {
                 miss_confirmations: tokio::sync::Semaphore::new(
                     (config.max_connections as usize / 4).max(1),
                 ),
-                miss_budget: std::sync::Mutex::new(Allowance::new(MISS_CONFIRMATIONS_PER_SECOND)),
+                miss_budget: std::sync::Mutex::new(Allowance::new(
+                    MISS_CONFIRMATIONS_PER_SECOND,
+                    Duration::from_secs(1) / MISS_CONFIRMATIONS_PER_SECOND,
+                    Instant::now(),
+                )),
             }),
         })
     }
@@ -659,7 +633,7 @@ impl Database {
         self.inner
             .miss_budget
             .lock()
-            .is_ok_and(|mut budget| budget.take())
+            .is_ok_and(|mut budget| budget.take(Instant::now()))
     }
 
     /// Whether the replica in use was measurably behind at its last probe.

@@ -20,6 +20,7 @@
 //! [`run_command`] the same way (logs, runtime, exit codes).
 
 pub mod access_token;
+pub mod allowance;
 pub mod broker;
 pub mod config;
 pub mod db;

@@ -18,6 +18,7 @@ use actix_ws::{Message, MessageStream, ProtocolError, Session};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use service_kit::access_token::{AccessClaims, TokenError, TokenVerifier};
+use service_kit::allowance::Allowance;
 use service_kit::db::{Database, DbError};
 use service_kit::sqlx::pool::PoolConnection;
 use service_kit::sqlx::Postgres;
@@ -239,35 +240,6 @@ fn protocol_end(message: Result<Message, ProtocolError>) -> End {
         Err(_) => CloseReason::Protocol.into(),
         Ok(Message::Binary(_)) | Ok(Message::Continuation(_)) => CloseReason::Unsupported.into(),
         Ok(_) => CloseReason::Protocol.into(),
-    }
-}
-
-/// At most `burst` at once, then one more per `every` (a token bucket, kept as the time at
-/// which it is full again).
-#[derive(Debug, Clone, Copy)]
-struct Allowance {
-    burst: u32,
-    every: Duration,
-    full_at: Instant,
-}
-
-impl Allowance {
-    fn new(burst: u32, every: Duration, now: Instant) -> Self {
-        Self {
-            burst,
-            every,
-            full_at: now,
-        }
-    }
-
-    /// Takes one, if one is left.
-    fn take(&mut self, now: Instant) -> bool {
-        let full_at = self.full_at.max(now) + self.every;
-        if full_at > now + self.every * self.burst {
-            return false;
-        }
-        self.full_at = full_at;
-        true
     }
 }
 
@@ -506,25 +478,4 @@ fn is_run_from(page: &[Change], since: i64) -> bool {
     page.iter()
         .zip(since + 1..)
         .all(|(change, expected)| change.seq == expected)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_allowance_gives_its_burst_then_one_per_interval() {
-        let start = Instant::now();
-        let every = Duration::from_secs(60);
-        let mut allowance = Allowance::new(3, every, start);
-        assert!((0..3).all(|_| allowance.take(start)));
-        assert!(!allowance.take(start));
-        assert!(!allowance.take(start + every / 2));
-        assert!(allowance.take(start + every));
-        assert!(!allowance.take(start + every));
-        // Unused time refills it, up to the burst only.
-        let later = start + every * 100;
-        assert!((0..3).all(|_| allowance.take(later)));
-        assert!(!allowance.take(later));
-    }
 }
