@@ -621,6 +621,29 @@ fn named_in(message: &str) -> Option<&str> {
     rest.split_once('`').map(|(name, _)| name)
 }
 
+/// The longest `Idempotency-Key` a write takes.
+pub const IDEMPOTENCY_KEY_MAX: usize = 200;
+
+/// The request's `Idempotency-Key`, if it sent one: 1–[`IDEMPOTENCY_KEY_MAX`] visible ASCII
+/// characters, else 400 `invalid_idempotency_key`. What the key covers (which body, for how long)
+/// is the route's.
+pub fn idempotency_key(request: &HttpRequest) -> Result<Option<&str>, ApiError> {
+    let Some(value) = request.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|key| (1..=IDEMPOTENCY_KEY_MAX).contains(&key.len()))
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 200 visible ASCII characters",
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

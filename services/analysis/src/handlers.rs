@@ -10,7 +10,7 @@ use service_kit::actix_web::web::{self, Bytes};
 use service_kit::actix_web::{FromRequest, HttpRequest, HttpResponse};
 use service_kit::error::{ApiError, ErrorBody, FieldIssue};
 use service_kit::http::client_has;
-use service_kit::input::{hyphenated_uuid, AnyJson, Query};
+use service_kit::input::{hyphenated_uuid, idempotency_key, AnyJson, Query};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -20,9 +20,7 @@ use crate::api::{
     TelemetryBatchBody, UsageDay, UsageParams, UsageView,
 };
 use crate::domain::model::TaskModel;
-use crate::domain::telemetry::{
-    self, BrokenBatch, Ingest, IngestError, MAX_IDEMPOTENCY_KEY_BYTES, MAX_LISTED_BROKEN_FIELDS,
-};
+use crate::domain::telemetry::{self, BrokenBatch, Ingest, IngestError, MAX_LISTED_BROKEN_FIELDS};
 use crate::domain::{Analysis, AnalysisError, UsageCursor, MAX_IDS, MAX_USAGE_DAYS};
 
 impl From<AnalysisError> for ApiError {
@@ -270,25 +268,6 @@ pub async fn export(
         .streaming(body))
 }
 
-/// The request's `Idempotency-Key`, if it has one: 1–200 visible ASCII characters, as tasks
-/// takes them.
-fn idempotency_key(request: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let Some(value) = request.headers().get("idempotency-key") else {
-        return Ok(None);
-    };
-    value
-        .to_str()
-        .ok()
-        .filter(|key| (1..=MAX_IDEMPOTENCY_KEY_BYTES).contains(&key.len()))
-        .map(|key| Some(key.to_owned()))
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_idempotency_key",
-                "Idempotency-Key must be 1 to 200 visible ASCII characters",
-            )
-        })
-}
-
 /// Accepts a batch of client events: 202 once the broker has it.
 #[utoipa::path(
     post, path = "/v1/telemetry", tag = "telemetry",
@@ -322,9 +301,7 @@ pub async fn post_telemetry(
     let AnyJson(body) = AnyJson::<serde_json::Value>::from_request(&request, &mut payload).await?;
     let events = telemetry::parse_batch(body, OffsetDateTime::now_utc()).map_err(broken_batch)?;
     let count = events.len();
-    let batch_id = ingest
-        .submit(caller.user_id, key.as_deref(), events, held)
-        .await?;
+    let batch_id = ingest.submit(caller.user_id, key, events, held).await?;
     Ok(HttpResponse::Accepted().json(TelemetryAccepted {
         batch_id,
         events: count,

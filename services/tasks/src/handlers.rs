@@ -8,7 +8,7 @@ use service_kit::actix_web::http::StatusCode;
 use service_kit::actix_web::{web, HttpRequest, HttpResponse, HttpResponseBuilder};
 use service_kit::error::{ApiError, ErrorBody};
 use service_kit::http::{client_has, ReadAfter, Written};
-use service_kit::input::{Json, Query, Timestamp};
+use service_kit::input::{idempotency_key, Json, Query, Timestamp};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use validator::Validate;
@@ -17,7 +17,7 @@ use crate::api::{
     decode_revision_cursor, decode_task_cursor, encode_revision_cursor, CreateTask, ListParams,
     PatchTask, RevisionPage, RevisionParams, RevisionView, TaskPage, TaskView,
 };
-use crate::domain::rules::{normalize_labels, IDEMPOTENCY_KEY_MAX, PAGE_DEFAULT};
+use crate::domain::rules::{normalize_labels, PAGE_DEFAULT};
 use crate::domain::tasks::IdempotencyKey;
 use crate::domain::{
     ListQuery, NewTask, Precondition, Priority, Status, Task, TaskChange, TaskError, Tasks,
@@ -112,19 +112,9 @@ pub async fn create(
 ) -> Result<Written<HttpResponse>, ApiError> {
     let body = body.into_inner();
     body.validate()?;
-    let idempotency = match request.headers().get("idempotency-key") {
+    let idempotency = match idempotency_key(&request)? {
         None => None,
         Some(key) => {
-            let key = key
-                .to_str()
-                .ok()
-                .filter(|key| (1..=IDEMPOTENCY_KEY_MAX).contains(&key.len()))
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "invalid_idempotency_key",
-                        "Idempotency-Key must be 1 to 200 visible ASCII characters",
-                    )
-                })?;
             let canonical = serde_json::to_vec(&body).map_err(ApiError::internal)?;
             Some(IdempotencyKey {
                 key: key.to_owned(),

@@ -55,8 +55,6 @@ pub const MAX_LISTED_BROKEN_FIELDS: usize = 50;
 /// Most characters of a client's own key (a property's, an unknown field's) repeated in a
 /// field's name; longer ones are cut, marked with `…`.
 const MAX_ECHOED_KEY_CHARS: usize = MAX_PROP_KEY_CHARS;
-/// Longest `Idempotency-Key`, as tasks takes them.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 200;
 /// Batches a worker takes from the queue at once.
 const WORKER_GRAB: usize = 64;
 /// How much longer than the producer's own bound a request waits for the delivery report of a

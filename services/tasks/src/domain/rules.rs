@@ -6,7 +6,6 @@ use service_kit::input::{Text, TextRule};
 use validator::ValidationError;
 
 pub const LABELS_MAX: u64 = 20;
-pub const IDEMPOTENCY_KEY_MAX: usize = 200;
 pub const PAGE_DEFAULT: u32 = 50;
 pub const PAGE_MAX: u32 = 200;
 
