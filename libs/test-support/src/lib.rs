@@ -299,6 +299,20 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// The resident memory of process `pid` now, in KiB (`VmRSS`; 0 once it is gone): for sampling
+/// from a task that cannot hold the [`ServiceProcess`].
+pub fn rss_kib_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A name no other test run uses, for usernames and the like: `prefix` + a unique suffix,
 /// lower-case letters and digits only.
 pub fn unique_name(prefix: &str) -> String {
@@ -494,15 +508,7 @@ impl ServiceProcess {
 
     /// Its resident memory now, in KiB (`VmRSS`), for tests that check memory stays flat.
     pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find_map(|line| line.strip_prefix("VmRSS:"))
-                    .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            })
-            .unwrap_or(0)
+        rss_kib_of(self.child.id())
     }
 
     /// Starts the local edge proxy (`xtask edge`) routing to `upstreams` (service, base URL),

@@ -146,3 +146,84 @@ async fn every_endpoint_query_is_served_by_an_index() {
         .unwrap();
     assert_indexed("GET /v1/analysis/me", &plan_text(rows));
 }
+
+/// The pages of `GET /v1/analysis/usage`, a later one as well as the first, after loading a user
+/// with 10,120 rows and 1,000 others with 300 each: read through the primary key's index, in its
+/// order (no sort), and a later page starts inside the index (no rows filtered away).
+#[tokio::test]
+async fn every_usage_page_is_read_through_the_index() {
+    let stack = TestStack::from_env();
+    let database = stack.scratch_database("analysis");
+    let mut conn = PgConnection::connect(&database[0].1).await.unwrap();
+    let owner = Uuid::new_v4();
+    // The owner: 92 days × 110 names; 1,000 others: 60 days × 5 names each.
+    sqlx::query(
+        "INSERT INTO user_usage (owner_id, day, name, events) \
+         SELECT $1, current_date - d, 'name.' || n, 3 \
+         FROM generate_series(0, 91) AS d, generate_series(1, 110) AS n",
+    )
+    .bind(owner)
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO user_usage (owner_id, day, name, events) \
+         SELECT ('00000000-0000-0000-0000-' || lpad(u::text, 12, '0'))::uuid, current_date - d, \
+                'event' || e, 7 \
+         FROM generate_series(1, 1000) AS u, generate_series(0, 59) AS d, generate_series(1, 5) AS e",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&mut conn).await.unwrap();
+
+    let today = OffsetDateTime::now_utc().date();
+    let from = today - time::Duration::days(91);
+    let first: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", storage::USAGE_SQL))
+        .bind(owner)
+        .bind(from)
+        .bind(today)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    let later: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", storage::USAGE_AFTER_SQL))
+        .bind(owner)
+        .bind(from)
+        .bind(today)
+        .bind(today - time::Duration::days(40))
+        .bind("name.5")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    for (name, plan) in [
+        ("GET /v1/analysis/usage, first page", plan_text(first)),
+        ("GET /v1/analysis/usage, a later page", plan_text(later)),
+    ] {
+        assert_indexed(name, &plan);
+        assert!(!plan.contains("Sort"), "{name} sorts what it read:\n{plan}");
+        assert!(
+            plan.contains("Limit"),
+            "{name} reads without a limit:\n{plan}"
+        );
+    }
+    // The later page starts inside the index: its row comparison is an index condition, not a
+    // filter over the rows before it.
+    let later: Vec<(String,)> = sqlx::query_as(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS) {}",
+        storage::USAGE_AFTER_SQL
+    ))
+    .bind(owner)
+    .bind(from)
+    .bind(today)
+    .bind(today - time::Duration::days(10))
+    .bind("name.5")
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    let later = plan_text(later);
+    println!("── a late page, run\n{later}\n");
+    assert!(
+        !later.contains("Rows Removed by Filter"),
+        "the late page filters rows it skips:\n{later}"
+    );
+}

@@ -39,6 +39,17 @@ async fn post(system: &System, base: &str, token: &str, body: &Value) -> Answer 
     .await
 }
 
+/// Posts a batch until it is accepted (for up to 30 s: a broker just resumed), the last answer.
+async fn post_until_accepted(system: &System, base: &str, token: &str) -> Answer {
+    let body = batch(&["back"]);
+    poll_until(
+        Duration::from_secs(30),
+        || post(system, base, token, &body),
+        |answer| answer.status == 202,
+    )
+    .await
+}
+
 /// `name → events` today for the user, read from `base`.
 async fn usage_today(system: &System, base: &str, token: &str) -> Vec<(String, i64)> {
     let answer = Answer::send(
@@ -263,13 +274,7 @@ async fn overload_and_a_silent_broker_are_answered_503_at_once_with_memory_flat(
 
     // Back: accepted again.
     system.broker.resume().unwrap();
-    let back_body = batch(&["back"]);
-    let back = poll_until(
-        Duration::from_secs(30),
-        || post(&system, &base, &user.access_token, &back_body),
-        |answer| answer.status == 202,
-    )
-    .await;
+    let back = post_until_accepted(&system, &base, &user.access_token).await;
     assert_eq!(back.body["events"], 1);
 }
 
@@ -554,7 +559,7 @@ async fn memory_is_bounded_by_the_bytes_held_not_by_the_requests() {
         tokio::spawn(async move {
             let mut max = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                max = max.max(rss_kib_of(pid));
+                max = max.max(test_support::rss_kib_of(pid));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             max
@@ -614,27 +619,8 @@ async fn memory_is_bounded_by_the_bytes_held_not_by_the_requests() {
     );
 
     system.broker.resume().unwrap();
-    let back_body = batch(&["back"]);
-    let back = poll_until(
-        Duration::from_secs(30),
-        || post(&system, &base, &user.access_token, &back_body),
-        |answer| answer.status == 202,
-    )
-    .await;
+    let back = post_until_accepted(&system, &base, &user.access_token).await;
     assert_eq!(back.status, 202, "{}", back.body);
-}
-
-/// `VmRSS` of process `pid`, in KiB (0 once it is gone).
-fn rss_kib_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Issue 27, item 12: a bad batch of 221 KB is answered with a bounded error: the first broken

@@ -9,7 +9,6 @@ use common::System;
 use local_push::{Answer, LocalPush};
 use reqwest::StatusCode;
 use serde_json::json;
-use test_support::auth::Session;
 use time::OffsetDateTime;
 
 /// Retries quick enough for a test: 300 ms doubling, at most 2 s apart.
@@ -21,32 +20,6 @@ const FAST_PUSH: &[(&str, &str)] = &[
     ("PUSH_MAX_ATTEMPTS", "40"),
 ];
 
-/// A task already overdue: its reminder fires at once.
-async fn overdue_task(system: &System, user: &Session, title: &str) {
-    system
-        .create_task_due(
-            user,
-            title,
-            OffsetDateTime::now_utc() - Duration::from_secs(60),
-        )
-        .await;
-}
-
-async fn devices(system: &System, user: &Session) -> usize {
-    system
-        .authorized(
-            user,
-            reqwest::Method::GET,
-            "/v1/notifications/devices",
-            None,
-            StatusCode::OK,
-        )
-        .await["items"]
-        .as_array()
-        .unwrap()
-        .len()
-}
-
 #[tokio::test]
 async fn gone_forgets_the_device_429_waits_as_asked_and_500_backs_off() {
     let push = LocalPush::start().await;
@@ -57,9 +30,9 @@ async fn gone_forgets_the_device_429_waits_as_asked_and_500_backs_off() {
     let gone = push.subscribe();
     system.register_device(&gone_user, &gone.json()).await;
     push.answer_next([Answer::Gone]);
-    overdue_task(&system, &gone_user, "Gone").await;
+    system.create_overdue_task(&gone_user, "Gone").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while devices(&system, &gone_user).await > 0 {
+    while !system.devices(&gone_user).await.is_empty() {
         assert!(std::time::Instant::now() < deadline, "the device was kept");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -76,7 +49,7 @@ async fn gone_forgets_the_device_429_waits_as_asked_and_500_backs_off() {
     push.answer_next([Answer::TooManyRequests {
         retry_after_secs: 2,
     }]);
-    overdue_task(&system, &busy_user, "Busy").await;
+    system.create_overdue_task(&busy_user, "Busy").await;
     let delivered = push.wait_delivered(1, Duration::from_secs(20)).await;
     let attempts: Vec<_> = push
         .attempts()
@@ -94,7 +67,7 @@ async fn gone_forgets_the_device_429_waits_as_asked_and_500_backs_off() {
     let failing = push.subscribe();
     system.register_device(&failing_user, &failing.json()).await;
     push.answer_next([Answer::ServerError, Answer::ServerError]);
-    overdue_task(&system, &failing_user, "Failing").await;
+    system.create_overdue_task(&failing_user, "Failing").await;
     push.wait_delivered(2, Duration::from_secs(20)).await;
     let attempts: Vec<_> = push
         .attempts()
@@ -138,7 +111,7 @@ async fn pushes_made_while_the_push_service_is_down_30s_are_all_delivered_once_a
 
     push.go_down().await;
     for title in ["One", "Two", "Three"] {
-        overdue_task(&system, &user, title).await;
+        system.create_overdue_task(&user, title).await;
     }
     system.inbox_with(&user, 3, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -234,7 +207,7 @@ async fn devices_are_checked_bounded_and_private_to_their_account() {
     assert_eq!(over["error"]["code"], "too_many_devices");
 
     // Another account sees none of them and cannot delete them.
-    assert_eq!(devices(&system, &other).await, 0);
+    assert!(system.devices(&other).await.is_empty());
     let path = format!(
         "/v1/notifications/devices/{}",
         first["id"].as_str().unwrap()
@@ -257,7 +230,7 @@ async fn devices_are_checked_bounded_and_private_to_their_account() {
             StatusCode::NO_CONTENT,
         )
         .await;
-    assert_eq!(devices(&system, &user).await, 1);
+    assert_eq!(system.devices(&user).await.len(), 1);
 }
 
 #[tokio::test]
@@ -281,7 +254,7 @@ async fn quiet_hours_hold_the_push_but_not_the_inbox() {
             }),
         )
         .await;
-    overdue_task(&system, &user, "At night").await;
+    system.create_overdue_task(&user, "At night").await;
     system.inbox_with(&user, 1, Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(push.attempts().is_empty(), "{:?}", push.attempts());

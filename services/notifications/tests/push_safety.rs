@@ -17,7 +17,6 @@ use local_push::{Answer, LocalPush, Subscription};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use test_support::auth::Session;
-use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -26,17 +25,6 @@ const QUICK_POLLS: &[(&str, &str)] = &[
     ("REMINDER_POLL_INTERVAL_MS", "200"),
     ("PUSH_POLL_INTERVAL_MS", "100"),
 ];
-
-/// A task already overdue: its reminder fires at once.
-async fn overdue_task(system: &System, user: &Session, title: &str) {
-    system
-        .create_task_due(
-            user,
-            title,
-            OffsetDateTime::now_utc() - Duration::from_secs(60),
-        )
-        .await;
-}
 
 /// `subscription`'s keys with another endpoint.
 fn with_endpoint(subscription: &Subscription, endpoint: &str) -> Value {
@@ -59,21 +47,6 @@ async fn try_register(system: &System, user: &Session, body: &Value) -> (StatusC
     let status = response.status();
     let text = response.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-async fn devices(system: &System, user: &Session) -> Vec<Value> {
-    system
-        .authorized(
-            user,
-            reqwest::Method::GET,
-            "/v1/notifications/devices",
-            None,
-            StatusCode::OK,
-        )
-        .await["items"]
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 /// The push rows of the system (all users): endpoint and state.
@@ -322,7 +295,7 @@ async fn stored_endpoints_inside_the_network_are_never_sent_to() {
         .await
         .unwrap();
     }
-    overdue_task(&system, &user, "Inside").await;
+    system.create_overdue_task(&user, "Inside").await;
     system.inbox_with(&user, 1, Duration::from_secs(10)).await;
     let rows = settled_deliveries(&system, endpoints.len(), Duration::from_secs(15)).await;
     assert_eq!(
@@ -352,7 +325,7 @@ async fn a_push_service_that_redirects_is_not_followed() {
             .register_device(&user, &with_endpoint(&keys, &endpoint))
             .await;
     }
-    overdue_task(&system, &user, "Redirected").await;
+    system.create_overdue_task(&user, "Redirected").await;
     let rows = settled_deliveries(&system, 2, Duration::from_secs(15)).await;
     assert_eq!(temporary.requests().len(), 1, "{rows:?}");
     assert_eq!(permanent.requests().len(), 1, "{rows:?}");
@@ -377,7 +350,7 @@ async fn push_latency(
     limit: Duration,
 ) -> Option<Duration> {
     let started = Instant::now();
-    overdue_task(system, victim, title).await;
+    system.create_overdue_task(victim, title).await;
     let expected = format!("Overdue: {title}");
     while started.elapsed() < limit {
         let arrived = push
@@ -432,7 +405,7 @@ async fn a_push_service_that_never_answers_delays_only_its_own_pushes() {
     futures_util::future::join_all(
         titles
             .iter()
-            .map(|title| overdue_task(&system, &tenant, title)),
+            .map(|title| system.create_overdue_task(&tenant, title)),
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -489,7 +462,7 @@ async fn a_device_with_push_history_moves_to_the_account_that_subscribes_with_it
     let second = system.user("second").await;
     let browser = push.subscribe();
     system.register_device(&first, &browser.json()).await;
-    overdue_task(&system, &first, "Before").await;
+    system.create_overdue_task(&first, "Before").await;
     push.wait_delivered(1, Duration::from_secs(20)).await;
     // The push is on record (kept 7 days) when the browser's other account registers it.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -504,10 +477,10 @@ async fn a_device_with_push_history_moves_to_the_account_that_subscribes_with_it
 
     let (status, body) = try_register(&system, &second, &browser.json()).await;
     assert_eq!(status, StatusCode::CREATED, "moving the device: {body}");
-    assert!(devices(&system, &first).await.is_empty());
-    assert_eq!(devices(&system, &second).await.len(), 1);
+    assert!(system.devices(&first).await.is_empty());
+    assert_eq!(system.devices(&second).await.len(), 1);
 
-    overdue_task(&system, &second, "After").await;
+    system.create_overdue_task(&second, "After").await;
     let delivered = push.wait_delivered(2, Duration::from_secs(20)).await;
     assert_eq!(delivered[1].payload_json()["title"], "Overdue: After");
 }
@@ -534,9 +507,9 @@ async fn knowing_an_endpoint_is_not_enough_to_take_the_device() {
         (StatusCode::CONFLICT, json!("endpoint_in_use")),
         "{body}"
     );
-    assert_eq!(devices(&system, &owner).await.len(), 1);
-    assert!(devices(&system, &intruder).await.is_empty());
-    overdue_task(&system, &owner, "Still mine").await;
+    assert_eq!(system.devices(&owner).await.len(), 1);
+    assert!(system.devices(&intruder).await.is_empty());
+    system.create_overdue_task(&owner, "Still mine").await;
     let delivered = push.wait_delivered(1, Duration::from_secs(20)).await;
     assert_eq!(delivered[0].endpoint, phone.endpoint);
 }
@@ -559,7 +532,7 @@ async fn an_endpoint_with_surrounding_spaces_is_the_same_device() {
         (StatusCode::OK, first["id"].clone()),
         "the same endpoint with spaces around it: {again}"
     );
-    let listed = devices(&system, &user).await;
+    let listed = system.devices(&user).await;
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["endpoint"], phone.endpoint);
 }
@@ -579,7 +552,7 @@ async fn a_huge_retry_after_waits_at_most_the_cap_and_is_not_sent_again_meanwhil
     push.answer_next([Answer::TooManyRequests {
         retry_after_secs: 10_000_000_000_000,
     }]);
-    overdue_task(&system, &user, "Later").await;
+    system.create_overdue_task(&user, "Later").await;
     push.wait_attempts(1, Duration::from_secs(20)).await;
     // Two claim leases.
     tokio::time::sleep(Duration::from_secs(10)).await;

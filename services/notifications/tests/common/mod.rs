@@ -326,6 +326,16 @@ impl System {
         .await
     }
 
+    /// A task of `user` due a minute ago: its overdue reminder fires at once.
+    pub async fn create_overdue_task(&self, user: &Session, title: &str) -> Value {
+        self.create_task_due(
+            user,
+            title,
+            OffsetDateTime::now_utc() - std::time::Duration::from_secs(60),
+        )
+        .await
+    }
+
     /// Changes a task's fields (any version).
     pub async fn patch_task(&self, user: &Session, id: &str, patch: Value) {
         let response = self
@@ -350,6 +360,21 @@ impl System {
             StatusCode::CREATED,
         )
         .await
+    }
+
+    /// `user`'s registered devices, as `GET /v1/notifications/devices` lists them.
+    pub async fn devices(&self, user: &Session) -> Vec<Value> {
+        self.authorized(
+            user,
+            reqwest::Method::GET,
+            "/v1/notifications/devices",
+            None,
+            StatusCode::OK,
+        )
+        .await["items"]
+            .as_array()
+            .expect("a list of devices")
+            .clone()
     }
 
     /// Sets `user`'s preferences.
